@@ -6,8 +6,8 @@ counts, with F1 = 0). Rating task: MAE and RMSE, where an answer that is not a n
 whichever of 1 and 5 is farther from the gold. Generation tasks: ROUGE-1 and ROUGE-L F-measure,
 averaged over examples. Texts are compared after strip + lowercase.
 
-One difference from LaMP: LaMP calls HF evaluate's "rouge", which does not stem; here the
-default is use_stemmer=True (the project's choice), pass use_stemmer=False to match LaMP.
+ROUGE follows LaMP, which calls HF evaluate's "rouge" without stemming: use_stemmer=False by
+default (pass True for stemmed ROUGE).
 """
 
 import math
@@ -97,7 +97,7 @@ def _rouge_each(preds, golds, use_stemmer: bool) -> list[tuple[float, float]]:
     return out
 
 
-def rouge(preds, golds, use_stemmer: bool = True) -> dict[str, float]:
+def rouge(preds, golds, use_stemmer: bool = False) -> dict[str, float]:
     _check(preds, golds)
     each = _rouge_each(preds, golds, use_stemmer)
     return {"rouge-1": sum(r1 for r1, _ in each) / len(each),
@@ -143,7 +143,7 @@ def per_example_scores(task_spec, preds, golds) -> list[float]:
     if kind == "rating":
         return [abs(_rating(p, _gold_rating(g)) - _gold_rating(g)) for p, g in zip(preds, golds)]
     if kind == "generation":
-        return [rl for _, rl in _rouge_each(preds, golds, True)]
+        return [rl for _, rl in _rouge_each(preds, golds, False)]
     raise ValueError(f"unknown task kind {kind!r}")
 
 

@@ -1,0 +1,189 @@
+"""What a client does for each stage, on the users it holds; the Flower ClientApp and
+`proper local` (one client holding every user) both call this.
+
+Everything private stays in the client's UserStore (its own disk): the users' embeddings e_u
+(stage 2), their LoRAs and LoRA-aware routers (stage 3). Replies carry only the shared parts
+(population LoRA, or experts + routers), counts, routing mass, anonymous shuffled mixtures and
+metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from shared.backbone import find_target_modules, load_backbone
+from shared.evaluate import add_stats, example_stats, predict
+from shared.metrics import per_example_scores
+from shared.lamp import apply_template, load_lamp
+from shared.model import ProperModel
+from shared.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
+from shared.train import RoundResult, group_round, population_round, user_train
+
+log = logging.getLogger(__name__)
+
+# One backbone per process, whatever number of messages or (simulated) clients it serves.
+_MODELS: dict[str, tuple[ProperModel, object]] = {}
+
+
+def get_model(cfg: DictConfig) -> tuple[ProperModel, object]:
+    key = OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "adapters": cfg.adapters, "seed": cfg.seed}))
+    if key not in _MODELS:
+        lm, tok = load_backbone(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
+        targets = find_target_modules(lm, list(cfg.model.targets) if cfg.model.targets else None)
+        _MODELS.clear()  # a process holds one backbone: a new config replaces the old one
+        _MODELS[key] = (ProperModel(lm, targets, seed=cfg.seed, **cfg.adapters), tok)
+    return _MODELS[key]
+
+
+def stage_cfg(cfg: DictConfig, stage: str) -> DictConfig:
+    """The training settings of one stage: train.* overridden by <stage>.*"""
+    return OmegaConf.merge(cfg.train, cfg[stage])
+
+
+def user_seed(seed: int, user_id: str) -> int:
+    return int(hashlib.sha1(f"{seed}:{user_id}".encode()).hexdigest()[:8], 16)
+
+
+def load_users(cfg: DictConfig, path: str | None = None):
+    spec, users = load_lamp(path or cfg.data.path, task=cfg.data.task, holdout=cfg.data.holdout,
+                            max_users=cfg.data.max_users, longest=cfg.data.longest)
+    return spec, apply_template(users, spec.name, cfg.data.template)
+
+
+@dataclass
+class EvalResult:
+    stats: dict[str, np.ndarray]           # sufficient statistics, summed over users
+    user_scores: dict[str, float]          # user id -> mean score; only the values leave a client
+    num_examples: int
+
+
+class ClientTrainer:
+    def __init__(self, cfg: DictConfig, spec, users, state_dir: str, client_seed: int = 0):
+        if not users:
+            raise ValueError("a client needs at least one user")
+        self.cfg, self.spec, self.users = cfg, spec, users
+        self.store = UserStore(state_dir)
+        self.seed = cfg.seed * 1_000_003 + client_seed
+        self.model, self.tokenizer = get_model(cfg)
+
+    # ---- putting the model in the state a stage starts from
+    def _prepare(self, stage: str, population=None, group=None):
+        m = self.model
+        if stage in ("base", "population"):
+            if m.merged:
+                m.unmerge_population()
+            if population is not None:
+                m.load_part_state("population", population, source="population LoRA from server")
+            elif stage == "population":
+                m.reset_part("population", seed=self.cfg.seed)
+        else:
+            if population is None:
+                raise ValueError(f"stage {stage} needs the final population LoRA")
+            m.merge_population(population)
+            if group is not None:
+                m.load_part_state("group", group, source="group parameters from server")
+
+    def _embedding(self, user) -> torch.Tensor:
+        saved = self.store.load(user.user_id, "embedding")
+        if saved is not None:
+            return saved["e_u"]
+        g = torch.Generator().manual_seed(user_seed(self.cfg.seed, user.user_id))
+        return torch.randn(self.model.d_user, generator=g)
+
+    # ---- stage 1
+    def population(self, population: dict | None, server_round: int) -> RoundResult:
+        self._prepare("population", population)
+        return population_round(self.model, self.tokenizer, self.users, stage_cfg(self.cfg, "population"),
+                                seed=self.seed + server_round)
+
+    # ---- stage 2
+    def group(self, population: dict, group: dict | None, others: torch.Tensor | None,
+              server_round: int) -> RoundResult:
+        self._prepare("group", population, group)
+        if group is None:
+            self.model.reset_part("group", seed=self.cfg.seed)
+        if others is not None and len(others):
+            others = self._drop_own(others)
+        emb = torch.stack([self._embedding(u) for u in self.users])
+        result, emb = group_round(self.model, self.tokenizer, self.users, emb, stage_cfg(self.cfg, "group"),
+                                  others=others, seed=self.seed + server_round)
+        for u, e in zip(self.users, emb):
+            self.store.save(u.user_id, "embedding", {"e_u": e})
+        save_tensors(self.store.root / "last_mixtures.safetensors", {"mixtures": result.mixtures})
+        return result
+
+    def _drop_own(self, others: torch.Tensor) -> torch.Tensor:
+        """The server's pool holds this client's own users too (it cannot tell, no ids travel);
+        pushing a user away from its own previous mixture would be wrong, so drop exact matches."""
+        path = self.store.root / "last_mixtures.safetensors"
+        if not path.exists():
+            return others
+        own = load_tensors(path)[0]["mixtures"].to(others.dtype)
+        if own.shape[1:] != others.shape[1:]:
+            return others
+        keep = [i for i in range(len(others)) if not any(torch.equal(others[i], o) for o in own)]
+        return others[keep]
+
+    # ---- stage 3
+    def user(self, population: dict, group: dict) -> dict[str, float]:
+        self._prepare("user", population, group)
+        cfg = stage_cfg(self.cfg, "user")
+        losses, seconds = [], 0.0
+        for u in self.users:
+            m = user_train(self.model, self.tokenizer, u, self._embedding(u), cfg,
+                           seed=user_seed(self.cfg.seed, u.user_id))
+            self.save_user_adapter(u.user_id)
+            losses.append(m["train_loss"])
+            seconds += m["train_seconds"]
+        return {"train_loss": float(np.nanmean(losses)), "train_seconds": seconds,
+                "num_users": float(len(self.users))}
+
+    def save_user_adapter(self, user_id: str):
+        """The user LoRA as a PEFT adapter directory, and the LoRA-aware router beside it."""
+        d = self.store.path(user_id, "user").with_suffix("")
+        export_peft_adapter(self.model, "user", d, base_model=f"{self.cfg.model.name} + population LoRA")
+        router = {k: v for k, v in self.model.part_state("user").items() if ".router_g" in k}
+        self.store.save(user_id, "router", router)
+
+    def load_user_adapter(self, user_id: str):
+        import_peft_adapter(self.model, "user", self.store.path(user_id, "user").with_suffix(""))
+        router = self.store.load(user_id, "router")
+        if router is None:
+            raise FileNotFoundError(f"no LoRA-aware router stored for user {user_id!r} in {self.store.root}")
+        state = self.model.part_state("user")
+        state.update(router)
+        self.model.load_part_state("user", state, source=str(self.store.path(user_id, "router")))
+
+    # ---- evaluation of any stage on these users
+    def evaluate(self, stage: str, population: dict | None = None, group: dict | None = None,
+                 split: str = "test") -> EvalResult:
+        self._prepare(stage, population, group)
+        self.model.set_stage(stage)
+        stats, n, user_scores = None, 0, {}
+        users = [u for u in self.users if getattr(u, split)]
+        if stage == "user":  # each user has its own adapter: one user at a time
+            per_user = []
+            for u in users:
+                self.load_user_adapter(u.user_id)
+                emb = self._embedding(u).view(1, -1).expand(len(getattr(u, split)), -1)
+                per_user.append(predict(self.model, self.tokenizer, self.spec, getattr(u, split), self.cfg,
+                                        user_emb=emb))
+        else:  # one batched pass over everyone, routed per row in the group stage
+            exs = [ex for u in users for ex in getattr(u, split)]
+            emb = None
+            if stage == "group":
+                emb = torch.stack([self._embedding(u) for u in users for _ in getattr(u, split)])
+            preds = predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb)
+            bounds = np.cumsum([0] + [len(getattr(u, split)) for u in users])
+            per_user = [preds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        for u, preds in zip(users, per_user):
+            golds = [ex.output for ex in getattr(u, split)]
+            stats = add_stats(stats, example_stats(self.spec, preds, golds))
+            user_scores[u.user_id] = float(np.mean(per_example_scores(self.spec, preds, golds)))
+            n += len(golds)
+        return EvalResult(stats or {}, user_scores, n)

@@ -1,0 +1,187 @@
+"""The three progressive adapters of PROPER, owned by one layer class.
+
+Every target FFN linear layer of the backbone is replaced by a `ProperLinear` that keeps the
+frozen base layer and adds, stage by stage (DESIGN.md section 2):
+
+  population  h = W x + s_p B_p A_p x                          (one LoRA, r=8; merged after stage 1)
+  group       h = W_p x + sum_e beta_e s_g B_e A_e x           (k expert LoRAs, r=4)
+              beta = softmax(W_h x + W_u e_u)                  (user-aware router)
+  user        h = W_p x + sum_e gamma_e s_g B_e A_e x + s_u B_u A_u x
+              gamma = softmax(W_h x + W_u e_u + W_g (A_u x) + b_g)   (LoRA-aware router)
+
+The LoRA-aware router is written as a residual on the frozen user-aware router's logits, with
+W_g = 0 and b_g = 0 at initialisation, so that a user's stage-3 model starts *exactly* at its
+stage-2 model, token by token (docs/decisions.md explains why this and not b_g = log p_u alone).
+
+The experts are stacked: one matmul computes every expert's A_e x and one computes the weighted
+sum of B_e, so there is no Python loop over experts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STAGES = ("base", "population", "group", "user")
+
+
+@dataclass
+class RoutingContext:
+    """Per-batch facts the layers need but the HF forward() cannot carry.
+
+    user_emb: [B, d] embeddings of the batch's users (stages group and user).
+    record:   when True every layer appends its routing weights [B, T, k] to `betas`.
+    """
+    user_emb: torch.Tensor | None = None
+    record: bool = False
+    betas: list = field(default_factory=list)
+
+
+def _in_out(base: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if type(base).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores W as [in, out]
+        return base.weight.shape[0], base.weight.shape[1], True
+    raise TypeError(f"cannot put LoRAs on {type(base).__name__}: only Linear and Conv1D are supported")
+
+
+class ProperLinear(nn.Module):
+    def __init__(self, base: nn.Module, ctx: RoutingContext, *, k: int = 5, r_population: int = 8,
+                 alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
+                 r_user: int = 4, alpha_user: float = 8, d_user: int = 128,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        self.ctx = ctx
+        self.in_features, self.out_features, self.fan_in_fan_out = _in_out(base)
+        self.k, self.r_group, self.r_user = k, r_group, r_user
+        n_in, n_out = self.in_features, self.out_features
+
+        # Stage 1: population LoRA (PEFT names: lora_A [r, in], lora_B [out, r]).
+        self.lora_A = nn.Parameter(torch.empty(r_population, n_in))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r_population))
+        self.scaling = alpha_population / r_population
+        # Stage 2: k expert LoRAs, stacked, and the user-aware router.
+        self.expert_A = nn.Parameter(torch.empty(k, r_group, n_in))
+        self.expert_B = nn.Parameter(torch.zeros(k, n_out, r_group))
+        self.expert_scaling = alpha_group / r_group
+        self.router_h = nn.Parameter(torch.empty(k, n_in))      # W_h
+        self.router_u = nn.Parameter(torch.empty(k, d_user))    # W_u
+        # Stage 3: the user's LoRA and the LoRA-aware router (W_g, b_g) reading z = A_u x.
+        self.user_A = nn.Parameter(torch.empty(r_user, n_in))
+        self.user_B = nn.Parameter(torch.zeros(n_out, r_user))
+        self.user_scaling = alpha_user / r_user
+        self.router_g = nn.Parameter(torch.zeros(k, r_user))    # W_g
+        self.router_g_bias = nn.Parameter(torch.zeros(k))       # b_g
+
+        self.stage = "base"
+        self.merged = False  # True once the population LoRA is folded into base.weight (W_p)
+        self.reset_population(generator)
+        self.reset_group(generator)
+        self.reset_user(generator)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    # ---- initialisation: A like PEFT (kaiming-uniform), B = 0, so each new adapter starts as a no-op
+    @torch.no_grad()
+    def reset_population(self, g=None):
+        _kaiming_(self.lora_A, g)
+        self.lora_B.zero_()
+
+    @torch.no_grad()
+    def reset_group(self, g=None):
+        for e in range(self.k):
+            _kaiming_(self.expert_A[e], g)
+        self.expert_B.zero_()
+        # Small random routers break the symmetry between experts; B = 0 keeps h = W_p x at start.
+        self.router_h.normal_(0.0, 0.02, generator=g) if g is not None else self.router_h.normal_(0.0, 0.02)
+        self.router_u.normal_(0.0, 0.02, generator=g) if g is not None else self.router_u.normal_(0.0, 0.02)
+
+    @torch.no_grad()
+    def reset_user(self, g=None):
+        _kaiming_(self.user_A, g)
+        self.user_B.zero_()
+        self.router_g.zero_()
+        self.router_g_bias.zero_()
+
+    # ---- the population merge: W_p = W + s_p B_p A_p
+    def _population_delta(self) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # [out, in]
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge_population(self):
+        if self.merged:
+            raise RuntimeError("population LoRA is already merged")
+        self.base.weight += self._population_delta().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_population(self):
+        if not self.merged:
+            raise RuntimeError("population LoRA is not merged")
+        self.base.weight -= self._population_delta().to(self.base.weight.dtype)
+        self.merged = False
+
+    # ---- forward
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """W_h x_t + W_u e_u: [B, T, k]."""
+        logits = F.linear(x, self.router_h.to(x.dtype))
+        if self.ctx.user_emb is not None:
+            u = F.linear(self.ctx.user_emb.to(x.dtype), self.router_u.to(x.dtype))  # [B, k]
+            logits = logits + u.view(u.shape[0], *([1] * (x.dim() - 2)), self.k)
+        return logits
+
+    def mix_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_e w_e s_g B_e A_e x, all experts in two matmuls."""
+        k, r = self.k, self.r_group
+        xa = F.linear(x, self.expert_A.reshape(k * r, -1).to(x.dtype))            # [..., k*r]
+        xa = xa * weights.to(x.dtype).repeat_interleave(r, dim=-1)                # weight each expert's rank block
+        b = self.expert_B.permute(0, 2, 1).reshape(k * r, -1).to(x.dtype)         # [k*r, out]
+        return (xa @ b) * self.expert_scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        stage = self.stage
+        if stage == "base":
+            if self.merged:
+                raise RuntimeError("the bare backbone is gone: the population LoRA is merged")
+            return h
+        if not self.merged:
+            h = h + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+        if stage == "population":
+            return h
+        logits = self.router_logits(x)
+        if stage == "user":
+            z = F.linear(x, self.user_A.to(x.dtype))                             # z_t = A_u x_t
+            logits = logits + F.linear(z, self.router_g.to(x.dtype), self.router_g_bias.to(x.dtype))
+            h = h + F.linear(z, self.user_B.to(x.dtype)) * self.user_scaling
+        weights = torch.softmax(logits.float(), dim=-1)
+        if self.ctx.record:
+            self.ctx.betas.append(weights)
+        return h + self.mix_experts(x, weights)
+
+    # ---- which parameters belong to which stage
+    PARTS = {
+        "population": ("lora_A", "lora_B"),
+        "group": ("expert_A", "expert_B", "router_h", "router_u"),
+        "user": ("user_A", "user_B", "router_g", "router_g_bias"),
+    }
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, k={self.k}, stage={self.stage}, "
+                f"merged={self.merged}")
+
+
+def _kaiming_(t: torch.Tensor, g: torch.Generator | None):
+    # Same distribution as nn.init.kaiming_uniform_(a=sqrt(5)) that PEFT uses for lora_A.
+    bound = 1.0 / math.sqrt(t.shape[-1])
+    with torch.no_grad():
+        if g is None:
+            t.uniform_(-bound, bound)
+        else:
+            t.copy_(torch.rand(t.shape, generator=g) * 2 * bound - bound)

@@ -1,0 +1,126 @@
+"""Predictions and LaMP metrics for a set of users at one stage.
+
+Metrics travel as sufficient statistics (counts and sums, never texts or labels per example), so
+a server can add up what clients send and get exactly the metric over all users:
+  label       n, correct, and per-label tp / fp / fn     -> accuracy, macro-F1
+  rating      n, sum |err|, sum err^2                    -> MAE, RMSE
+  generation  n, sum ROUGE-1, sum ROUGE-L                -> ROUGE-1, ROUGE-L
+Predictions for label tasks come from greedy generation mapped onto the label set
+(eval.mode=generate, what LaMP does) or from the most likely label (eval.mode=score).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from shared import metrics as M
+from shared.train import autocast, encode_prompt
+
+MAX_NEW_TOKENS = {"label": 8, "rating": 3, "generation": 32}
+
+
+# ---------------------------------------------------------------- sufficient statistics
+def example_stats(spec, preds: list[str], golds: list[str]) -> dict[str, np.ndarray]:
+    n = len(golds)
+    if spec.kind == "label":
+        labels = [M._norm(x) for x in spec.labels]
+        p = [M._norm(x) for x in preds]
+        g = [M._norm(x) for x in golds]
+        tp = np.array([sum(a == lab and b == lab for a, b in zip(p, g)) for lab in labels], float)
+        fp = np.array([sum(a == lab and b != lab for a, b in zip(p, g)) for lab in labels], float)
+        fn = np.array([sum(a != lab and b == lab for a, b in zip(p, g)) for lab in labels], float)
+        return {"n": np.array([n], float), "correct": np.array([sum(a == b for a, b in zip(p, g))], float),
+                "tp": tp, "fp": fp, "fn": fn}
+    if spec.kind == "rating":
+        err = np.array(M.per_example_scores(spec, preds, golds), float) if n else np.zeros(0)
+        return {"n": np.array([n], float), "abs_err": np.array([err.sum()]), "sq_err": np.array([(err ** 2).sum()])}
+    r = M.rouge(preds, golds) if n else {"rouge-1": 0.0, "rouge-L": 0.0}
+    return {"n": np.array([n], float), "rouge1": np.array([r["rouge-1"] * n]), "rougeL": np.array([r["rouge-L"] * n])}
+
+
+def add_stats(a: dict | None, b: dict) -> dict:
+    if not a:
+        return {k: np.array(v, float).copy() for k, v in b.items()}
+    if set(a) != set(b):
+        raise ValueError(f"cannot add statistics with keys {sorted(a)} and {sorted(b)}")
+    return {k: a[k] + np.asarray(b[k], float) for k in a}
+
+
+def stats_metrics(spec, s: dict) -> dict[str, float]:
+    n = float(s["n"][0])
+    if n == 0:
+        return {}
+    if spec.kind == "label":
+        denom = 2 * s["tp"] + s["fp"] + s["fn"]
+        f1 = np.divide(2 * s["tp"], denom, out=np.zeros_like(denom), where=denom > 0)
+        return {"accuracy": float(s["correct"][0] / n), "macro_f1": float(f1.mean())}
+    if spec.kind == "rating":
+        return {"mae": float(s["abs_err"][0] / n), "rmse": math.sqrt(float(s["sq_err"][0] / n))}
+    return {"rouge-1": float(s["rouge1"][0] / n), "rouge-L": float(s["rougeL"][0] / n)}
+
+
+# ---------------------------------------------------------------- predictions
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor | None,
+             max_new_tokens: int, batch_size: int = 16, bf16: bool = True) -> list[str]:
+    """Greedy generation, left-padded batches; user_emb [N, d] routes row i for user i."""
+    out = []
+    pad = tokenizer.pad_token_id
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        emb = None if user_emb is None else user_emb[s:s + len(chunk)]
+        with autocast({"bf16": bf16}), model.users(emb):
+            gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return [o.strip() for o in out]
+
+
+@torch.no_grad()
+def score_labels(model, tokenizer, prompts: list[list[int]], labels: list[str], user_emb: torch.Tensor | None,
+                 bf16: bool = True) -> list[str]:
+    """The label whose tokens (and the end of the answer) are most likely after each prompt."""
+    targets = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for lab in labels]
+    out = []
+    for i, p in enumerate(prompts):
+        seqs = [p + t for t in targets]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, x in enumerate(seqs):
+            ids[j, :len(x)] = torch.tensor(x)
+            mask[j, :len(x)] = 1
+        emb = None if user_emb is None else user_emb[i:i + 1].expand(len(seqs), -1)
+        with autocast({"bf16": bf16}), model.users(emb):
+            logp = torch.log_softmax(model.lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        scores = []
+        for j, t in enumerate(targets):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t))
+            scores.append(logp[j, pos, torch.tensor(t)].sum().item())
+        out.append(labels[int(np.argmax(scores))])
+    return out
+
+
+def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None = None) -> list[str]:
+    """Predictions for `examples` (all routed with user_emb rows, if given), post-processed."""
+    max_len = cfg.train.max_len
+    prompts = [encode_prompt(tokenizer, ex.input, max_len) for ex in examples]
+    bf16 = bool(cfg.train.get("bf16", True))
+    if spec.kind == "label" and cfg.eval.mode == "score":
+        return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16)
+    n_new = cfg.eval.get("max_new_tokens") or MAX_NEW_TOKENS[spec.kind]
+    texts = generate(model, tokenizer, prompts, user_emb, n_new, cfg.eval.batch_size, bf16)
+    if spec.kind == "label":
+        return [M.match_label(t, spec.labels) or t for t in texts]
+    if spec.kind == "rating":
+        return [t.split()[0] if t.split() else t for t in texts]
+    return texts

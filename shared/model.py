@@ -1,0 +1,152 @@
+"""ProperModel: a causal LM whose FFN layers carry the three PROPER adapters.
+
+One object serves every stage: `set_stage()` switches what the layers compute and what trains.
+Parameters are exchanged as flat {name: tensor} dicts per part:
+  population  lora_A / lora_B of every layer                    (shared, stage 1)
+  group       experts, W_h, W_u of every layer                   (shared, stage 2)
+  user        user LoRA + LoRA-aware router of every layer        (private, stage 3)
+and the user embedding e_u (private, stage 2), kept per user by the caller.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from shared.adapters import STAGES, ProperLinear, RoutingContext
+from shared.backbone import target_linears
+
+
+class ProperModel(nn.Module):
+    def __init__(self, lm: nn.Module, targets: list[str], *, k: int = 5, r_population: int = 8,
+                 alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
+                 r_user: int = 4, alpha_user: float = 8, d_user: int = 128, seed: int = 0):
+        super().__init__()
+        self.lm = lm
+        self.targets = list(targets)
+        self.k, self.d_user = k, d_user
+        self.ctx = RoutingContext()
+        g = torch.Generator().manual_seed(seed)
+        self.layer_names: list[str] = []
+        for name, module in target_linears(lm, targets):
+            parent_name, _, child = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            layer = ProperLinear(module, self.ctx, k=k, r_population=r_population,
+                                 alpha_population=alpha_population, r_group=r_group,
+                                 alpha_group=alpha_group, r_user=r_user, alpha_user=alpha_user,
+                                 d_user=d_user, generator=g)
+            setattr(parent, child, layer)
+            self.layer_names.append(name)
+        if not self.layer_names:
+            raise ValueError(f"no target modules matched {targets}")
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        self.stage = "base"
+        self.population_fingerprint: str | None = None  # which population LoRA W_p was built from
+
+    # ---- structure
+    def layers(self) -> list[tuple[str, ProperLinear]]:
+        return [(n, self.lm.get_submodule(n)) for n in self.layer_names]
+
+    @property
+    def merged(self) -> bool:
+        return self.layers()[0][1].merged
+
+    def set_stage(self, stage: str, train: bool = False):
+        """Switch what the layers compute; with train=True, make exactly that stage's part trainable."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self.stage = stage
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for _, layer in self.layers():
+            layer.stage = stage
+            if train and stage != "base":
+                for pname in ProperLinear.PARTS[stage]:
+                    getattr(layer, pname).requires_grad_(True)
+        self.train(train)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- parameter exchange
+    def part_state(self, part: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in self.layers():
+            for pname in ProperLinear.PARTS[part]:
+                out[f"{name}.{pname}"] = getattr(layer, pname).detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state"):
+        expected = {f"{n}.{p}": getattr(l, p) for n, l in self.layers() for p in ProperLinear.PARTS[part]}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source}: {part} parameters do not match this model "
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+        for key, param in expected.items():
+            value = torch.as_tensor(state[key])
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                                 f"this model expects {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+    @torch.no_grad()
+    def reset_part(self, part: str, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        for _, layer in self.layers():
+            getattr(layer, f"reset_{part}")(g)
+
+    # ---- the population merge, idempotent per population LoRA
+    @torch.no_grad()
+    def merge_population(self, population_state: dict[str, torch.Tensor] | None = None):
+        """Fold the population LoRA into the backbone: W_p = W + s B_p A_p.
+
+        Called with a state, it first undoes a merge of a different population LoRA, so a
+        long-lived process (a Flower client) can move between runs without reloading the model.
+        """
+        if population_state is not None:
+            fp = fingerprint(population_state)
+            if self.merged and fp == self.population_fingerprint:
+                return
+            if self.merged:
+                self.unmerge_population()
+            self.load_part_state("population", population_state)
+        elif self.merged:
+            return
+        for _, layer in self.layers():
+            layer.merge_population()
+        self.population_fingerprint = fingerprint(self.part_state("population"))
+
+    @torch.no_grad()
+    def unmerge_population(self):
+        for _, layer in self.layers():
+            layer.unmerge_population()
+        self.population_fingerprint = None
+
+    # ---- forward with users
+    @contextmanager
+    def users(self, user_emb: torch.Tensor | None, record: bool = False):
+        """Route this forward pass for these users ([B, d] embeddings); optionally record betas."""
+        self.ctx.user_emb, self.ctx.record, self.ctx.betas = user_emb, record, []
+        try:
+            yield self.ctx
+        finally:
+            self.ctx.user_emb, self.ctx.record = None, False
+
+    def forward(self, input_ids, attention_mask=None, user_emb=None, **kw):
+        with self.users(user_emb):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

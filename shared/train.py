@@ -1,0 +1,246 @@
+"""Local training of one PROPER stage for a set of users: what a client (or `proper local`) runs.
+
+  population_round  next-token CE on the outputs over every user's history -> population LoRA
+  group_round       experts + user-aware router + the users' embeddings, with the constraint loss
+  user_stage        per user: user LoRA + LoRA-aware router, from that user's stage-2 model
+
+Shared parameters come back as {name: tensor}; private state (embeddings, user LoRAs, LoRA-aware
+routers) goes to the caller's UserStore and never into the returned result.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from shared.model import ProperModel
+
+log = logging.getLogger(__name__)
+
+ANSWER = "\nAnswer:"
+
+
+# ---------------------------------------------------------------- tokenisation and batches
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]   # -100 on prompt tokens: only the output is learned
+    user: int           # index of the user in the caller's user list
+
+
+def encode_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
+    """Prompt ids, cut in the body (not the answer cue) when too long."""
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cue = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    return body[: max(1, max_prompt - len(cue))] + cue
+
+
+def encode_example(tokenizer, ex, user: int, max_len: int) -> Encoded:
+    target = tokenizer(" " + ex.output.strip(), add_special_tokens=False)["input_ids"][: max_len // 2]
+    target = target + [tokenizer.eos_token_id]
+    prompt = encode_prompt(tokenizer, ex.input, max_len - len(target))
+    return Encoded(prompt + target, [-100] * len(prompt) + target, user)
+
+
+def make_batches(items: list[Encoded], batch_size: int, pad_id: int, rng: random.Random | None):
+    """Length-grouped batches (little padding), in random order when rng is given."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(chunks)
+    for chunk in chunks:
+        width = max(len(items[i].input_ids) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            n = len(items[i].input_ids)
+            ids[row, :n] = torch.tensor(items[i].input_ids)
+            labels[row, :n] = torch.tensor(items[i].labels)
+            mask[row, :n] = 1
+        users = torch.tensor([items[i].user for i in chunk], dtype=torch.long)
+        yield ids, mask, labels, users
+
+
+def autocast(cfg):
+    """bfloat16 autocast on CPU (DESIGN.md: ~1.6x faster than float32 on these machines)."""
+    dtype = torch.bfloat16 if cfg.get("bf16", True) else None
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+# ---------------------------------------------------------------- the constraint loss
+def user_mixtures(betas: list[torch.Tensor], mask: torch.Tensor, users: torch.Tensor):
+    """Per-user mean routing weights p_u: ([U, L, k], the users' indices, tokens per user).
+
+    betas: one [B, T, k] tensor per layer; mask: [B, T] real tokens.
+    """
+    m = mask.to(betas[0].dtype).unsqueeze(-1)                      # [B, T, 1]
+    sums = torch.stack([(b * m).sum(1) for b in betas], dim=1)    # [B, L, k] token sums per row
+    uniq, inv = torch.unique(users, return_inverse=True)
+    per_user = torch.zeros(len(uniq), *sums.shape[1:], dtype=sums.dtype).index_add(0, inv, sums)
+    tokens = torch.zeros(len(uniq), dtype=sums.dtype).index_add(0, inv, mask.sum(1).to(sums.dtype))
+    return per_user / tokens.view(-1, 1, 1), uniq, tokens
+
+
+def constraint_loss(p: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cosine similarity over pairs of different users' mixtures (flattened over layers).
+
+    p: [U, L, k] mixtures of the users in this batch (with gradients);
+    others: [V, L, k] mixtures of other users from the previous round (constants), or None.
+    Minimising it pushes users' mixtures apart, which keeps the experts from collapsing.
+    """
+    a = F.normalize(p.flatten(1), dim=-1)
+    sims = []
+    if len(a) > 1:
+        s = a @ a.T
+        off = ~torch.eye(len(a), dtype=torch.bool)
+        sims.append(s[off])
+    if others is not None and len(others):
+        b = F.normalize(others.flatten(1).to(a.dtype), dim=-1)
+        sims.append((a @ b.T).flatten())
+    if not sims:
+        return p.sum() * 0.0
+    return torch.cat(sims).mean()
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class RoundResult:
+    num_examples: int
+    metrics: dict[str, float]
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)   # population or group part
+    routing_mass: torch.Tensor | None = None                          # [L, k] tokens routed per expert
+    mixtures: torch.Tensor | None = None                              # [U, L, k], no ids, shuffled
+
+
+def _optimizer(params, cfg):
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
+
+
+def _encode_users(tokenizer, users, max_len, split="train"):
+    items = []
+    for i, u in enumerate(users):
+        items += [encode_example(tokenizer, ex, i, max_len) for ex in getattr(u, split)]
+    return items
+
+
+# ---------------------------------------------------------------- stage 1: population
+def population_round(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -> RoundResult:
+    """Train the population LoRA (already loaded into `model`) on these users' histories."""
+    model.set_stage("population", train=True)
+    items = _encode_users(tokenizer, users, cfg.max_len)
+    opt = _optimizer(model.trainable_parameters(), cfg)
+    rng = random.Random(seed)
+    losses, tokens, t0 = [], 0, time.time()
+    for epoch in range(cfg.epochs):
+        for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
+            with autocast(cfg):
+                logits = model.lm(input_ids=ids, attention_mask=mask).logits
+            loss = lm_loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.get("grad_clip", 1.0))
+            opt.step()
+            losses.append(loss.item())
+            tokens += int(mask.sum())
+    model.set_stage("population")
+    return RoundResult(len(items), _train_metrics(losses, tokens, t0), model.part_state("population"))
+
+
+def _train_metrics(losses, tokens, t0):
+    dt = max(time.time() - t0, 1e-9)
+    return {"train_loss": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else math.nan,
+            "train_tokens": float(tokens), "train_seconds": dt, "tokens_per_s": tokens / dt}
+
+
+# ---------------------------------------------------------------- stage 2: group
+def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg,
+                others: torch.Tensor | None = None, seed: int = 0) -> tuple[RoundResult, torch.Tensor]:
+    """Train experts, W_h, W_u (shared) and the users' embeddings (private) for one round.
+
+    embeddings: [U, d] e_u of `users` (updated copy returned); others: previous-round mixtures
+    of other users, shuffled and without ids, for the constraint loss.
+    Returns the round result (shared part, routing mass, this round's mixtures) and the new e_u.
+    """
+    if not model.merged:
+        raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
+    model.set_stage("group", train=True)
+    emb = torch.nn.Parameter(embeddings.detach().clone().float())
+    items = _encode_users(tokenizer, users, cfg.max_len)
+    params = model.trainable_parameters() + [emb]
+    opt = _optimizer(params, cfg)
+    lam = float(cfg.get("constraint_weight", 0.1))
+    rng = random.Random(seed)
+    n_layers = len(model.layer_names)
+    mass = torch.zeros(n_layers, model.k)
+    mix_sum = torch.zeros(len(users), n_layers, model.k)
+    mix_tok = torch.zeros(len(users))
+    losses, cons, tokens, t0 = [], [], 0, time.time()
+    for epoch in range(cfg.epochs):
+        last = epoch == cfg.epochs - 1
+        for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
+            with autocast(cfg), model.users(emb[uidx], record=True) as ctx:
+                logits = model.lm(input_ids=ids, attention_mask=mask).logits
+            lm = lm_loss(logits, labels)
+            p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
+            con = constraint_loss(p, others)
+            loss = lm + lam * con
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.get("grad_clip", 1.0))
+            opt.step()
+            losses.append(lm.item())
+            cons.append(con.item())
+            tokens += int(mask.sum())
+            if last:  # statistics of the final epoch: what the server aggregates and shares
+                with torch.no_grad():
+                    pd = p.detach().float()
+                    mix_sum.index_add_(0, uniq, pd * ntok.view(-1, 1, 1).float())
+                    mix_tok.index_add_(0, uniq, ntok.float())
+                    mass += (pd * ntok.view(-1, 1, 1).float()).sum(0)
+            ctx.betas.clear()
+    model.set_stage("group")
+    seen = mix_tok > 0
+    mixtures = mix_sum[seen] / mix_tok[seen].view(-1, 1, 1)
+    mixtures = mixtures[torch.randperm(len(mixtures), generator=torch.Generator().manual_seed(seed))]
+    metrics = _train_metrics(losses, tokens, t0)
+    metrics["constraint_loss"] = float(sum(cons[-10:]) / max(1, len(cons[-10:]))) if cons else math.nan
+    result = RoundResult(len(items), metrics, model.part_state("group"), mass, mixtures)
+    return result, emb.detach().clone()
+
+
+# ---------------------------------------------------------------- stage 3: user
+def user_train(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg, seed: int = 0) -> dict:
+    """Train one user's LoRA + LoRA-aware router (the model's user part) from its stage-2 model."""
+    model.reset_part("user", seed=seed)
+    model.set_stage("user", train=True)
+    items = [encode_example(tokenizer, ex, 0, cfg.max_len) for ex in user.train]
+    opt = _optimizer(model.trainable_parameters(), cfg)
+    rng = random.Random(seed)
+    e = embedding.detach().float().view(1, -1)
+    losses, tokens, t0 = [], 0, time.time()
+    for _ in range(cfg.epochs):
+        for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
+            with autocast(cfg), model.users(e.expand(len(ids), -1)):
+                logits = model.lm(input_ids=ids, attention_mask=mask).logits
+            loss = lm_loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.get("grad_clip", 1.0))
+            opt.step()
+            losses.append(loss.item())
+            tokens += int(mask.sum())
+    model.set_stage("user")
+    m = _train_metrics(losses, tokens, t0)
+    m["num_examples"] = float(len(items))
+    return m

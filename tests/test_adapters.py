@@ -1,0 +1,182 @@
+"""The three PROPER adapters on the tiny model: what trains, what is exact, what the losses do."""
+import random
+
+import pytest
+import torch
+
+from shared.backbone import find_target_modules, load_backbone
+from shared.lamp import Example, User
+from shared.model import ProperModel
+from shared.train import constraint_loss, group_round, population_round, user_mixtures, user_train
+from omegaconf import OmegaConf
+
+
+def make_model(seed=0, k=5):
+    lm, tok = load_backbone("tiny", seed=seed)
+    return ProperModel(lm, find_target_modules(lm), k=k, d_user=16, seed=seed), tok
+
+
+def randomize(model, part, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.layers():
+            for name in layer.PARTS[part]:
+                p = getattr(layer, name)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def users(n=3, per_user=4):
+    out = []
+    for u in range(n):
+        ex = [Example(f"{u}/{i}", f"u{u}", f"description: movie {i} of user {u}", ["comedy", "action"][u % 2])
+              for i in range(per_user)]
+        out.append(User(f"u{u}", ex, [], ex[:1]))
+    return out
+
+
+CFG = OmegaConf.create({"epochs": 1, "batch_size": 4, "lr": 1e-2, "max_len": 48, "bf16": False,
+                        "constraint_weight": 0.5})
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3]])
+
+
+def logits(model, emb=None):
+    with torch.no_grad():
+        return model(IDS, user_emb=emb).logits
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_targets_are_the_ffn_layers():
+    model, _ = make_model()
+    names = model.layer_names
+    assert len(names) == 3 * model.lm.config.num_hidden_layers
+    assert all(n.rsplit(".", 1)[1] in ("gate_proj", "up_proj", "down_proj") for n in names)
+
+
+def test_population_stage_trains_only_the_population_lora():
+    model, tok = model_tok = make_model()
+    before = snapshot(model)
+    population_round(model, tok, users(), CFG)
+    diff = changed(before, model)
+    assert diff and all(n.endswith((".lora_A", ".lora_B")) for n in diff), diff
+
+
+def test_group_stage_trains_experts_routers_and_embeddings_only():
+    model, tok = make_model()
+    randomize(model, "population")
+    model.merge_population()
+    before = snapshot(model)
+    emb = torch.randn(3, 16)
+    result, new_emb = group_round(model, tok, users(), emb, CFG)
+    diff = changed(before, model)
+    group_names = (".expert_A", ".expert_B", ".router_h", ".router_u")
+    assert diff and all(n.endswith(group_names) for n in diff), diff
+    assert any(n.endswith(".expert_B") for n in diff) and any(n.endswith(".router_u") for n in diff)
+    assert not torch.equal(emb, new_emb)  # e_u trains too (privately)
+    assert result.routing_mass.shape == (len(model.layer_names), model.k)
+    assert result.mixtures.shape == (3, len(model.layer_names), model.k)
+    assert torch.allclose(result.mixtures.sum(-1), torch.ones(3, len(model.layer_names)), atol=1e-5)
+    assert set(result.shared) == set(model.part_state("group"))
+
+
+def test_user_stage_trains_only_the_user_lora_and_lora_aware_router():
+    model, tok = make_model()
+    randomize(model, "population")
+    model.merge_population()
+    randomize(model, "group", seed=2)
+    before = snapshot(model)
+    user_train(model, tok, users()[0], torch.randn(16), CFG)
+    diff = changed(before, model)
+    user_names = (".user_A", ".user_B", ".router_g", ".router_g_bias")
+    assert diff and all(n.endswith(user_names) for n in diff), diff
+    assert any(n.endswith(".router_g") for n in diff) and any(n.endswith(".user_B") for n in diff)
+
+
+def test_stage3_starts_exactly_at_the_users_stage2_model():
+    model, _ = make_model()
+    randomize(model, "population")
+    model.merge_population()
+    randomize(model, "group", seed=2)
+    emb = torch.randn(1, 16)
+    model.set_stage("group")
+    stage2 = logits(model, emb)
+    model.reset_part("user", seed=5)
+    model.set_stage("user")
+    stage3 = logits(model, emb)
+    assert torch.equal(stage2, stage3)
+    # ...and it is not trivially equal: a trained user part moves it
+    randomize(model, "user", seed=3)
+    assert not torch.allclose(logits(model, emb), stage2)
+
+
+def test_users_route_differently():
+    model, _ = make_model()
+    randomize(model, "group", seed=2)
+    model.set_stage("group")
+    a, b = logits(model, torch.randn(1, 16)), logits(model, torch.randn(1, 16))
+    assert not torch.allclose(a, b)
+
+
+def test_merge_equals_unmerged_population_and_unmerge_restores_backbone():
+    model, _ = make_model()
+    model.set_stage("base")
+    bare = logits(model)
+    randomize(model, "population")
+    model.set_stage("population")
+    unmerged = logits(model)
+    model.merge_population()
+    assert torch.allclose(logits(model), unmerged, atol=1e-5)
+    model.unmerge_population()
+    model.set_stage("base")
+    assert torch.allclose(logits(model), bare, atol=1e-5)
+
+
+def test_stacked_experts_equal_a_loop_over_experts():
+    model, _ = make_model()
+    randomize(model, "group", seed=4)
+    layer = model.layers()[0][1]
+    x = torch.randn(2, 5, layer.in_features)
+    w = torch.softmax(torch.randn(2, 5, layer.k), -1)
+    ref = sum(w[..., e:e + 1] * (x @ layer.expert_A[e].T @ layer.expert_B[e].T) * layer.expert_scaling
+              for e in range(layer.k))
+    assert torch.allclose(layer.mix_experts(x, w), ref, atol=1e-5)
+
+
+def test_constraint_loss_pushes_two_users_mixtures_apart():
+    model, tok = make_model()
+    randomize(model, "group", seed=2)
+    model.set_stage("group", train=True)
+    emb = torch.nn.Parameter(torch.randn(2, 16) * 0.1)
+    ids = torch.randint(3, 200, (2, 12))
+    mask = torch.ones_like(ids)
+    uidx = torch.tensor([0, 1])
+    opt = torch.optim.Adam(model.trainable_parameters() + [emb], lr=5e-2)
+
+    def similarity():
+        with model.users(emb[uidx], record=True) as ctx:
+            model.lm(input_ids=ids, attention_mask=mask)
+        p, _, _ = user_mixtures(ctx.betas, mask, uidx)
+        return constraint_loss(p)
+
+    start = similarity().item()
+    for _ in range(30):
+        loss = similarity()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = similarity().item()
+    assert end < start - 0.05, (start, end)
+
+
+def test_constraint_loss_counts_other_clients_mixtures():
+    p = torch.tensor([[[0.9, 0.1]]])
+    same = torch.tensor([[[0.9, 0.1]]])
+    apart = torch.tensor([[[0.1, 0.9]]])
+    assert constraint_loss(p) == 0  # one user alone: no pair
+    assert constraint_loss(p, same) > constraint_loss(p, apart)

@@ -88,9 +88,13 @@ class ClientTrainer:
             if group is not None:
                 m.load_part_state("group", group, source="group parameters from server")
 
-    def _embedding(self, user) -> torch.Tensor:
+    def _embedding(self, user, for_round: int | None = None) -> torch.Tensor:
+        """e_u: the latest, or the one a group round `for_round` starts from. Each save keeps the
+        value from before that round too, so a round redone after a crash starts where it did."""
         saved = self.store.load(user.user_id, "embedding")
         if saved is not None:
+            if for_round is not None and int(saved["round"]) >= for_round:
+                return saved["e_u_before"]
             return saved["e_u"]
         g = torch.Generator().manual_seed(user_seed(self.cfg.seed, user.user_id))
         return torch.randn(self.model.d_user, generator=g)
@@ -108,24 +112,34 @@ class ClientTrainer:
         if group is None:
             self.model.reset_part("group", seed=self.cfg.seed)
         if others is not None and len(others):
-            others = self._drop_own(others)
-        emb = torch.stack([self._embedding(u) for u in self.users])
-        result, emb = group_round(self.model, self.tokenizer, self.users, emb, stage_cfg(self.cfg, "group"),
+            others = self._drop_own(others, server_round)
+        before = torch.stack([self._embedding(u, server_round) for u in self.users])
+        result, emb = group_round(self.model, self.tokenizer, self.users, before, stage_cfg(self.cfg, "group"),
                                   others=others, seed=self.seed + server_round)
-        for u, e in zip(self.users, emb):
-            self.store.save(u.user_id, "embedding", {"e_u": e})
-        save_tensors(self.store.root / "last_mixtures.safetensors", {"mixtures": result.mixtures})
+        rnd = torch.tensor([server_round])
+        for u, e, b in zip(self.users, emb, before):
+            self.store.save(u.user_id, "embedding", {"e_u": e, "e_u_before": b, "round": rnd})
+        sent = self._own_mixtures(server_round)
+        save_tensors(self.store.root / "sent_mixtures.safetensors",
+                     {"mixtures": result.mixtures, "previous": sent if sent is not None else result.mixtures[:0],
+                      "round": rnd})
         return result
 
-    def _drop_own(self, others: torch.Tensor) -> torch.Tensor:
+    def _own_mixtures(self, server_round: int) -> torch.Tensor | None:
+        """The mixtures this client sent in the round before `server_round`."""
+        path = self.store.root / "sent_mixtures.safetensors"
+        if not path.exists():
+            return None
+        saved = load_tensors(path)[0]
+        return saved["previous"] if int(saved["round"]) >= server_round else saved["mixtures"]
+
+    def _drop_own(self, others: torch.Tensor, server_round: int) -> torch.Tensor:
         """The server's pool holds this client's own users too (it cannot tell, no ids travel);
         pushing a user away from its own previous mixture would be wrong, so drop exact matches."""
-        path = self.store.root / "last_mixtures.safetensors"
-        if not path.exists():
+        own = self._own_mixtures(server_round)
+        if own is None or not len(own) or own.shape[1:] != others.shape[1:]:
             return others
-        own = load_tensors(path)[0]["mixtures"].to(others.dtype)
-        if own.shape[1:] != others.shape[1:]:
-            return others
+        own = own.to(others.dtype)
         keep = [i for i in range(len(others)) if not any(torch.equal(others[i], o) for o in own)]
         return others[keep]
 

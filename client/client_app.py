@@ -1,0 +1,119 @@
+"""Flower ClientApp: one handler per PROPER stage (Message API, flwr 1.41).
+
+  train             stage 1: population LoRA in -> population LoRA, num-examples, metrics out
+  train.group       stage 2: experts + routers in (+ others' mixtures) -> experts + routers,
+                    routing mass, this client's users' mixtures (shuffled, no ids), metrics out
+  train.user        stage 3: the final group model in -> metrics only out
+  evaluate          any stage: its parameters in -> sufficient statistics + per-user scores out
+
+Which users a node holds: node_config "data-path" (a deployment: the LaMP files of this client's
+users) or, in simulation, partition-id / num-partitions over the run's data with
+federation.users_per_client users per node. Private state lives under node_config "state-dir"
+(default <run dir>/clients/<partition-id>). The backbone is loaded once per process.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.trainer import ClientTrainer, load_users
+from shared.runconfig import run_config_from_context
+
+app = ClientApp()
+
+_TRAINERS: dict[tuple, ClientTrainer] = {}
+
+
+def users_of_partition(users: list, partition: int, num_partitions: int, per_client: int) -> list:
+    """Contiguous blocks of `per_client` users, in file order; the last node may hold fewer."""
+    need = math.ceil(len(users) / per_client)
+    if num_partitions != need:
+        raise ValueError(f"{len(users)} users at {per_client} per client need {need} SuperNodes, "
+                         f"the federation has {num_partitions}")
+    return users[partition * per_client:(partition + 1) * per_client]
+
+
+def trainer_for(context: Context) -> ClientTrainer:
+    cfg, run_dir = run_config_from_context(context)
+    nc = context.node_config
+    key = (str(run_dir), tuple(sorted((k, str(v)) for k, v in nc.items())))
+    if key not in _TRAINERS:
+        if "data-path" in nc:  # a real client: its own users' files
+            spec, users = load_users(cfg, str(nc["data-path"]))
+            state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / Path(str(nc["data-path"])).name)
+            client_seed = 0
+        else:
+            part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
+            spec, all_users = load_users(cfg)
+            users = users_of_partition(all_users, part, n_parts, int(cfg.federation.users_per_client))
+            state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / f"{part:05d}")
+            client_seed = part
+        _TRAINERS.clear()  # one client's users at a time per process keeps memory flat at scale
+        _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed)
+    return _TRAINERS[key]
+
+
+def arrays_in(msg: Message, name: str) -> dict[str, torch.Tensor] | None:
+    rec = msg.content.array_records.get(name)
+    if rec is None or len(rec) == 0:
+        return None
+    return rec.to_torch_state_dict()
+
+
+def reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord({k: v for k, v in metrics.items()})})
+    for name, rec in (arrays or {}).items():
+        content[name] = rec
+    return Message(content, reply_to=msg)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get("config", ConfigRecord())
+
+
+@app.train()
+def population(msg: Message, context: Context) -> Message:
+    t = trainer_for(context)
+    rnd = int(_config(msg).get("server-round", 1))
+    r = t.population(arrays_in(msg, "arrays"), rnd)
+    metrics = {"num-examples": r.num_examples, "num-users": len(t.users), **r.metrics}
+    return reply(msg, metrics, {"arrays": ArrayRecord(r.shared)})
+
+
+@app.train("group")
+def group(msg: Message, context: Context) -> Message:
+    t = trainer_for(context)
+    rnd = int(_config(msg).get("server-round", 1))
+    others = arrays_in(msg, "others")
+    r = t.group(arrays_in(msg, "population"), arrays_in(msg, "arrays"),
+                None if others is None else others["mixtures"], rnd)
+    metrics = {"num-examples": r.num_examples, "num-users": len(t.users), **r.metrics}
+    stats = ArrayRecord({"routing_mass": r.routing_mass, "mixtures": r.mixtures})
+    return reply(msg, metrics, {"arrays": ArrayRecord(r.shared), "routing": stats})
+
+
+@app.train("user")
+def user(msg: Message, context: Context) -> Message:
+    t = trainer_for(context)
+    m = t.user(arrays_in(msg, "population"), arrays_in(msg, "arrays"))
+    return reply(msg, {"num-examples": sum(len(u.train) for u in t.users), "num-users": len(t.users), **m})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    t = trainer_for(context)
+    cfg = _config(msg)
+    stage, split = str(cfg.get("stage", "base")), str(cfg.get("split", "test"))
+    r = t.evaluate(stage, arrays_in(msg, "population"), arrays_in(msg, "arrays"), split=split)
+    scores = list(r.user_scores.values())
+    order = torch.randperm(len(scores)).tolist()  # no ids, and no order that could stand for one
+    metrics = {"num-examples": r.num_examples, "num-users": len(scores),
+               "user-scores": [float(scores[i]) for i in order]}
+    metrics.update({f"stat.{k}": [float(x) for x in v] for k, v in r.stats.items()})
+    out = reply(msg, metrics)
+    out.content["info"] = ConfigRecord({"task": t.spec.name})
+    return out

@@ -1,0 +1,58 @@
+"""The server's checkpoint: written after every step (round or evaluation), read by --resume.
+
+<run dir>/checkpoint/progress.json     steps done, evaluation results, participation, round metrics
+<run dir>/checkpoint/state-<n>.safetensors   population LoRA, group part, shared mixtures after step n
+
+The tensors are written first under a new name, then progress.json (atomically) points to them,
+then older tensor files are removed: a crash at any moment leaves a consistent checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shared.persist import atomic_write_text, load_tensors, save_tensors
+
+PARTS = ("population", "group", "mixtures")
+
+
+class Checkpoint:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir) / "checkpoint"
+
+    def load(self) -> tuple[dict, dict[str, dict | torch.Tensor | None]] | None:
+        path = self.dir / "progress.json"
+        if not path.exists():
+            return None
+        progress = json.loads(path.read_text())
+        tensors, parts = {}, {p: None for p in PARTS}
+        if progress.get("tensors"):
+            tensors, _ = load_tensors(self.dir / progress["tensors"])
+        for key, value in tensors.items():
+            part, _, name = key.partition("/")
+            if part == "mixtures":
+                parts["mixtures"] = value
+            else:
+                parts[part] = parts[part] or {}
+                parts[part][name] = value
+        return progress, parts
+
+    def save(self, progress: dict, parts: dict):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        n = len(progress["done"])
+        flat = {}
+        for part in ("population", "group"):
+            for name, value in (parts.get(part) or {}).items():
+                flat[f"{part}/{name}"] = value
+        if parts.get("mixtures") is not None:
+            flat["mixtures"] = parts["mixtures"]
+        name = f"state-{n:04d}.safetensors" if flat else None
+        if flat:
+            save_tensors(self.dir / name, flat)
+        progress = {**progress, "tensors": name}
+        atomic_write_text(self.dir / "progress.json", json.dumps(progress, indent=1))
+        for old in self.dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)

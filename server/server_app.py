@@ -1,0 +1,235 @@
+"""Flower ServerApp: PROPER's stages in order, a checkpoint after every step.
+
+  eval:base -> population:1..R (FedAvg by examples) -> eval:population
+  -> group:1..R (GroupFedAvg) -> eval:group -> user (clients train locally, reply metrics only)
+  -> eval:user -> the per-stage table
+
+A step whose clients fail or time out goes on with the replies that came; every step records
+which nodes answered, failed or stayed silent, and how many users the replies covered.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import Checkpoint
+from server.strategy import GroupFedAvg, population_strategy
+from shared.config import to_yaml
+from shared.lamp import task_spec
+from shared.metrics import bootstrap_ci
+from shared.results import STAGE_TITLES, RunDir, plot_mixtures, plot_stages
+from shared.runconfig import run_config_from_context
+
+log = logging.getLogger("proper.server")
+app = ServerApp()
+
+
+class InjectedCrash(RuntimeError):
+    """debug.crash_after: stop the server right after a step (to test --resume)."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, run_dir = run_config_from_context(context)
+    FederatedRun(grid, cfg, run_dir).run()
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, cfg, run_dir):
+        self.grid, self.cfg = grid, cfg
+        self.run_dir = RunDir(run_dir)
+        if not (self.run_dir.path / "config.yaml").exists():
+            self.run_dir.write_config(to_yaml(cfg))
+        self.ckpt = Checkpoint(run_dir)
+        loaded = self.ckpt.load()
+        if loaded:
+            self.progress, self.parts = loaded
+            log.info("resuming %s after %d steps (%s)", run_dir, len(self.progress["done"]),
+                     self.progress["done"][-1] if self.progress["done"] else "-")
+        else:
+            self.progress = {"done": [], "evals": {}, "participation": {}}
+            self.parts = {"population": None, "group": None, "mixtures": None}
+        self.timeout = float(cfg.federation.timeout_s)
+
+    # ---- the plan
+    def steps(self) -> list[str]:
+        evals = set(self.cfg.eval.stages)
+        plan = ["eval:base"] if "base" in evals else []
+        plan += [f"population:{r}" for r in range(1, self.cfg.population.rounds + 1)]
+        plan += ["eval:population"] if "population" in evals else []
+        plan += [f"group:{r}" for r in range(1, self.cfg.group.rounds + 1)]
+        plan += ["eval:group"] if "group" in evals else []
+        plan += ["user"] + (["eval:user"] if "user" in evals else [])
+        return plan
+
+    def run(self):
+        t0 = time.time()
+        plan = self.steps()
+        self.wait_for_nodes(int(self.cfg.federation.min_available_clients))
+        for i, step in enumerate(plan, 1):
+            if step in self.progress["done"]:
+                continue
+            log.info("[%d/%d] %s", i, len(plan), step)
+            ts = time.time()
+            kind, _, arg = step.partition(":")
+            {"eval": self.evaluate, "population": self.population_round, "group": self.group_round,
+             "user": self.user_stage}[kind](step, arg)
+            self.progress["done"].append(step)
+            self.progress.setdefault("seconds", {})[step] = time.time() - ts
+            self.ckpt.save(self.progress, self.parts)
+            if str(self.cfg.get("debug", {}).get("crash_after", "")) == step:
+                raise InjectedCrash(f"debug.crash_after={step}")
+        self.finish(time.time() - t0)
+
+    def wait_for_nodes(self, minimum: int, limit_s: float = 600):
+        deadline = time.time() + limit_s
+        while len(list(self.grid.get_node_ids())) < minimum:
+            if time.time() > deadline:
+                raise TimeoutError(f"fewer than {minimum} SuperNodes connected after {limit_s} s")
+            time.sleep(0.5)
+
+    # ---- sending and hearing back
+    def send(self, step: str, message_type: str, content: RecordDict) -> list[Message]:
+        nodes = sorted(self.grid.get_node_ids())
+        msgs = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+        return self.collect(step, msgs)
+
+    def collect(self, step: str, msgs: list[Message]) -> list[Message]:
+        """Send, wait up to the timeout, record who answered; return the good replies."""
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        # message ids are assigned on sending; a SuperLink-made error carries src_node_id 1
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        ok = [r for r in replies if not r.has_error()]
+        failed = [sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies if r.has_error()]
+        answered = {sent.get(r.metadata.reply_to_message_id) for r in replies}
+        silent = [n for n in sent.values() if n not in answered]
+        for r in replies:
+            if r.has_error():
+                reason = (r.error.reason or "").strip().splitlines()
+                log.warning("%s: a node failed: %s", step, reason[-1][:200] if reason else r.error.code)
+        if silent:
+            log.warning("%s: %d node(s) did not answer within %.0f s", step, len(silent), self.timeout)
+        users = int(sum(int(r.content["metrics"].get("num-users", 0)) for r in ok))
+        self.progress["participation"][step] = {"sent": len(msgs), "ok": len(ok), "failed": len(failed),
+                                                "silent": len(silent), "users": users}
+        return ok
+
+    def _arrays(self, part: str) -> ArrayRecord:
+        return ArrayRecord(self.parts[part]) if self.parts[part] else ArrayRecord()
+
+    # ---- the stages
+    def population_round(self, step: str, rnd: str):
+        strategy = population_strategy(self.cfg)
+        msgs = list(strategy.configure_train(int(rnd), self._arrays("population"), ConfigRecord(), self.grid))
+        arrays, metrics = strategy.aggregate_train(int(rnd), self.collect(step, msgs))
+        self._train_done(step, arrays, metrics, "population")
+
+    def group_round(self, step: str, rnd: str):
+        if not self.parts["population"]:
+            raise RuntimeError("group stage without a population LoRA: every population round failed")
+        strategy = GroupFedAvg(self.parts["population"], self.parts["mixtures"], seed=int(self.cfg.seed),
+                               fraction_train=float(self.cfg.federation.fraction_train), min_train_nodes=1,
+                               min_available_nodes=int(self.cfg.federation.min_available_clients))
+        msgs = list(strategy.configure_train(int(rnd), self._arrays("group"), ConfigRecord(), self.grid))
+        arrays, metrics = strategy.aggregate_train(int(rnd), self.collect(step, msgs))
+        if arrays is not None:
+            self.parts["mixtures"] = strategy.mixtures
+        self._train_done(step, arrays, metrics, "group")
+
+    def _train_done(self, step, arrays, metrics, part):
+        stage, _, rnd = step.partition(":")
+        if arrays is None:
+            log.warning("%s: no client succeeded; the %s parameters stay as they were", step, part)
+            return
+        self.parts[part] = arrays.to_torch_state_dict()
+        m = dict(metrics or {})
+        self.run_dir.log({"kind": "train", "stage": stage, "round": int(rnd), **m,
+                          **{f"nodes_{k}": v for k, v in self.progress["participation"][step].items()}})
+        log.info("%s: loss %.4f over %d examples", step, m.get("train_loss", float("nan")), m.get("num-examples", 0))
+
+    def _model_content(self) -> RecordDict:
+        return RecordDict({"population": self._arrays("population"), "arrays": self._arrays("group")})
+
+    def user_stage(self, step: str, _):
+        content = self._model_content()
+        content["config"] = ConfigRecord({"stage": "user"})
+        ok = self.send(step, "train.user", content)
+        losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
+        self.run_dir.log({"kind": "train", "stage": "user", "round": 1,
+                          "train_loss": float(np.mean(losses)) if losses else None,
+                          **{f"nodes_{k}": v for k, v in self.progress["participation"][step].items()}})
+
+    def evaluate(self, step: str, stage: str):
+        split = list(self.cfg.eval.splits)[0]
+        content = RecordDict({"config": ConfigRecord({"stage": stage, "split": split})})
+        if stage != "base":
+            content = self._model_content()
+            content["config"] = ConfigRecord({"stage": stage, "split": split})
+        ok = self.send(step, "evaluate", content)
+        stats, scores = {}, []
+        for r in ok:
+            if "info" in r.content.config_records:
+                self.progress["task"] = str(r.content["info"]["task"])
+            m = r.content["metrics"]
+            scores += list(m.get("user-scores", []))
+            for k, v in m.items():
+                if k.startswith("stat."):
+                    stats[k[5:]] = (np.asarray(stats.get(k[5:], 0.0)) + np.asarray(v, float)).tolist()
+        self.progress["evals"][stage] = {"stats": stats, "user_scores": scores, "split": split}
+        if stats:
+            from shared.evaluate import stats_metrics
+            spec = self._spec()
+            metrics = stats_metrics(spec, {k: np.asarray(v) for k, v in stats.items()})
+            self.run_dir.log({"kind": "eval", "stage": stage, "split": split, **metrics,
+                              "users": len(scores)})
+            log.info("eval %s: %s", stage, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def _spec(self):
+        """The task: from the config, else as the clients reported it (the server holds no data)."""
+        name = self.cfg.data.task or self.progress.get("task")
+        if not name:
+            raise RuntimeError("no client reported its task and data.task is not set: no evaluation succeeded")
+        return task_spec(name)
+
+    # ---- the table
+    def finish(self, seconds: float):
+        from shared.evaluate import stats_metrics
+        spec = self._spec()
+        rows = []
+        participation = self.progress["participation"]
+        for stage in ("base", "population", "group", "user"):
+            ev = self.progress["evals"].get(stage)
+            if not ev or not ev["stats"]:
+                continue
+            stats = {k: np.asarray(v) for k, v in ev["stats"].items()}
+            row = {"stage": stage, "metrics": stats_metrics(spec, stats), "users": len(ev["user_scores"]),
+                   "users_total": participation.get(f"eval:{stage}", {}).get("sent", ""),
+                   "examples": int(stats["n"][0])}
+            trained = [p["users"] for s, p in participation.items() if s.startswith(f"{stage}:") or s == stage]
+            row["users_trained"] = min(trained) if trained else None
+            if len(ev["user_scores"]) > 1:
+                _, lo, hi = bootstrap_ci(ev["user_scores"])
+                row["ci"] = {spec.metrics[0]: (lo, hi)}
+            rows.append(row)
+        trained = ", ".join(f"{STAGE_TITLES[r['stage']]} {r['users_trained']}" for r in rows if r.get("users_trained") is not None)
+        notes = [f"task {spec.name}, split {list(self.cfg.eval.splits)[0]}, predictions by {self.cfg.eval.mode}; "
+                 f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
+                 f"users = users evaluated / SuperNodes asked; users covered by training (fewest over rounds): {trained}",
+                 f"federated: {participation.get('user', {}).get('sent', '?')} SuperNodes, "
+                 f"{self.cfg.federation.users_per_client} user(s) per client; server wall time {seconds:.0f} s"]
+        failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}
+        if failures:
+            notes.append("steps with failed or silent nodes: " + "; ".join(
+                f"{s}: {p['failed']} failed, {p['silent']} silent" for s, p in failures.items()))
+        table = self.run_dir.write_table(rows, spec.metrics, notes)
+        plot_stages(self.run_dir, rows, spec.metrics[0])
+        if self.parts["mixtures"] is not None:
+            plot_mixtures(self.run_dir, self.parts["mixtures"].numpy())
+        log.info("results in %s", self.run_dir.path)
+        print(table, flush=True)
+

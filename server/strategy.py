@@ -1,0 +1,78 @@
+"""Flower strategies for the two server-coordinated stages.
+
+population  Flower's FedAvg as it is: the population LoRA averaged by "num-examples".
+group       GroupFedAvg: FedAvg's sampling and message construction, but each message also
+            carries the final population LoRA (clients build W_p from it) and the previous
+            round's user mixtures, shuffled and without ids (for the constraint loss); replies are
+            aggregated with experts weighted by routing mass and routers by examples
+            (shared/aggregate.py).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from shared.aggregate import aggregate_group
+
+log = logging.getLogger("proper.server")
+
+
+def mean_scalar_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Examples-weighted mean of each scalar metric; lists (e.g. per-user scores) are skipped."""
+    weights = [float(c["metrics"][weight_key]) for c in contents]
+    total = sum(weights) or 1.0
+    out = {}
+    for key, value in contents[0]["metrics"].items():
+        if isinstance(value, (int, float)) and key != weight_key:
+            out[key] = sum(float(c["metrics"].get(key, 0.0)) * w for c, w in zip(contents, weights)) / total
+    out[weight_key] = total
+    return MetricRecord(out)
+
+
+def population_strategy(cfg) -> FedAvg:
+    return FedAvg(fraction_train=float(cfg.federation.fraction_train), fraction_evaluate=0.0,
+                  min_train_nodes=1, min_available_nodes=int(cfg.federation.min_available_clients),
+                  weighted_by_key="num-examples", train_metrics_aggr_fn=mean_scalar_metrics)
+
+
+class GroupFedAvg(FedAvg):
+    def __init__(self, population: dict[str, torch.Tensor], mixtures: torch.Tensor | None, seed: int = 0, **kw):
+        super().__init__(weighted_by_key="num-examples", fraction_evaluate=0.0,
+                         train_metrics_aggr_fn=mean_scalar_metrics, **kw)
+        self.population = ArrayRecord(population)
+        self.mixtures = mixtures          # the pool shared with clients next round
+        self.seed = seed
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        others = ArrayRecord({"mixtures": self.mixtures}) if self.mixtures is not None else ArrayRecord()
+        for m in messages:
+            m.content["population"] = self.population
+            m.content["others"] = others
+            m.metadata.message_type = "train.group"
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                log.warning("group round %d: node %s failed: %s", server_round, r.metadata.src_node_id,
+                            r.error.reason.strip().splitlines()[-1][:200] if r.error.reason else r.error.code)
+        if not ok:
+            return None, None
+        contents = [r.content for r in ok]
+        states = [c["arrays"].to_torch_state_dict() for c in contents]
+        routing = [c["routing"].to_torch_state_dict() for c in contents]
+        examples = [int(c["metrics"]["num-examples"]) for c in contents]
+        layers = [k[: -len(".expert_A")] for k in states[0] if k.endswith(".expert_A")]
+        agg = aggregate_group(states, [r["routing_mass"] for r in routing], examples, layers)
+        pool = torch.cat([r["mixtures"] for r in routing if len(r["mixtures"])])
+        g = torch.Generator().manual_seed(self.seed * 7919 + server_round)
+        self.mixtures = pool[torch.randperm(len(pool), generator=g)]
+        return ArrayRecord(agg), mean_scalar_metrics(contents, "num-examples")

@@ -1,0 +1,148 @@
+"""A run directory people can read: resolved config, per-round metrics, the per-stage table,
+per-user results and plots.
+
+  runs/<name>/config.yaml        the resolved configuration
+  runs/<name>/rounds.jsonl       one line per training round / evaluation (appended, flushed)
+  runs/<name>/table.md           stage -> metrics, users covered, examples (the headline result)
+  runs/<name>/table.json         the same, for programs
+  runs/<name>/per_user.csv       per-user score per stage (ids only where they never left a client)
+  runs/<name>/stages.png         metric per stage; training loss per round
+  runs/<name>/mixtures.png       user-by-expert mixture heatmap (the learned groups)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared.persist import atomic_write_text
+
+STAGE_TITLES = {"base": "bare backbone", "population": "stage 1: population",
+                "group": "stage 2: group", "user": "stage 3: user"}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, yaml_text: str):
+        atomic_write_text(self.path / "config.yaml", yaml_text)
+
+    def log(self, record: dict):
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.flush()
+
+    def records(self) -> list[dict]:
+        p = self.path / "rounds.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def write_table(self, rows: list[dict], metric_names: list[str], notes: list[str] = ()) -> str:
+        text = format_table(rows, metric_names, notes)
+        atomic_write_text(self.path / "table.md", text)
+        atomic_write_text(self.path / "table.json", json.dumps(rows, indent=2, default=_jsonable))
+        return text
+
+    def write_per_user(self, per_user: dict[str, dict[str, float]], stages: list[str]):
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["user", *stages])
+        for user, scores in per_user.items():
+            w.writerow([user, *[_fmt(scores.get(s)) for s in stages]])
+        atomic_write_text(self.path / "per_user.csv", buf.getvalue())
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def format_table(rows: list[dict], metric_names: list[str], notes=()) -> str:
+    """rows: {stage, metrics: {name: value}, users, users_total, examples, [ci: {name: (lo, hi)}]}"""
+    head = ["stage", *metric_names, "users", "examples"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [STAGE_TITLES.get(r["stage"], r["stage"])]
+        for m in metric_names:
+            v = r["metrics"].get(m)
+            cell = "" if v is None else f"{v:.4f}"
+            ci = (r.get("ci") or {}).get(m)
+            if ci:
+                cell += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+            cells.append(cell)
+        cells += [f"{r.get('users', '')}/{r.get('users_total', '')}", str(r.get("examples", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return text
+
+
+def plot_stages(run: RunDir, rows: list[dict], metric: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = run.records()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [STAGE_TITLES.get(r["stage"], r["stage"]) for r in rows]
+    vals = [r["metrics"].get(metric, np.nan) for r in rows]
+    axes[0].bar(range(len(vals)), vals, color=["#999", "#4a7", "#47a", "#a47"][: len(vals)])
+    axes[0].set_xticks(range(len(vals)), names, rotation=15)
+    axes[0].set_ylabel(metric)
+    axes[0].set_title(f"{metric} per stage (test queries)")
+    for i, v in enumerate(vals):
+        if np.isfinite(v):
+            axes[0].text(i, v, f"{v:.3f}", ha="center", va="bottom")
+    for stage, color in (("population", "#4a7"), ("group", "#47a")):
+        pts = [(r["round"], r["train_loss"]) for r in records
+               if r.get("kind") == "train" and r.get("stage") == stage and "train_loss" in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", color=color, label=STAGE_TITLES[stage])
+    axes[1].set_xlabel("round")
+    axes[1].set_ylabel("training loss")
+    axes[1].set_title("training loss per round")
+    if axes[1].lines:
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(run.path / "stages.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_mixtures(run: RunDir, mixtures: np.ndarray):
+    """mixtures: [U, L, k] user mixtures (rows anonymous); mean over layers, sorted by group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m = np.asarray(mixtures).mean(axis=1)
+    groups = m.argmax(1)
+    order = np.lexsort((-m.max(1), groups))
+    fig, ax = plt.subplots(figsize=(5, max(3, 0.08 * len(m) + 1.5)))
+    im = ax.imshow(m[order], aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("user (sorted by group)")
+    ax.set_xticks(range(m.shape[1]))
+    counts = np.bincount(groups, minlength=m.shape[1])
+    ax.set_title("user mixtures p_u; users per group: " + ", ".join(map(str, counts)), fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(run.path / "mixtures.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""`proper local`: the centralized reference, one client holding every user, in one process.
+
+It calls the same ClientTrainer as the Flower ClientApp and the same aggregation as the
+ServerApp (which, with one client, returns that client's parameters), so the federated run and
+this one differ only in how users are spread over clients.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from client.trainer import ClientTrainer, load_users
+from shared.config import to_yaml
+from shared.evaluate import stats_metrics
+from shared.metrics import bootstrap_ci
+from shared.persist import export_peft_adapter, save_group
+from shared.results import RunDir, plot_mixtures, plot_stages
+
+log = logging.getLogger("proper.local")
+
+
+def prepare_data(cfg: DictConfig, run_dir: Path) -> str:
+    """The data path, generating synthetic users first when the config asks for them."""
+    if str(cfg.data.path).endswith("synthetic"):
+        from shared.synthetic import write_synthetic_lamp
+        syn = dict(cfg.data.get("synthetic") or {})
+        out = run_dir / "synthetic_data"
+        if not (out / "questions.json").exists():
+            write_synthetic_lamp(out, seed=cfg.seed, **syn)
+        return str(out)
+    return cfg.data.path
+
+
+def stage_rows(spec, results: dict, users_total: int, per_user: dict) -> list[dict]:
+    rows = []
+    for stage, (stats, n_users) in results.items():
+        row = {"stage": stage, "metrics": stats_metrics(spec, stats), "users": n_users,
+               "users_total": users_total, "examples": int(stats["n"][0]) if stats else 0}
+        scores = [s[stage] for s in per_user.values() if stage in s]
+        if len(scores) > 1:
+            mean, lo, hi = bootstrap_ci(scores)
+            row["ci"] = {spec.metrics[0]: (lo, hi)}
+        rows.append(row)
+    return rows
+
+
+def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
+    t0 = time.time()
+    run = RunDir(run_path)
+    cfg.data.path = prepare_data(cfg, run.path)
+    run.write_config(to_yaml(cfg))
+    spec, users = load_users(cfg)
+    log.info("%d users, task %s; loading backbone %s", len(users), spec.name, cfg.model.name)
+    client = ClientTrainer(cfg, spec, users, str(run.path / "client_state"))
+    stages = list(cfg.eval.stages)
+    split = list(cfg.eval.splits)[0]
+    results, per_user = {}, {u.user_id: {} for u in users}
+
+    def evaluate(stage, pop=None, group=None):
+        if stage not in stages:
+            return
+        t = time.time()
+        r = client.evaluate(stage, pop, group, split=split)
+        results[stage] = (r.stats, len(r.user_scores))
+        for uid, s in r.user_scores.items():
+            per_user[uid][stage] = s
+        m = stats_metrics(spec, r.stats)
+        run.log({"kind": "eval", "stage": stage, "split": split, **m, "seconds": time.time() - t})
+        log.info("eval %-10s %s  (%.0f s)", stage, _fmt(m), time.time() - t)
+
+    evaluate("base")
+    pop = None
+    for rnd in range(1, cfg.population.rounds + 1):
+        res = client.population(pop, rnd)
+        pop = res.shared
+        run.log({"kind": "train", "stage": "population", "round": rnd, **res.metrics})
+        log.info("population round %d/%d  loss %.3f  %.0f tok/s", rnd, cfg.population.rounds,
+                 res.metrics["train_loss"], res.metrics["tokens_per_s"])
+    evaluate("population", pop)
+    group, others, mixtures = None, None, None
+    for rnd in range(1, cfg.group.rounds + 1):
+        res = client.group(pop, group, others, rnd)
+        group, others, mixtures = res.shared, res.mixtures, res.mixtures
+        run.log({"kind": "train", "stage": "group", "round": rnd, **res.metrics})
+        log.info("group round %d/%d  loss %.3f  constraint %.3f  %.0f tok/s", rnd, cfg.group.rounds,
+                 res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
+    evaluate("group", pop, group)
+    m = client.user(pop, group)
+    run.log({"kind": "train", "stage": "user", "round": 1, **m})
+    log.info("user stage: %d users, loss %.3f (%.0f s)", len(users), m["train_loss"], m["train_seconds"])
+    evaluate("user", pop, group)
+
+    # artifacts: the shared model (the per-user adapters stay in client_state/)
+    export_peft_adapter(client.model, "population", run.path / "population_lora", base_model=cfg.model.name)
+    save_group(client.model, run.path / "group.safetensors")
+    rows = stage_rows(spec, results, len(users), per_user)
+    notes = [f"task {spec.name}, split {split}, predictions by {cfg.eval.mode}; "
+             f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
+             f"wall time {time.time() - t0:.0f} s, one client holding all {len(users)} users (proper local)"]
+    table = run.write_table(rows, spec.metrics, notes)
+    run.write_per_user(per_user, [s for s in stages if s in results])
+    plot_stages(run, rows, spec.metrics[0])
+    if mixtures is not None:
+        plot_mixtures(run, mixtures.numpy())
+    print(table, flush=True)
+    return rows
+
+
+def _fmt(m: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in m.items())

@@ -1,0 +1,81 @@
+"""`proper sim`: the ServerApp and ClientApp on Flower's simulation engine (Ray), in this process.
+
+One SuperNode per user by default (cross-device); federation.users_per_client > 1 packs several
+users per SuperNode (cross-silo). The resolved configuration goes to <run dir>/config.yaml and
+PROPER_RUN_DIR tells both apps (and Ray's actors, which inherit the environment) where it is.
+`--resume RUN_DIR` continues a run from its last checkpoint with the configuration it started with.
+
+To use an existing Ray cluster, set RAY_ADDRESS (see docs/deployment.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from shared.config import ConfigError, load_config, to_yaml
+from shared.persist import atomic_write_text
+
+log = logging.getLogger("proper.sim")
+
+
+def _count_users(cfg) -> int:
+    p = Path(cfg.data.path)
+    questions = p / "questions.json" if p.is_dir() else p
+    n = len(json.loads(questions.read_text()))
+    return min(n, int(cfg.data.max_users)) if cfg.data.max_users else n
+
+
+def prepare_run(config: str | None, overrides: list[str], resume: str | None) -> Path:
+    if resume:
+        run_dir = Path(resume).resolve()
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; not a run directory")
+        if overrides:
+            raise ConfigError("--resume continues a run with its own config; drop the overrides")
+        return run_dir
+    cfg = load_config(config, overrides)
+    name = cfg.output.get("name") or f"sim-{Path(config or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(cfg.output.dir) / name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from sim.local import prepare_data
+    cfg.data.path = str(Path(prepare_data(cfg, run_dir)).resolve())
+    cfg.output.dir = str(run_dir.parent)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    return run_dir
+
+
+def run_sim(config: str | None, overrides: list[str], resume: str | None = None) -> int:
+    run_dir = prepare_run(config, overrides, resume)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    n_users = _count_users(cfg)
+    per_client = int(cfg.federation.users_per_client)
+    n_nodes = math.ceil(n_users / per_client)
+    os.environ["PROPER_RUN_DIR"] = str(run_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Flower logs through its own logger; keep ours readable beside it.
+    log.info("run directory %s: %d users on %d SuperNodes (%d per client)", run_dir, n_users, n_nodes, per_client)
+
+    from flwr.simulation import run_simulation
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+    sim = cfg.get("simulation") or {}
+    backend = {"client_resources": {"num_cpus": float(sim.get("client_cpus", 1)), "num_gpus": float(sim.get("client_gpus", 0))}}
+    if sim.get("ray_cpus"):
+        backend["init_args"] = {"num_cpus": int(sim.ray_cpus)}
+    if os.environ.get("RAY_ADDRESS"):
+        backend.setdefault("init_args", {})["address"] = os.environ["RAY_ADDRESS"]
+    t0 = time.time()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_config=backend)
+    table = run_dir / "table.md"
+    if not table.exists():
+        log.error("the run ended without a results table; see the log above. Resume with: "
+                  "proper sim --resume %s", run_dir)
+        return 1
+    log.info("done in %.0f s; results in %s", time.time() - t0, run_dir)
+    return 0

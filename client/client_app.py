@@ -14,6 +14,7 @@ federation.users_per_client users per node. Private state lives under node_confi
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +24,20 @@ from flwr.clientapp import ClientApp
 from client.trainer import ClientTrainer, load_users
 from shared.runconfig import run_config_from_context
 
-app = ClientApp()
+
+
+def reply_audit_mod(msg: Message, context: Context, call_next) -> Message:
+    """With federation.audit_replies, write what each reply carries to <run dir>/wire/: record
+    names, keys, shapes and bytes (never values), so anyone can see what crosses the wire."""
+    out = call_next(msg, context)
+    cfg, run_dir = run_config_from_context(context)
+    if cfg.federation.get("audit_replies"):
+        from client.audit import record_reply
+        record_reply(Path(run_dir) / "wire", msg, out, context)
+    return out
+
+
+app = ClientApp(mods=[reply_audit_mod])
 
 _TRAINERS: dict[tuple, ClientTrainer] = {}
 
@@ -37,8 +51,20 @@ def users_of_partition(users: list, partition: int, num_partitions: int, per_cli
     return users[partition * per_client:(partition + 1) * per_client]
 
 
-def trainer_for(context: Context) -> ClientTrainer:
+def inject_faults(cfg, context: Context, stage: str):
+    """debug.fail_partitions / debug.slow_partitions (with *_stages): make a client raise or
+    stall in a stage, to test that the federation goes on without it."""
+    dbg = cfg.get("debug") or {}
+    part = int(context.node_config.get("partition-id", -1))
+    if part in list(dbg.get("fail_partitions") or []) and stage in list(dbg.get("fail_stages") or []):
+        raise RuntimeError(f"injected failure: partition {part}, stage {stage}")
+    if part in list(dbg.get("slow_partitions") or []) and stage in list(dbg.get("slow_stages") or []):
+        time.sleep(float(dbg.get("slow_seconds", 10)))
+
+
+def trainer_for(context: Context, stage: str) -> ClientTrainer:
     cfg, run_dir = run_config_from_context(context)
+    inject_faults(cfg, context, stage)
     nc = context.node_config
     key = (str(run_dir), tuple(sorted((k, str(v)) for k, v in nc.items())))
     if key not in _TRAINERS:
@@ -77,7 +103,7 @@ def _config(msg: Message) -> ConfigRecord:
 
 @app.train()
 def population(msg: Message, context: Context) -> Message:
-    t = trainer_for(context)
+    t = trainer_for(context, "population")
     rnd = int(_config(msg).get("server-round", 1))
     r = t.population(arrays_in(msg, "arrays"), rnd)
     metrics = {"num-examples": r.num_examples, "num-users": len(t.users), **r.metrics}
@@ -86,7 +112,7 @@ def population(msg: Message, context: Context) -> Message:
 
 @app.train("group")
 def group(msg: Message, context: Context) -> Message:
-    t = trainer_for(context)
+    t = trainer_for(context, "group")
     rnd = int(_config(msg).get("server-round", 1))
     others = arrays_in(msg, "others")
     r = t.group(arrays_in(msg, "population"), arrays_in(msg, "arrays"),
@@ -98,15 +124,15 @@ def group(msg: Message, context: Context) -> Message:
 
 @app.train("user")
 def user(msg: Message, context: Context) -> Message:
-    t = trainer_for(context)
+    t = trainer_for(context, "user")
     m = t.user(arrays_in(msg, "population"), arrays_in(msg, "arrays"))
     return reply(msg, {"num-examples": sum(len(u.train) for u in t.users), "num-users": len(t.users), **m})
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    t = trainer_for(context)
     cfg = _config(msg)
+    t = trainer_for(context, "eval")
     stage, split = str(cfg.get("stage", "base")), str(cfg.get("split", "test"))
     r = t.evaluate(stage, arrays_in(msg, "population"), arrays_in(msg, "arrays"), split=split)
     scores = list(r.user_scores.values())

@@ -207,9 +207,9 @@ class FederatedRun:
             if not ev or not ev["stats"]:
                 continue
             stats = {k: np.asarray(v) for k, v in ev["stats"].items()}
+            p = participation.get(f"eval:{stage}", {})
             row = {"stage": stage, "metrics": stats_metrics(spec, stats), "users": len(ev["user_scores"]),
-                   "users_total": participation.get(f"eval:{stage}", {}).get("sent", ""),
-                   "examples": int(stats["n"][0])}
+                   "examples": int(stats["n"][0]), "nodes": f"{p.get('ok', '')}/{p.get('sent', '')}"}
             trained = [p["users"] for s, p in participation.items() if s.startswith(f"{stage}:") or s == stage]
             row["users_trained"] = min(trained) if trained else None
             if len(ev["user_scores"]) > 1:
@@ -219,7 +219,8 @@ class FederatedRun:
         trained = ", ".join(f"{STAGE_TITLES[r['stage']]} {r['users_trained']}" for r in rows if r.get("users_trained") is not None)
         notes = [f"task {spec.name}, split {list(self.cfg.eval.splits)[0]}, predictions by {self.cfg.eval.mode}; "
                  f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
-                 f"users = users evaluated / SuperNodes asked; users covered by training (fewest over rounds): {trained}",
+                 f"users = users evaluated; nodes = SuperNodes that answered / asked; "
+                 f"users covered by training (fewest over rounds): {trained}",
                  f"federated: {participation.get('user', {}).get('sent', '?')} SuperNodes, "
                  f"{self.cfg.federation.users_per_client} user(s) per client; server wall time {seconds:.0f} s"]
         failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}

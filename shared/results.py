@@ -78,7 +78,8 @@ def _fmt(v) -> str:
 
 def format_table(rows: list[dict], metric_names: list[str], notes=()) -> str:
     """rows: {stage, metrics: {name: value}, users, users_total, examples, [ci: {name: (lo, hi)}]}"""
-    head = ["stage", *metric_names, "users", "examples"]
+    with_nodes = any("nodes" in r for r in rows)
+    head = ["stage", *metric_names, "users", "examples"] + (["nodes"] if with_nodes else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [STAGE_TITLES.get(r["stage"], r["stage"])]
@@ -89,7 +90,8 @@ def format_table(rows: list[dict], metric_names: list[str], notes=()) -> str:
             if ci:
                 cell += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
             cells.append(cell)
-        cells += [f"{r.get('users', '')}/{r.get('users_total', '')}", str(r.get("examples", ""))]
+        users = f"{r.get('users', '')}" + (f"/{r['users_total']}" if r.get("users_total") not in (None, "") else "")
+        cells += [users, str(r.get("examples", ""))] + ([r.get("nodes", "")] if with_nodes else [])
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if notes:

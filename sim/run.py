@@ -56,7 +56,18 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     n_users = _count_users(cfg)
     per_client = int(cfg.federation.users_per_client)
     n_nodes = math.ceil(n_users / per_client)
+    previous_run_dir = os.environ.get("PROPER_RUN_DIR")
     os.environ["PROPER_RUN_DIR"] = str(run_dir)
+    try:
+        return _simulate(cfg, run_dir, n_users, per_client, n_nodes)
+    finally:  # a later run in this process must not inherit this one's directory
+        if previous_run_dir is None:
+            os.environ.pop("PROPER_RUN_DIR", None)
+        else:
+            os.environ["PROPER_RUN_DIR"] = previous_run_dir
+
+
+def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Flower logs through its own logger; keep ours readable beside it.
     log.info("run directory %s: %d users on %d SuperNodes (%d per client)", run_dir, n_users, n_nodes, per_client)
@@ -71,7 +82,11 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     if os.environ.get("RAY_ADDRESS"):
         backend.setdefault("init_args", {})["address"] = os.environ["RAY_ADDRESS"]
     t0 = time.time()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_config=backend)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_config=backend)
+    except Exception as e:  # the ServerApp raised: the checkpoint holds every finished step
+        log.error("the run stopped: %s: %s. Resume with: proper sim --resume %s", type(e).__name__, e, run_dir)
+        return 1
     table = run_dir / "table.md"
     if not table.exists():
         log.error("the run ended without a results table; see the log above. Resume with: "

@@ -1,0 +1,127 @@
+"""The federation on Flower's simulation engine, on the tiny model and synthetic users."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.checkpoint import Checkpoint
+from sim.run import run_sim
+
+TINY = ["federation.audit_replies=true"]
+
+
+def sim(tmp, name, *overrides, resume=None):
+    if resume:
+        return run_sim(None, [], resume=str(resume))
+    return run_sim("tiny", [f"output.dir={tmp}", f"output.name={name}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def four_users(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fed")
+    t0 = time.time()
+    assert sim(tmp, "run", *TINY) == 0
+    return tmp / "run", time.time() - t0
+
+
+def test_all_three_stages_with_four_simulated_users(four_users):
+    run, seconds = four_users
+    assert seconds < 120, f"4-user federation took {seconds:.0f} s"
+    table = (run / "table.md").read_text()
+    for title in ("bare backbone", "stage 1: population", "stage 2: group", "stage 3: user"):
+        assert title in table
+    rows = json.loads((run / "table.json").read_text())
+    assert [r["stage"] for r in rows] == ["base", "population", "group", "user"]
+    assert all(r["users"] == 4 and r["nodes"] == "4/4" for r in rows)
+    kinds = [(r["kind"], r["stage"]) for r in map(json.loads, (run / "rounds.jsonl").read_text().splitlines())]
+    assert ("train", "population") in kinds and ("train", "group") in kinds and ("train", "user") in kinds
+    assert (run / "stages.png").stat().st_size > 1000 and (run / "mixtures.png").stat().st_size > 1000
+    # the private state stayed on the clients' disks: one embedding and one user adapter per user
+    state = run / "clients"
+    assert len(list(state.glob("*/*.embedding.safetensors"))) == 4
+    assert len(list(state.glob("*/*.user/adapter_model.safetensors"))) == 4
+
+
+ALLOWED_ARRAYS = {"train": {"arrays"}, "train.group": {"arrays", "routing"}, "train.user": set(), "evaluate": set()}
+PART_KEYS = {"train": (".lora_A", ".lora_B"),
+             "train.group": (".expert_A", ".expert_B", ".router_h", ".router_u")}
+METRICS = {"num-examples", "num-users", "train_loss", "train_tokens", "train_seconds", "tokens_per_s",
+           "constraint_loss", "num_users", "user-scores"}
+
+
+def test_privacy_invariant_on_every_reply(four_users):
+    run, _ = four_users
+    replies = [json.loads(line) for f in (run / "wire").glob("*.jsonl") for line in f.read_text().splitlines()]
+    types = {r["message_type"] for r in replies}
+    assert types == {"train", "train.group", "train.user", "evaluate"}
+    assert len(replies) == 4 * 7  # 4 nodes x 7 steps: every reply was seen
+    questions = json.loads((Path(run) / "synthetic_data" / "questions.json").read_text())
+    user_ids = [q["user_id"] for q in questions]
+    texts = [p["description"] for q in questions for p in q["profile"]] + [q["input"] for q in questions]
+    for r in replies:
+        mt = r["message_type"]
+        assert set(r["arrays"]) <= ALLOWED_ARRAYS[mt], (mt, set(r["arrays"]))
+        for key in r["arrays"].get("arrays", {}):
+            assert key.endswith(PART_KEYS[mt]), key  # only population / group parameters
+        if mt == "train.group":
+            routing = r["arrays"]["routing"]
+            assert set(routing) == {"routing_mass", "mixtures"}
+            assert routing["mixtures"]["shape"][0] == 1  # one anonymous mixture per user held
+        for name, rec in r["metrics"].items():
+            assert name == "metrics"
+            assert set(rec) - {k for k in rec if k.startswith("stat.")} <= METRICS, set(rec)
+        assert r["configs"] in ({}, {"info": {"task": "LaMP_2"}})
+        blob = json.dumps(r)
+        for uid in user_ids:
+            assert uid not in blob
+        for forbidden in ("user_A", "user_B", "router_g", "e_u", "embedding"):
+            assert forbidden not in blob
+        assert not any(t[:40] in blob for t in texts)
+
+
+def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
+    """The centralized reference runs the same code: one client holding every user."""
+    from shared.config import load_config
+    from sim.local import run_local
+    assert sim(tmp_path, "one", "federation.users_per_client=4") == 0
+    cfg = load_config("tiny", [f"data.path={tmp_path / 'one' / 'synthetic_data'}"])
+    rows_local = run_local(cfg, tmp_path / "local")
+    _, parts = Checkpoint(tmp_path / "one").load()
+    from safetensors.torch import load_file
+    local_group = load_file(str(tmp_path / "local" / "group.safetensors"))
+    assert set(local_group) == set(parts["group"])
+    for k, v in local_group.items():
+        assert torch.allclose(v, parts["group"][k], atol=1e-6), k
+    rows_fed = json.loads((tmp_path / "one" / "table.json").read_text())
+    assert [r["metrics"] for r in rows_fed] == [r["metrics"] for r in rows_local]
+
+
+def test_failed_and_slow_clients_do_not_stop_the_run(tmp_path):
+    rc = sim(tmp_path, "faults", "debug.fail_partitions=[1]", "debug.fail_stages=[group]",
+             "debug.slow_partitions=[2]", "debug.slow_stages=[population]", "debug.slow_seconds=25",
+             "federation.timeout_s=12")
+    assert rc == 0
+    progress, _ = Checkpoint(tmp_path / "faults").load()
+    p = progress["participation"]
+    assert p["population:1"]["silent"] == 1 and p["population:1"]["users"] == 3
+    assert p["group:1"]["failed"] == 1 and p["group:1"]["users"] == 3
+    table = (tmp_path / "faults" / "table.md").read_text()
+    assert "population:1: 0 failed, 1 silent" in table and "group:1: 1 failed, 0 silent" in table
+    assert "stage 1: population 3" in table and "stage 2: group 3" in table
+
+
+def test_killed_run_resumes_and_ends_with_the_same_results(tmp_path, four_users):
+    run, _ = four_users
+    assert sim(tmp_path, "crash", *TINY, "debug.crash_after=group:1") == 1
+    progress, _ = Checkpoint(tmp_path / "crash").load()
+    assert progress["done"][-1] == "group:1" and not (tmp_path / "crash" / "table.md").exists()
+    assert sim(tmp_path, None, resume=tmp_path / "crash") == 0
+    done, parts = Checkpoint(tmp_path / "crash").load()
+    ref_done, ref = Checkpoint(run).load()
+    assert done["done"] == ref_done["done"]
+    for part in ("population", "group"):
+        for k, v in ref[part].items():
+            assert torch.allclose(v, parts[part][k], atol=1e-6), (part, k)
+    assert done["evals"] == ref_done["evals"]

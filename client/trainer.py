@@ -21,6 +21,7 @@ from shared.evaluate import add_stats, example_stats, predict
 from shared.metrics import per_example_scores
 from shared.lamp import apply_template, load_lamp
 from shared.model import ProperModel
+from shared.plan import uses_user_router
 from shared.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
 from shared.train import RoundResult, group_round, population_round, user_train
 
@@ -87,6 +88,8 @@ class ClientTrainer:
             m.merge_population(population)
             if group is not None:
                 m.load_part_state("group", group, source="group parameters from server")
+            else:  # first group round, or a method without one (OPPU): experts start at B = 0, a no-op
+                m.reset_part("group", seed=self.cfg.seed)
 
     def _embedding(self, user, for_round: int | None = None) -> torch.Tensor:
         """e_u: the latest, or the one a group round `for_round` starts from. Each save keeps the
@@ -109,13 +112,12 @@ class ClientTrainer:
     def group(self, population: dict, group: dict | None, others: torch.Tensor | None,
               server_round: int) -> RoundResult:
         self._prepare("group", population, group)
-        if group is None:
-            self.model.reset_part("group", seed=self.cfg.seed)
         if others is not None and len(others):
             others = self._drop_own(others, server_round)
         before = torch.stack([self._embedding(u, server_round) for u in self.users])
         result, emb = group_round(self.model, self.tokenizer, self.users, before, stage_cfg(self.cfg, "group"),
-                                  others=others, seed=self.seed + server_round)
+                                  others=others, seed=self.seed + server_round,
+                                  user_router=uses_user_router(self.cfg))
         rnd = torch.tensor([server_round])
         for u, e, b in zip(self.users, emb, before):
             self.store.save(u.user_id, "embedding", {"e_u": e, "e_u_before": b, "round": rnd})
@@ -144,7 +146,7 @@ class ClientTrainer:
         return others[keep]
 
     # ---- stage 3
-    def user(self, population: dict, group: dict) -> dict[str, float]:
+    def user(self, population: dict, group: dict | None) -> dict[str, float]:
         self._prepare("user", population, group)
         cfg = stage_cfg(self.cfg, "user")
         losses, seconds = [], 0.0
@@ -190,7 +192,7 @@ class ClientTrainer:
         else:  # one batched pass over everyone, routed per row in the group stage
             exs = [ex for u in users for ex in getattr(u, split)]
             emb = None
-            if stage == "group":
+            if stage == "group" and uses_user_router(self.cfg):
                 emb = torch.stack([self._embedding(u) for u in users for _ in getattr(u, split)])
             preds = predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb)
             bounds = np.cumsum([0] + [len(getattr(u, split)) for u in users])

@@ -21,6 +21,7 @@ from server.checkpoint import Checkpoint
 from server.strategy import GroupFedAvg, population_strategy
 from shared.config import to_yaml
 from shared.lamp import task_spec
+from shared.plan import stage_plan
 from shared.metrics import bootstrap_ci
 from shared.results import STAGE_TITLES, RunDir, plot_mixtures, plot_stages
 from shared.runconfig import run_config_from_context
@@ -56,20 +57,9 @@ class FederatedRun:
             self.parts = {"population": None, "group": None, "mixtures": None}
         self.timeout = float(cfg.federation.timeout_s)
 
-    # ---- the plan
-    def steps(self) -> list[str]:
-        evals = set(self.cfg.eval.stages)
-        plan = ["eval:base"] if "base" in evals else []
-        plan += [f"population:{r}" for r in range(1, self.cfg.population.rounds + 1)]
-        plan += ["eval:population"] if "population" in evals else []
-        plan += [f"group:{r}" for r in range(1, self.cfg.group.rounds + 1)]
-        plan += ["eval:group"] if "group" in evals else []
-        plan += ["user"] + (["eval:user"] if "user" in evals else [])
-        return plan
-
     def run(self):
         t0 = time.time()
-        plan = self.steps()
+        plan = stage_plan(self.cfg)
         self.wait_for_nodes(int(self.cfg.federation.min_available_clients))
         for i, step in enumerate(plan, 1):
             if step in self.progress["done"]:

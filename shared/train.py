@@ -165,11 +165,13 @@ def _train_metrics(losses, tokens, t0):
 
 # ---------------------------------------------------------------- stage 2: group
 def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg,
-                others: torch.Tensor | None = None, seed: int = 0) -> tuple[RoundResult, torch.Tensor]:
+                others: torch.Tensor | None = None, seed: int = 0,
+                user_router: bool = True) -> tuple[RoundResult, torch.Tensor]:
     """Train experts, W_h, W_u (shared) and the users' embeddings (private) for one round.
 
     embeddings: [U, d] e_u of `users` (updated copy returned); others: previous-round mixtures
-    of other users, shuffled and without ids, for the constraint loss.
+    of other users, shuffled and without ids, for the constraint loss. user_router=False is the
+    LoRAMoE baseline: tokens alone route, e_u is unused and there is no constraint loss.
     Returns the round result (shared part, routing mass, this round's mixtures) and the new e_u.
     """
     if not model.merged:
@@ -177,9 +179,9 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     model.set_stage("group", train=True)
     emb = torch.nn.Parameter(embeddings.detach().clone().float())
     items = _encode_users(tokenizer, users, cfg.max_len)
-    params = model.trainable_parameters() + [emb]
+    params = model.trainable_parameters() + ([emb] if user_router else [])
     opt = _optimizer(params, cfg)
-    lam = float(cfg.get("constraint_weight", 0.1))
+    lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
     rng = random.Random(seed)
     n_layers = len(model.layer_names)
     mass = torch.zeros(n_layers, model.k)
@@ -189,7 +191,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     for epoch in range(cfg.epochs):
         last = epoch == cfg.epochs - 1
         for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
-            with autocast(cfg), model.users(emb[uidx], record=True) as ctx:
+            with autocast(cfg), model.users(emb[uidx] if user_router else None, record=True) as ctx:
                 logits = model.lm(input_ids=ids, attention_mask=mask).logits
             lm = lm_loss(logits, labels)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)

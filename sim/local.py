@@ -18,6 +18,7 @@ from shared.config import to_yaml
 from shared.evaluate import stats_metrics
 from shared.metrics import bootstrap_ci
 from shared.persist import export_peft_adapter, save_group
+from shared.plan import stage_plan
 from shared.results import RunDir, plot_mixtures, plot_stages
 
 log = logging.getLogger("proper.local")
@@ -61,8 +62,6 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     results, per_user = {}, {u.user_id: {} for u in users}
 
     def evaluate(stage, pop=None, group=None):
-        if stage not in stages:
-            return
         t = time.time()
         r = client.evaluate(stage, pop, group, split=split)
         results[stage] = (r.stats, len(r.user_scores))
@@ -72,31 +71,33 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
         run.log({"kind": "eval", "stage": stage, "split": split, **m, "seconds": time.time() - t})
         log.info("eval %-10s %s  (%.0f s)", stage, _fmt(m), time.time() - t)
 
-    evaluate("base")
-    pop = None
-    for rnd in range(1, cfg.population.rounds + 1):
-        res = client.population(pop, rnd)
-        pop = res.shared
-        run.log({"kind": "train", "stage": "population", "round": rnd, **res.metrics})
-        log.info("population round %d/%d  loss %.3f  %.0f tok/s", rnd, cfg.population.rounds,
-                 res.metrics["train_loss"], res.metrics["tokens_per_s"])
-    evaluate("population", pop)
-    group, others, mixtures = None, None, None
-    for rnd in range(1, cfg.group.rounds + 1):
-        res = client.group(pop, group, others, rnd)
-        group, others, mixtures = res.shared, res.mixtures, res.mixtures
-        run.log({"kind": "train", "stage": "group", "round": rnd, **res.metrics})
-        log.info("group round %d/%d  loss %.3f  constraint %.3f  %.0f tok/s", rnd, cfg.group.rounds,
-                 res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
-    evaluate("group", pop, group)
-    m = client.user(pop, group)
-    run.log({"kind": "train", "stage": "user", "round": 1, **m})
-    log.info("user stage: %d users, loss %.3f (%.0f s)", len(users), m["train_loss"], m["train_seconds"])
-    evaluate("user", pop, group)
+    pop = group = others = mixtures = None
+    for step in stage_plan(cfg):
+        kind, _, arg = step.partition(":")
+        if kind == "eval":
+            evaluate(arg, pop, group)
+        elif kind == "population":
+            res = client.population(pop, int(arg))
+            pop = res.shared
+            run.log({"kind": "train", "stage": "population", "round": int(arg), **res.metrics})
+            log.info("population round %s/%d  loss %.3f  %.0f tok/s", arg, cfg.population.rounds,
+                     res.metrics["train_loss"], res.metrics["tokens_per_s"])
+        elif kind == "group":
+            res = client.group(pop, group, others, int(arg))
+            group, others, mixtures = res.shared, res.mixtures, res.mixtures
+            run.log({"kind": "train", "stage": "group", "round": int(arg), **res.metrics})
+            log.info("group round %s/%d  loss %.3f  constraint %.3f  %.0f tok/s", arg, cfg.group.rounds,
+                     res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
+        elif kind == "user":
+            m = client.user(pop, group)
+            run.log({"kind": "train", "stage": "user", "round": 1, **m})
+            log.info("user stage: %d users, loss %.3f (%.0f s)", len(users), m["train_loss"], m["train_seconds"])
 
     # artifacts: the shared model (the per-user adapters stay in client_state/)
-    export_peft_adapter(client.model, "population", run.path / "population_lora", base_model=cfg.model.name)
-    save_group(client.model, run.path / "group.safetensors")
+    if pop is not None:
+        export_peft_adapter(client.model, "population", run.path / "population_lora", base_model=cfg.model.name)
+    if group is not None:
+        save_group(client.model, run.path / "group.safetensors")
     rows = stage_rows(spec, results, len(users), per_user)
     notes = [f"task {spec.name}, split {split}, predictions by {cfg.eval.mode}; "
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",

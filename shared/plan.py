@@ -1,0 +1,34 @@
+"""Which steps a run takes, by method: one plan for the federated server and `proper local`.
+
+  proper      PROPER: population -> group (user-aware router, constraint loss) -> user (LoRA-aware router)
+  population  population LoRA only (FedAvg of one LoRA, as in Flower's LLM fine-tuning examples)
+  oppu        OPPU-style: a per-user LoRA trained on top of the population LoRA, no group stage
+              (the experts stay at their initial B = 0, so they add nothing)
+  loramoe     LoRAMoE: group experts with a token-only router (no user embedding, no constraint loss)
+
+Steps: "eval:<stage>", "population:<round>", "group:<round>", "user".
+"""
+from __future__ import annotations
+
+METHODS = ("proper", "population", "oppu", "loramoe")
+
+
+def stage_plan(cfg) -> list[str]:
+    method = str(cfg.get("method", "proper"))
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    evals = set(cfg.eval.stages)
+    plan = ["eval:base"] if "base" in evals else []
+    plan += [f"population:{r}" for r in range(1, cfg.population.rounds + 1)]
+    plan += ["eval:population"] if "population" in evals else []
+    if method in ("proper", "loramoe"):
+        plan += [f"group:{r}" for r in range(1, cfg.group.rounds + 1)]
+        plan += ["eval:group"] if "group" in evals else []
+    if method in ("proper", "oppu"):
+        plan += ["user"] + (["eval:user"] if "user" in evals else [])
+    return plan
+
+
+def uses_user_router(cfg) -> bool:
+    return str(cfg.get("method", "proper")) != "loramoe"
+

@@ -5,12 +5,15 @@
   oppu        OPPU-style: a per-user LoRA trained on top of the population LoRA, no group stage
               (the experts stay at their initial B = 0, so they add nothing)
   loramoe     LoRAMoE: group experts with a token-only router (no user embedding, no constraint loss)
+  mta         MTA (Merge-then-Adapt, DESIGN.md section 4): a bank of anchor-user LoRAs, retrieval and
+              fusion per user, a stacked small LoRA per user (shared/mta.py); no population stage.
+              Evaluated as "mta_merge" (merged anchors only) and "mta" (merged + stacked LoRA)
 
-Steps: "eval:<stage>", "population:<round>", "group:<round>", "user".
+Steps: "eval:<stage>", "population:<round>", "group:<round>", "user", "mta:bank", "mta:user".
 """
 from __future__ import annotations
 
-METHODS = ("proper", "population", "oppu", "loramoe")
+METHODS = ("proper", "population", "oppu", "loramoe", "mta")
 
 
 def stage_plan(cfg) -> list[str]:
@@ -19,6 +22,8 @@ def stage_plan(cfg) -> list[str]:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     evals = set(cfg.eval.stages)
     plan = ["eval:base"] if "base" in evals else []
+    if method == "mta":
+        return plan + ["mta:bank", "mta:user", "eval:mta_merge", "eval:mta"]
     plan += [f"population:{r}" for r in range(1, cfg.population.rounds + 1)]
     plan += ["eval:population"] if "population" in evals else []
     if method in ("proper", "loramoe"):

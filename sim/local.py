@@ -57,13 +57,18 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     spec, users = load_users(cfg)
     log.info("%d users, task %s; loading backbone %s", len(users), spec.name, cfg.model.name)
     client = ClientTrainer(cfg, spec, users, str(run.path / "client_state"))
+    mta = bank = None
+    if str(cfg.get("method", "proper")) == "mta":  # Merge-then-Adapt: client/mta.py
+        from client.mta import MTAClient, local_step as mta_step
+        mta = MTAClient(client)
     stages = list(cfg.eval.stages)
     split = list(cfg.eval.splits)[0]
     results, per_user = {}, {u.user_id: {} for u in users}
 
     def evaluate(stage, pop=None, group=None):
         t = time.time()
-        r = client.evaluate(stage, pop, group, split=split)
+        r = mta.evaluate(stage, bank, split) if stage.startswith("mta") else \
+            client.evaluate(stage, pop, group, split=split)
         results[stage] = (r.stats, len(r.user_scores))
         for uid, s in r.user_scores.items():
             per_user[uid][stage] = s
@@ -88,6 +93,8 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
             run.log({"kind": "train", "stage": "group", "round": int(arg), **res.metrics})
             log.info("group round %s/%d  loss %.3f  constraint %.3f  %.0f tok/s", arg, cfg.group.rounds,
                      res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
+        elif kind == "mta":
+            bank = mta_step(mta, arg, bank, run)
         elif kind == "user":
             m = client.user(pop, group)
             run.log({"kind": "train", "stage": "user", "round": 1, **m})

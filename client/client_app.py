@@ -133,13 +133,21 @@ def user(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     t = trainer_for(context, "eval")
-    stage, split = str(cfg.get("stage", "base")), str(cfg.get("split", "test"))
-    r = t.evaluate(stage, arrays_in(msg, "population"), arrays_in(msg, "arrays"), split=split)
-    scores = list(r.user_scores.values())
-    order = torch.randperm(len(scores)).tolist()  # no ids, and no order that could stand for one
-    metrics = {"num-examples": r.num_examples, "num-users": len(scores),
-               "user-scores": [float(scores[i]) for i in order]}
-    metrics.update({f"stat.{k}": [float(x) for x in v] for k, v in r.stats.items()})
-    out = reply(msg, metrics)
+    stage = str(cfg.get("stage", "base"))
+    metrics, examples = {}, 0
+    for split in str(cfg.get("splits", "test")).split(","):
+        r = mta.evaluate_message(t, stage, msg, split) if stage.startswith("mta") else \
+            t.evaluate(stage, arrays_in(msg, "population"), arrays_in(msg, "arrays"), split=split)
+        scores = list(r.user_scores.values())
+        order = torch.randperm(len(scores)).tolist()  # no ids, and no order that could stand for one
+        metrics[f"{split}.user-scores"] = [float(scores[i]) for i in order]
+        metrics.update({f"{split}.stat.{k}": [float(x) for x in v] for k, v in r.stats.items()})
+        examples += r.num_examples
+    out = reply(msg, {"num-examples": examples, "num-users": len(t.users), **metrics})
     out.content["info"] = ConfigRecord({"task": t.spec.name})
     return out
+
+
+# method=mta (Merge-then-Adapt): query.mta_candidates, train.mta_anchor, train.mta_user (client/mta.py)
+from client import mta  # noqa: E402
+mta.register(app)

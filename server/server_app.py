@@ -18,12 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import Checkpoint
+from server.mta import bank_record, mta_step
 from server.strategy import GroupFedAvg, population_strategy
 from shared.config import to_yaml
 from shared.lamp import task_spec
 from shared.plan import stage_plan
-from shared.metrics import bootstrap_ci
-from shared.results import STAGE_TITLES, RunDir, plot_mixtures, plot_stages
+from shared.results import STAGE_TITLES, RunDir, eval_rows, plot_mixtures, plot_stages
 from shared.runconfig import run_config_from_context
 
 log = logging.getLogger("proper.server")
@@ -68,6 +68,7 @@ class FederatedRun:
             ts = time.time()
             kind, _, arg = step.partition(":")
             {"eval": self.evaluate, "population": self.population_round, "group": self.group_round,
+             "mta": lambda step, arg: mta_step(self, step, arg),
              "user": self.user_stage}[kind](step, arg)
             self.progress["done"].append(step)
             self.progress.setdefault("seconds", {})[step] = time.time() - ts
@@ -143,6 +144,8 @@ class FederatedRun:
         log.info("%s: loss %.4f over %d examples", step, m.get("train_loss", float("nan")), m.get("num-examples", 0))
 
     def _model_content(self) -> RecordDict:
+        if str(self.cfg.get("method", "proper")) == "mta":  # the meta-LoRA bank (server/mta.py)
+            return RecordDict({"bank": bank_record(self)})
         return RecordDict({"population": self._arrays("population"), "arrays": self._arrays("group")})
 
     def user_stage(self, step: str, _):
@@ -155,29 +158,30 @@ class FederatedRun:
                           **{f"nodes_{k}": v for k, v in self.progress["participation"][step].items()}})
 
     def evaluate(self, step: str, stage: str):
-        split = list(self.cfg.eval.splits)[0]
-        content = RecordDict({"config": ConfigRecord({"stage": stage, "split": split})})
-        if stage != "base":
-            content = self._model_content()
-            content["config"] = ConfigRecord({"stage": stage, "split": split})
+        splits = list(self.cfg.eval.splits)
+        content = RecordDict() if stage == "base" else self._model_content()
+        content["config"] = ConfigRecord({"stage": stage, "splits": ",".join(splits)})
         ok = self.send(step, "evaluate", content)
-        stats, scores = {}, []
+        by_split = {sp: {"stats": {}, "user_scores": []} for sp in splits}
         for r in ok:
             if "info" in r.content.config_records:
                 self.progress["task"] = str(r.content["info"]["task"])
-            m = r.content["metrics"]
-            scores += list(m.get("user-scores", []))
-            for k, v in m.items():
-                if k.startswith("stat."):
-                    stats[k[5:]] = (np.asarray(stats.get(k[5:], 0.0)) + np.asarray(v, float)).tolist()
-        self.progress["evals"][stage] = {"stats": stats, "user_scores": scores, "split": split}
-        if stats:
-            from shared.evaluate import stats_metrics
-            spec = self._spec()
-            metrics = stats_metrics(spec, {k: np.asarray(v) for k, v in stats.items()})
-            self.run_dir.log({"kind": "eval", "stage": stage, "split": split, **metrics,
-                              "users": len(scores)})
-            log.info("eval %s: %s", stage, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for key, value in r.content["metrics"].items():
+                split, _, name = key.partition(".")
+                if split not in by_split:
+                    continue
+                if name == "user-scores":
+                    by_split[split]["user_scores"] += list(value)
+                elif name.startswith("stat."):
+                    acc = by_split[split]["stats"]
+                    acc[name[5:]] = (np.asarray(acc.get(name[5:], 0.0)) + np.asarray(value, float)).tolist()
+        self.progress["evals"][stage] = by_split
+        if ok:
+            for row in eval_rows(self._spec(), {stage: by_split}):
+                self.run_dir.log({"kind": "eval", "stage": stage, "split": row["split"], **row["metrics"],
+                                  "users": row["users"]})
+                log.info("eval %s (%s): %s", stage, row["split"],
+                         "  ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()))
 
     def _spec(self):
         """The task: from the config, else as the clients reported it (the server holds no data)."""
@@ -188,31 +192,23 @@ class FederatedRun:
 
     # ---- the table
     def finish(self, seconds: float):
-        from shared.evaluate import stats_metrics
         spec = self._spec()
-        rows = []
         participation = self.progress["participation"]
-        for stage in ("base", "population", "group", "user"):
-            ev = self.progress["evals"].get(stage)
-            if not ev or not ev["stats"]:
-                continue
-            stats = {k: np.asarray(v) for k, v in ev["stats"].items()}
-            p = participation.get(f"eval:{stage}", {})
-            row = {"stage": stage, "metrics": stats_metrics(spec, stats), "users": len(ev["user_scores"]),
-                   "examples": int(stats["n"][0]), "nodes": f"{p.get('ok', '')}/{p.get('sent', '')}"}
-            trained = [p["users"] for s, p in participation.items() if s.startswith(f"{stage}:") or s == stage]
-            row["users_trained"] = min(trained) if trained else None
-            if len(ev["user_scores"]) > 1:
-                _, lo, hi = bootstrap_ci(ev["user_scores"])
-                row["ci"] = {spec.metrics[0]: (lo, hi)}
-            rows.append(row)
-        trained = ", ".join(f"{STAGE_TITLES[r['stage']]} {r['users_trained']}" for r in rows if r.get("users_trained") is not None)
-        notes = [f"task {spec.name}, split {list(self.cfg.eval.splits)[0]}, predictions by {self.cfg.eval.mode}; "
+        rows = eval_rows(spec, self.progress["evals"])
+        for row in rows:
+            p = participation.get(f"eval:{row['stage']}", {})
+            row["nodes"] = f"{p.get('ok', '')}/{p.get('sent', '')}"
+        trained = {}
+        for step, p in participation.items():
+            stage = step.partition(":")[0]
+            if stage in ("population", "group", "user"):
+                trained[stage] = min(trained.get(stage, p["users"]), p["users"])
+        notes = [f"task {spec.name}, predictions by {self.cfg.eval.mode}; method {self.cfg.get('method', 'proper')}; "
                  f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
-                 f"users = users evaluated; nodes = SuperNodes that answered / asked; "
-                 f"users covered by training (fewest over rounds): {trained}",
-                 f"federated: {participation.get('user', {}).get('sent', '?')} SuperNodes, "
-                 f"{self.cfg.federation.users_per_client} user(s) per client; server wall time {seconds:.0f} s"]
+                 "users = users evaluated; nodes = SuperNodes that answered / asked; users covered by training "
+                 "(fewest over rounds): " + ", ".join(f"{STAGE_TITLES[s]} {n}" for s, n in trained.items()),
+                 f"federated: {participation.get('eval:base', participation.get(next(iter(participation), ''), {})).get('sent', '?')} "
+                 f"SuperNodes, {self.cfg.federation.users_per_client} user(s) per client; server wall time {seconds:.0f} s"]
         failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}
         if failures:
             notes.append("steps with failed or silent nodes: " + "; ".join(

@@ -77,8 +77,41 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def eval_rows(spec, evals: dict) -> list[dict]:
+    """evals: {stage: {split: {"stats": {name: list}, "user_scores": [float]}}} -> table rows,
+    split by split, stages in PROPER's order, with a bootstrap CI over users of the first metric."""
+    from shared.evaluate import stats_metrics
+    from shared.metrics import bootstrap_ci
+    splits = list(dict.fromkeys(sp for by_split in evals.values() for sp in by_split))
+    rows = []
+    for split in splits:
+        for stage in STAGE_TITLES:
+            ev = evals.get(stage, {}).get(split)
+            if not ev or not ev.get("stats"):
+                continue
+            stats = {k: np.asarray(v, float) for k, v in ev["stats"].items()}
+            row = {"stage": stage, "split": split, "metrics": stats_metrics(spec, stats),
+                   "users": len(ev["user_scores"]), "examples": int(stats["n"][0])}
+            if len(ev["user_scores"]) > 1:
+                _, lo, hi = bootstrap_ci(ev["user_scores"])
+                row["ci"] = {spec.metrics[0]: (lo, hi)}
+            rows.append(row)
+    return rows
+
+
 def format_table(rows: list[dict], metric_names: list[str], notes=()) -> str:
-    """rows: {stage, metrics: {name: value}, users, users_total, examples, [ci: {name: (lo, hi)}]}"""
+    """rows: {stage, split, metrics: {name: value}, users, examples, [ci], [nodes]}; one table per split."""
+    text = ""
+    for split in dict.fromkeys(r.get("split", "test") for r in rows):
+        part = [r for r in rows if r.get("split", "test") == split]
+        title = {"test": "test: the users' LaMP questions", "val": "val: held-out profile items (never trained on)"}
+        text += f"### {title.get(split, split)}\n\n" + _one_table(part, metric_names) + "\n"
+    if notes:
+        text += "\n".join(f"- {n}" for n in notes) + "\n"
+    return text
+
+
+def _one_table(rows: list[dict], metric_names: list[str]) -> str:
     with_nodes = any("nodes" in r for r in rows)
     head = ["stage", *metric_names, "users", "examples"] + (["nodes"] if with_nodes else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -94,10 +127,7 @@ def format_table(rows: list[dict], metric_names: list[str], notes=()) -> str:
         users = f"{r.get('users', '')}" + (f"/{r['users_total']}" if r.get("users_total") not in (None, "") else "")
         cells += [users, str(r.get("examples", ""))] + ([r.get("nodes", "")] if with_nodes else [])
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    if notes:
-        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    return text
+    return "\n".join(lines) + "\n"
 
 
 def plot_stages(run: RunDir, rows: list[dict], metric: str):
@@ -106,12 +136,13 @@ def plot_stages(run: RunDir, rows: list[dict], metric: str):
     import matplotlib.pyplot as plt
     records = run.records()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in rows if r.get("split", "test") == rows[0].get("split", "test")] if rows else rows
     names = [STAGE_TITLES.get(r["stage"], r["stage"]) for r in rows]
     vals = [r["metrics"].get(metric, np.nan) for r in rows]
     axes[0].bar(range(len(vals)), vals, color=["#999", "#4a7", "#47a", "#a47"][: len(vals)])
     axes[0].set_xticks(range(len(vals)), names, rotation=15)
     axes[0].set_ylabel(metric)
-    axes[0].set_title(f"{metric} per stage (test queries)")
+    axes[0].set_title(f"{metric} per stage ({rows[0].get('split', 'test') if rows else ''})")
     for i, v in enumerate(vals):
         if np.isfinite(v):
             axes[0].text(i, v, f"{v:.3f}", ha="center", va="bottom")

@@ -10,16 +10,14 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
 from client.trainer import ClientTrainer, load_users
 from shared.config import to_yaml
 from shared.evaluate import stats_metrics
-from shared.metrics import bootstrap_ci
 from shared.persist import export_peft_adapter, save_group
 from shared.plan import stage_plan
-from shared.results import RunDir, plot_mixtures, plot_stages
+from shared.results import RunDir, eval_rows, plot_mixtures, plot_stages
 
 log = logging.getLogger("proper.local")
 
@@ -36,19 +34,6 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> str:
     return cfg.data.path
 
 
-def stage_rows(spec, results: dict, users_total: int, per_user: dict) -> list[dict]:
-    rows = []
-    for stage, (stats, n_users) in results.items():
-        row = {"stage": stage, "metrics": stats_metrics(spec, stats), "users": n_users,
-               "users_total": users_total, "examples": int(stats["n"][0]) if stats else 0}
-        scores = [s[stage] for s in per_user.values() if stage in s]
-        if len(scores) > 1:
-            mean, lo, hi = bootstrap_ci(scores)
-            row["ci"] = {spec.metrics[0]: (lo, hi)}
-        rows.append(row)
-    return rows
-
-
 def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     t0 = time.time()
     run = RunDir(run_path)
@@ -61,20 +46,21 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     if str(cfg.get("method", "proper")) == "mta":  # Merge-then-Adapt: client/mta.py
         from client.mta import MTAClient, local_step as mta_step
         mta = MTAClient(client)
-    stages = list(cfg.eval.stages)
-    split = list(cfg.eval.splits)[0]
-    results, per_user = {}, {u.user_id: {} for u in users}
+    splits = list(cfg.eval.splits)
+    evals, per_user = {}, {u.user_id: {} for u in users}
 
     def evaluate(stage, pop=None, group=None):
-        t = time.time()
-        r = mta.evaluate(stage, bank, split) if stage.startswith("mta") else \
-            client.evaluate(stage, pop, group, split=split)
-        results[stage] = (r.stats, len(r.user_scores))
-        for uid, s in r.user_scores.items():
-            per_user[uid][stage] = s
-        m = stats_metrics(spec, r.stats)
-        run.log({"kind": "eval", "stage": stage, "split": split, **m, "seconds": time.time() - t})
-        log.info("eval %-10s %s  (%.0f s)", stage, _fmt(m), time.time() - t)
+        for split in splits:
+            t = time.time()
+            r = mta.evaluate(stage, bank, split) if stage.startswith("mta") else \
+                client.evaluate(stage, pop, group, split=split)
+            evals.setdefault(stage, {})[split] = {"stats": {k: v.tolist() for k, v in r.stats.items()},
+                                                  "user_scores": list(r.user_scores.values())}
+            for uid, score in r.user_scores.items():
+                per_user[uid][f"{stage}@{split}"] = score
+            m = stats_metrics(spec, r.stats)
+            run.log({"kind": "eval", "stage": stage, "split": split, **m, "seconds": time.time() - t})
+            log.info("eval %-10s %-4s %s  (%.0f s)", stage, split, _fmt(m), time.time() - t)
 
     pop = group = others = mixtures = None
     for step in stage_plan(cfg):
@@ -105,12 +91,12 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
         export_peft_adapter(client.model, "population", run.path / "population_lora", base_model=cfg.model.name)
     if group is not None:
         save_group(client.model, run.path / "group.safetensors")
-    rows = stage_rows(spec, results, len(users), per_user)
-    notes = [f"task {spec.name}, split {split}, predictions by {cfg.eval.mode}; "
+    rows = eval_rows(spec, evals)
+    notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.get('method', 'proper')}; "
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
              f"wall time {time.time() - t0:.0f} s, one client holding all {len(users)} users (proper local)"]
     table = run.write_table(rows, spec.metrics, notes)
-    run.write_per_user(per_user, [s for s in stages if s in results])
+    run.write_per_user(per_user, list(dict.fromkeys(k for scores in per_user.values() for k in scores)))
     plot_stages(run, rows, spec.metrics[0])
     if mixtures is not None:
         plot_mixtures(run, mixtures.numpy())

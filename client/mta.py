@@ -172,3 +172,63 @@ def local_step(mc: MTAClient, what: str, bank: M.Bank | None, run) -> M.Bank:
         log.info("MTA stacked LoRAs: %d users, loss %.3f (%.0f s)", len(mc.users), m["train_loss"], m["wall_seconds"])
         return bank
     raise ValueError(f"unknown MTA step {what!r}")
+
+
+# ---------------------------------------------------------------- the Flower ClientApp's MTA handlers
+def for_trainer(trainer) -> MTAClient:
+    """One MTAClient per ClientTrainer (the profile embeddings are computed once per process)."""
+    mc = getattr(trainer, "_mta_client", None)
+    if mc is None:
+        mc = trainer._mta_client = MTAClient(trainer)
+    return mc
+
+
+def bank_in(msg) -> M.Bank:
+    rec = msg.content.array_records.get("bank")
+    if rec is None or len(rec) == 0:
+        raise ValueError("an MTA message without the bank")
+    return M.Bank.from_tensors(rec.to_torch_state_dict())
+
+
+def evaluate_message(trainer, stage: str, msg, split: str) -> EvalResult:
+    return for_trainer(trainer).evaluate(stage, bank_in(msg), split)
+
+
+def register(app):
+    """query.mta_candidates, train.mta_anchor, train.mta_user on the ClientApp (client_app.py)."""
+    from flwr.app import ArrayRecord
+
+    from client import client_app as ca
+
+    @app.query("mta_candidates")
+    def mta_candidates(msg, context):
+        """Nominate this client's `n` longest-history users: their profile embeddings and history
+        lengths leave the client (no ids, no text); every other user's embedding stays here."""
+        t = ca.trainer_for(context, "mta")
+        emb, hist = for_trainer(t).candidates(int(ca._config(msg).get("n", 1)))
+        arrays = ArrayRecord({"embeddings": torch.from_numpy(np.ascontiguousarray(emb, np.float32)),
+                              "history": torch.tensor(hist, dtype=torch.long)})
+        return ca.reply(msg, {"num-users": len(t.users), "num-candidates": len(hist)}, {"candidates": arrays})
+
+    @app.train("mta_anchor")
+    def mta_anchor(msg, context):
+        """Train one LoRA per requested candidate slot (slot j = this client's j-th longest history)."""
+        t = ca.trainer_for(context, "mta")
+        mc = for_trainer(t)
+        order = mc.candidate_order()
+        arrays, losses, examples = {}, [], 0
+        for slot in [int(s) for s in ca._config(msg).get("slots", [])]:
+            state, m = mc.train_anchor(order[slot])
+            arrays[f"anchor.{slot}"] = ArrayRecord(state)
+            losses.append(m["train_loss"])
+            examples += int(m["num-examples"])
+        metrics = {"num-examples": examples, "num-users": len(arrays),
+                   "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        return ca.reply(msg, metrics, arrays)
+
+    @app.train("mta_user")
+    def mta_user(msg, context):
+        """Retrieve and merge with the bank, train each user's stacked LoRA; reply metrics only."""
+        t = ca.trainer_for(context, "mta")
+        m = for_trainer(t).personalize(bank_in(msg))
+        return ca.reply(msg, {"num-examples": sum(len(u.train) for u in t.users), "num-users": len(t.users), **m})

@@ -132,3 +132,31 @@ def test_mta_end_to_end_on_the_tiny_model(tmp_path):
     assert adapter["r"] == cfg.adapters.r_user
     kinds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
     assert {"mta_bank", "mta_user"} <= {k["stage"] for k in kinds if k["kind"] == "train"}
+
+
+def test_federated_mta_keeps_embeddings_of_non_candidates_and_all_user_loras_on_clients(tmp_path):
+    """4 simulated users, 2 per client: each client nominates 1 candidate, so 2 embeddings of 4 leave."""
+    from sim.run import run_sim
+    rc = run_sim("tiny", [f"output.dir={tmp_path}", "output.name=fed", "method=mta", "federation.users_per_client=2",
+                          "federation.audit_replies=true", "mta.anchors=2", "mta.anchor.epochs=1", "mta.user.epochs=1"])
+    assert rc == 0
+    run = tmp_path / "fed"
+    rows = json.loads((run / "table.json").read_text())
+    assert [r["stage"] for r in rows] == ["base", "mta_merge", "mta"] and all(r["users"] == 4 for r in rows)
+    assert len(M.Bank.load(run / "mta_bank.safetensors")) == 2
+    replies = [json.loads(line) for f in (run / "wire").glob("*.jsonl") for line in f.read_text().splitlines()]
+    types = sorted(r["message_type"] for r in replies)
+    assert types.count("query.mta_candidates") == 2 and types.count("train.mta_user") == 2
+    for r in replies:
+        blob = json.dumps({k: v for k, v in r.items() if k != "message_type"})
+        for forbidden in ("user_A", "user_B", "router_g", "mta_user", "u000"):
+            assert forbidden not in blob
+        if r["message_type"] == "query.mta_candidates":
+            assert r["arrays"]["candidates"]["embeddings"]["shape"][0] == 1  # one nominee per client
+        elif r["message_type"] == "train.mta_anchor":
+            assert all(k.startswith("anchor.") for k in r["arrays"])
+            assert all(key.endswith((".lora_A", ".lora_B")) for rec in r["arrays"].values() for key in rec)
+        else:
+            assert r["arrays"] == {}
+    stored = sorted(p.name.split(".", 1)[1] for p in (run / "clients").glob("*/*"))
+    assert stored == ["mta.safetensors"] * 4 + ["mta_user"] * 4

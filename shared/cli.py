@@ -3,6 +3,7 @@
   proper local  [--config C] [key=value ...]   all three stages in one process (centralized reference)
   proper sim    [--config C] [key=value ...]   the federation on Flower's Ray simulation engine
   proper synth  --out DIR [--users N ...]      synthetic users in LaMP's file format
+  proper report RUN [RUN ...] --out DIR         compare runs: methods x metrics, bytes, wall time, figures
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def main(argv=None):
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. group.rounds=3")
         if name == "sim":
             s.add_argument("--resume", default=None, help="a run directory to resume from its last checkpoint")
+    s = sub.add_parser("report", help="compare runs: one table (markdown + CSV) and figures (sim/report.py)")
+    s.add_argument("runs", nargs="+", help="run directories")
+    s.add_argument("--out", required=True, help="directory for report.md, report.csv and the PNGs")
+    s.add_argument("--labels", default=None, help="comma-separated row labels, one per run")
+    s.add_argument("--command", default=None, help="the command line to print in the report")
     s = sub.add_parser("synth", help="write synthetic users in LaMP's file format")
     s.add_argument("--out", required=True)
     s.add_argument("--users", type=int, default=20)
@@ -45,6 +51,9 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    if args.cmd == "report":
+        from sim.report import main as report_main
+        return report_main(args)
     if args.cmd == "synth":
         from shared.synthetic import write_synthetic_lamp
         print(write_synthetic_lamp(args.out, n_users=args.users, n_groups=args.groups, seed=args.seed))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,13 +150,16 @@ class ClientTrainer:
     def user(self, population: dict, group: dict | None) -> dict[str, float]:
         self._prepare("user", population, group)
         cfg = stage_cfg(self.cfg, "user")
-        losses, seconds = [], 0.0
-        for u in self.users:
+        losses, seconds, t0, last = [], 0.0, time.time(), time.time()
+        for i, u in enumerate(self.users, 1):
             m = user_train(self.model, self.tokenizer, u, self._embedding(u), cfg,
                            seed=user_seed(self.cfg.seed, u.user_id))
             self.save_user_adapter(u.user_id)
             losses.append(m["train_loss"])
             seconds += m["train_seconds"]
+            if time.time() - last > 60 and i < len(self.users):
+                last = time.time()
+                log.info("user stage: %d/%d users trained (%.0f s)", i, len(self.users), last - t0)
         return {"train_loss": float(np.nanmean(losses)), "train_seconds": seconds,
                 "num_users": float(len(self.users))}
 

@@ -78,6 +78,27 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+class Progress:
+    """A log line every `every` seconds on long loops, so a 10-minute stage is not silent."""
+
+    def __init__(self, what: str, total_steps: int, every: float = 60.0):
+        self.what, self.total, self.every = what, total_steps, every
+        self.t0 = self.last = time.time()
+        self.step = 0
+
+    def tick(self, loss: float, tokens: int):
+        self.step += 1
+        now = time.time()
+        if now - self.last >= self.every and self.step < self.total:
+            self.last = now
+            log.info("%s: step %d/%d, loss %.3f, %.0f tok/s", self.what, self.step, self.total, loss,
+                     tokens / max(now - self.t0, 1e-9))
+
+
+def n_batches(items, batch_size: int) -> int:
+    return math.ceil(len(items) / batch_size)
+
+
 # ---------------------------------------------------------------- the constraint loss
 def user_mixtures(betas: list[torch.Tensor], mask: torch.Tensor, users: torch.Tensor):
     """Per-user mean routing weights p_u: ([U, L, k], the users' indices, tokens per user).
@@ -142,6 +163,7 @@ def population_round(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -
     opt = _optimizer(model.trainable_parameters(), cfg)
     rng = random.Random(seed)
     losses, tokens, t0 = [], 0, time.time()
+    progress = Progress("population", cfg.epochs * n_batches(items, cfg.batch_size))
     for epoch in range(cfg.epochs):
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg):
@@ -153,6 +175,7 @@ def population_round(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -
             opt.step()
             losses.append(loss.item())
             tokens += int(mask.sum())
+            progress.tick(losses[-1], tokens)
     model.set_stage("population")
     return RoundResult(len(items), _train_metrics(losses, tokens, t0), model.part_state("population"))
 
@@ -188,6 +211,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     mix_sum = torch.zeros(len(users), n_layers, model.k)
     mix_tok = torch.zeros(len(users))
     losses, cons, tokens, t0 = [], [], 0, time.time()
+    progress = Progress("group", cfg.epochs * n_batches(items, cfg.batch_size))
     for epoch in range(cfg.epochs):
         last = epoch == cfg.epochs - 1
         for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
@@ -204,6 +228,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
             losses.append(lm.item())
             cons.append(con.item())
             tokens += int(mask.sum())
+            progress.tick(losses[-1], tokens)
             if last:  # statistics of the final epoch: what the server aggregates and shares
                 with torch.no_grad():
                     pd = p.detach().float()

@@ -78,6 +78,20 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def answer_loss(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """lm_loss, computing the vocabulary projection only where there is a label.
+
+    Only the few answer tokens of each example are learned, yet a full forward projects every
+    position onto the vocabulary (49k x 576 for SmolLM2: ~40 % of the FLOPs and a [B, T, V]
+    tensor); projecting the answer positions alone gives the same loss for a fraction of the cost.
+    """
+    hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
+
+
 class Progress:
     """A log line every `every` seconds on long loops, so a 10-minute stage is not silent."""
 
@@ -167,8 +181,7 @@ def population_round(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -
     for epoch in range(cfg.epochs):
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg):
-                logits = model.lm(input_ids=ids, attention_mask=mask).logits
-            loss = lm_loss(logits, labels)
+                loss = answer_loss(model.lm, ids, mask, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.get("grad_clip", 1.0))
@@ -216,8 +229,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
         last = epoch == cfg.epochs - 1
         for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg), model.users(emb[uidx] if user_router else None, record=True) as ctx:
-                logits = model.lm(input_ids=ids, attention_mask=mask).logits
-            lm = lm_loss(logits, labels)
+                lm = answer_loss(model.lm, ids, mask, labels)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
             con = constraint_loss(p, others)
             loss = lm + lam * con
@@ -259,8 +271,7 @@ def user_train(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg
     for _ in range(cfg.epochs):
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg), model.users(e.expand(len(ids), -1)):
-                logits = model.lm(input_ids=ids, attention_mask=mask).logits
-            loss = lm_loss(logits, labels)
+                loss = answer_loss(model.lm, ids, mask, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.get("grad_clip", 1.0))

@@ -180,3 +180,20 @@ def test_constraint_loss_counts_other_clients_mixtures():
     apart = torch.tensor([[[0.1, 0.9]]])
     assert constraint_loss(p) == 0  # one user alone: no pair
     assert constraint_loss(p, same) > constraint_loss(p, apart)
+
+
+def test_answer_loss_equals_the_full_lm_loss():
+    from shared.train import answer_loss, lm_loss
+    model, _ = make_model()
+    randomize(model, "population")
+    model.set_stage("population")
+    ids = torch.randint(3, 250, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:9] = ids[:, 6:9]
+    labels[2, 7:] = -100
+    with torch.no_grad():
+        full = lm_loss(model.lm(input_ids=ids, attention_mask=mask).logits, labels)
+        fast = answer_loss(model.lm, ids, mask, labels)
+    assert torch.allclose(full, fast, atol=1e-5)

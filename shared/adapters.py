@@ -128,21 +128,43 @@ class ProperLinear(nn.Module):
         self.merged = False
 
     # ---- forward
+    # Why the forward is shaped as it is (bench/throughput.py measures it against plain PEFT):
+    # on CPU a training step is dominated by the passes over the big [tokens, in] and
+    # [tokens, out] activations, so the router and the experts' A matrices share one matmul
+    # over x (one read and one autocast copy of x forward, one [tokens, in] gradient backward),
+    # and the LoRA scalings and routing weights are applied to the small rank-sized
+    # projections, never to the [tokens, out] outputs (exact for the default power-of-two
+    # scalings, equal up to rounding otherwise).
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """W_h x_t + W_u e_u: [B, T, k]."""
-        logits = F.linear(x, self.router_h.to(x.dtype))
-        if self.ctx.user_emb is not None:
-            u = F.linear(self.ctx.user_emb.to(x.dtype), self.router_u.to(x.dtype))  # [B, k]
-            logits = logits + u.view(u.shape[0], *([1] * (x.dim() - 2)), self.k)
-        return logits
+        return self._add_user_logits(F.linear(x, self.router_h.to(x.dtype)), x.dtype)
+
+    def _add_user_logits(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """logits + W_u e_u, the user's part of the user-aware router, per row of the batch."""
+        if self.ctx.user_emb is None:
+            return logits
+        u = F.linear(self.ctx.user_emb.to(dtype), self.router_u.to(dtype))  # [B, k]
+        return logits + u.view(u.shape[0], *([1] * (logits.dim() - 2)), self.k)
+
+    def _route_and_project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router_logits(x), every expert's A_e x as [..., k*r]) from one matmul over x."""
+        k = self.k
+        w = torch.cat([self.router_h, self.expert_A.reshape(k * self.r_group, -1)]).to(x.dtype)
+        both = F.linear(x, w)                                                     # [..., k + k*r]
+        return self._add_user_logits(both[..., :k], x.dtype), both[..., k:]
+
+    def _expert_sum(self, xa: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sum_e w_e s_g B_e (A_e x), given xa = [A_1 x, ..., A_k x]: one matmul for all experts."""
+        k, r = self.k, self.r_group
+        w = weights.to(dtype) * self.expert_scaling                               # [..., k], small
+        xa = (xa.unflatten(-1, (k, r)) * w.unsqueeze(-1)).flatten(-2)             # weight each rank block
+        b = self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)      # [out, k*r]
+        return F.linear(xa, b.to(dtype))
 
     def mix_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_g B_e A_e x, all experts in two matmuls."""
-        k, r = self.k, self.r_group
-        xa = F.linear(x, self.expert_A.reshape(k * r, -1).to(x.dtype))            # [..., k*r]
-        xa = xa * weights.to(x.dtype).repeat_interleave(r, dim=-1)                # weight each expert's rank block
-        b = self.expert_B.permute(0, 2, 1).reshape(k * r, -1).to(x.dtype)         # [k*r, out]
-        return (xa @ b) * self.expert_scaling
+        xa = F.linear(x, self.expert_A.reshape(self.k * self.r_group, -1).to(x.dtype))
+        return self._expert_sum(xa, weights, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
@@ -155,15 +177,17 @@ class ProperLinear(nn.Module):
             h = h + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
         if stage == "population":
             return h
-        logits = self.router_logits(x)
+        logits, xa = self._route_and_project(x)
         if stage == "user":
+            # Stage 2's computation, untouched (A_u is not folded into its matmul), plus terms
+            # that are exactly zero at initialisation: stage 3 starts bit for bit at stage 2.
             z = F.linear(x, self.user_A.to(x.dtype))                             # z_t = A_u x_t
             logits = logits + F.linear(z, self.router_g.to(x.dtype), self.router_g_bias.to(x.dtype))
-            h = h + F.linear(z, self.user_B.to(x.dtype)) * self.user_scaling
+            h = h + F.linear(z * self.user_scaling, self.user_B.to(x.dtype))
         weights = torch.softmax(logits.float(), dim=-1)
         if self.ctx.record:
             self.ctx.betas.append(weights)
-        return h + self.mix_experts(x, weights)
+        return h + self._expert_sum(xa, weights, x.dtype)
 
     # ---- which parameters belong to which stage
     PARTS = {

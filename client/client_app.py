@@ -62,6 +62,20 @@ def inject_faults(cfg, context: Context, stage: str):
         time.sleep(float(dbg.get("slow_seconds", 10)))
 
 
+_DATA: dict[tuple, tuple] = {}
+
+
+def _all_users(cfg):
+    """The run's users, parsed once per process: a simulation process serves many SuperNodes, and
+    parsing every user's file for each of them made a round quadratic in users (bench/scale.py)."""
+    d = cfg.data
+    key = tuple(str(d.get(k)) for k in ("path", "task", "holdout", "max_users", "longest", "template"))
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_users(cfg)
+    return _DATA[key]
+
+
 def trainer_for(context: Context, stage: str) -> ClientTrainer:
     cfg, run_dir = run_config_from_context(context)
     inject_faults(cfg, context, stage)
@@ -74,7 +88,7 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
             client_seed = 0
         else:
             part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
-            spec, all_users = load_users(cfg)
+            spec, all_users = _all_users(cfg)
             users = users_of_partition(all_users, part, n_parts, int(cfg.federation.users_per_client))
             state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / f"{part:05d}")
             client_seed = part

@@ -9,8 +9,10 @@ Three training steps on the same backbone weights and the same batch:
 
 On a machine shared with other processes absolute speeds drift, so the variants are measured
 interleaved in one run: warm-up steps, then R repetitions of [a, b, c] blocks of N steps each;
-the median time per step of each variant gives its tokens/s, and the ratios b/a and c/a are the
-numbers to compare across machines (target >= 0.85).
+the median wall time per step of each variant gives its tokens/s, and the ratios b/a and c/a
+are the numbers to compare across machines (target >= 0.85). The CPU time per step is printed
+beside it: when other processes take the cores, wall time swells with every synchronisation
+point of torch's threads while CPU time barely moves, so the two tell work from contention.
 
     python -m bench.throughput --model embedded --out docs/results/bench_throughput.md
 """
@@ -24,13 +26,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from shared.backbone import find_target_modules, load_backbone
 from shared.model import ProperModel
-from shared.train import autocast, constraint_loss, lm_loss, user_mixtures
+from shared.train import answer_loss, autocast, constraint_loss, user_mixtures
 
 TARGET_RATIO = 0.85
 
@@ -39,10 +42,13 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="embedded", help="embedded | tiny | a local HF path")
     ap.add_argument("--steps", type=int, default=2, help="N: steps per block")
-    ap.add_argument("--reps", type=int, default=5, help="R: repetitions of the [a, b, c] blocks")
+    ap.add_argument("--reps", type=int, default=10, help="R: repetitions of the [a, b, c] blocks")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up steps per variant")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--answer", type=int, default=8,
+                    help="labelled (answer) tokens at the end of each row, the prompt masked as in "
+                         "training; 0 = every token labelled")
     ap.add_argument("--users", type=int, default=4, help="distinct users in the stage-2 batch")
     ap.add_argument("--k", type=int, default=5, help="group experts")
     ap.add_argument("--float32", action="store_true", help="no bfloat16 autocast")
@@ -76,9 +82,8 @@ class PeftStep(Variant):
 
     def step(self):
         ids, mask, labels, _ = self.batch
-        with autocast(self.cfg):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-        loss = lm_loss(logits, labels)
+        with autocast(self.cfg):  # the same loss code as b and c: only the adapters differ
+            loss = answer_loss(self.model.get_base_model(), ids, mask, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -111,8 +116,7 @@ class GroupStep(Variant):
         ids, mask, labels, uidx = self.batch
         model, emb = self.model, self.emb
         with autocast(self.cfg), model.users(emb[uidx], record=True) as ctx:
-            logits = model.lm(input_ids=ids, attention_mask=mask).logits
-        lm = lm_loss(logits, labels)
+            lm = answer_loss(model.lm, ids, mask, labels)
         p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
         con = constraint_loss(p, self.others)
         loss = lm + 0.1 * con
@@ -149,8 +153,7 @@ class UserStep(Variant):
         ids, mask, labels, _ = self.batch
         model = self.model
         with autocast(self.cfg), model.users(self.e.expand(len(ids), -1)):
-            logits = model.lm(input_ids=ids, attention_mask=mask).logits
-        loss = lm_loss(logits, labels)
+            loss = answer_loss(model.lm, ids, mask, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -159,13 +162,17 @@ class UserStep(Variant):
 
 
 # ---------------------------------------------------------------- set-up
-def make_batch(vocab: int, batch: int, seq: int, n_users: int, seed: int):
-    """Random token ids, every token real and learned; rows spread over n_users users."""
+def make_batch(vocab: int, batch: int, seq: int, answer: int, n_users: int, seed: int):
+    """Random token ids, no padding; the last `answer` tokens of each row are learned (all when
+    0), as `encode_example` masks the prompt; rows spread over n_users users."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
+    labels = ids.clone()
+    if 0 < answer < seq:
+        labels[:, :seq - answer] = -100
     users = torch.arange(batch) % max(1, n_users)
-    return ids, mask, ids.clone(), users
+    return ids, mask, labels, users
 
 
 def make_proper(args, targets) -> ProperModel:
@@ -184,7 +191,7 @@ def build(args):
     lm, _ = load_backbone(args.model, seed=args.seed)
     targets = find_target_modules(lm)
     cfg = {"bf16": not args.float32}
-    batch = make_batch(lm.config.vocab_size, args.batch, args.seq, args.users, args.seed)
+    batch = make_batch(lm.config.vocab_size, args.batch, args.seq, args.answer, args.users, args.seed)
     one_user = (*batch[:3], torch.zeros(args.batch, dtype=torch.long))
     proper = make_proper(args, targets)
     variants = [PeftStep(lm, targets, batch, cfg),
@@ -194,23 +201,36 @@ def build(args):
 
 
 # ---------------------------------------------------------------- measurement
-def measure(variants, steps: int, reps: int, warmup: int, log=print) -> dict[str, list[float]]:
-    """Seconds per step of each variant: warm-up, then `reps` interleaved [a, b, c] blocks."""
+@dataclass
+class Timings:
+    """Per-step seconds of each variant: wall clock, and CPU time of this process (all threads).
+
+    Wall time is the throughput; CPU time is what the step cost this process, far less
+    disturbed by other processes taking the cores (it still counts threads spinning while
+    they wait for each other), so the two ratios together tell work from contention.
+    """
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
+def measure(variants, steps: int, reps: int, warmup: int, log=print) -> Timings:
+    """Warm-up, then `reps` interleaved [a, b, c] blocks of `steps` steps each."""
     for v in variants:
         v.activate()
         for _ in range(warmup):
             v.step()
-    times = {v.name: [] for v in variants}
+    t = Timings({v.name: [] for v in variants}, {v.name: [] for v in variants})
     for rep in range(reps):
         for v in variants:
             v.activate()
             for _ in range(steps):
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.process_time()
                 v.step()
-                times[v.name].append(time.perf_counter() - t0)
+                t.wall[v.name].append(time.perf_counter() - w0)
+                t.cpu[v.name].append(time.process_time() - c0)
         log(f"  rep {rep + 1}/{reps}: " + "  ".join(
-            f"{v.name} {statistics.median(times[v.name][-steps:]):.2f}s" for v in variants))
-    return times
+            f"{v.name} {statistics.median(t.wall[v.name][-steps:]):.2f}s" for v in variants))
+    return t
 
 
 def machine() -> str:
@@ -226,31 +246,35 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}")
 
 
-def report(args, variants, times, config, targets, wall: float) -> str:
+def report(args, variants, t: Timings, config, targets, wall: float, load: tuple) -> str:
     tokens = args.batch * args.seq
-    med = {v.name: statistics.median(times[v.name]) for v in variants}
-    rows = ["| variant | s/step (median) | min | max | tokens/s | vs a |",
-            "|---|---:|---:|---:|---:|---:|"]
+    med = {v.name: statistics.median(t.wall[v.name]) for v in variants}
+    cpu = {v.name: statistics.median(t.cpu[v.name]) for v in variants}
+    rows = ["| variant | s/step (median) | min | max | tokens/s | vs a | CPU s/step | vs a (CPU) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
-        t = times[v.name]
-        rows.append(f"| {v.name}: {v.label} | {med[v.name]:.3f} | {min(t):.3f} | {max(t):.3f} "
-                    f"| {tokens / med[v.name]:.1f} | {med['a'] / med[v.name]:.3f} |")
-    ratios = {n: med["a"] / med[n] for n in ("b", "c")}
-    verdict = ", ".join(f"{n}/a = {r:.3f} ({'ok' if r >= TARGET_RATIO else 'BELOW'} target {TARGET_RATIO})"
-                        for n, r in ratios.items())
+        w = t.wall[v.name]
+        rows.append(f"| {v.name}: {v.label} | {med[v.name]:.3f} | {min(w):.3f} | {max(w):.3f} "
+                    f"| {tokens / med[v.name]:.1f} | {med['a'] / med[v.name]:.3f} "
+                    f"| {cpu[v.name]:.3f} | {cpu['a'] / cpu[v.name]:.3f} |")
+    verdict = ", ".join(f"{n}/a = {med['a'] / med[n]:.3f} "
+                        f"({'ok' if med['a'] / med[n] >= TARGET_RATIO else 'BELOW'} target {TARGET_RATIO})"
+                        for n in ("b", "c"))
     dtype = "float32" if args.float32 else "bfloat16 autocast"
+    answered = (f"the last {args.answer} tokens of each row learned (the prompt masked, as in training)"
+                if 0 < args.answer < args.seq else "every token learned")
     return "\n".join([
         f"Model {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), "
         f"LoRA targets {', '.join(targets)}; batch {args.batch} x {args.seq} tokens ({tokens} per step), "
-        f"{dtype}; k = {args.k}, stage-2 batch from {args.users} users.",
-        f"Machine: {machine()}.",
+        f"{answered}; {dtype}; k = {args.k}, stage-2 batch from {args.users} users.",
+        f"Machine: {machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
         f"Timing: {args.warmup} warm-up step(s) per variant, then {args.reps} repetitions of "
         f"[a, b, c] blocks of {args.steps} steps; median over {args.reps * args.steps} steps per variant; "
         f"{wall:.0f} s in all.",
         "",
         *rows,
         "",
-        f"Ratios (tokens/s of PROPER over plain PEFT): {verdict}.",
+        f"Ratios (tokens/s of PROPER over plain PEFT, wall clock): {verdict}.",
     ])
 
 
@@ -267,23 +291,39 @@ def write_atomic(path: str, text: str):
         raise
 
 
+def _load() -> float:
+    """1-minute load average: how busy the machine was (other processes share the cores)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), _load()
     variants, targets, config = build(args)
     print(f"built in {time.perf_counter() - t0:.1f} s; measuring ...", flush=True)
     times = measure(variants, args.steps, args.reps, args.warmup, log=lambda s: print(s, flush=True))
-    text = report(args, variants, times, config, targets, time.perf_counter() - t0)
+    text = report(args, variants, times, config, targets, time.perf_counter() - t0, (load0, _load()))
     print()
     print(text)
     if args.out:
         command = "python -m bench.throughput " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         write_atomic(args.out, "\n".join([
             "# Training throughput: PROPER stages 2 and 3 against plain PEFT LoRA", "",
-            f"Command: `{command}`", "", text, ""]))
+            "One full training step (forward, backward, gradient clipping, AdamW) on the same backbone",
+            "weights and the same batch of random token ids:", "",
+            "- a: plain PEFT, one LoRA (r=8, alpha 16) on every FFN linear layer;",
+            f"- b: PROPER stage 2 on the population-merged backbone, k = {args.k} expert LoRAs (r=4) with the",
+            "  user-aware router and the users' embeddings trainable, LM loss + constraint loss over the",
+            "  users' routing mixtures (the body of `shared/train.py:group_round`);",
+            "- c: PROPER stage 3, one user's LoRA (r=4) and LoRA-aware router trainable, experts frozen",
+            "  (the body of `shared/train.py:user_train`).", "",
+            f"Command (from the repository root): `{command}`", "", text, ""]))
         print(f"\nwrote {args.out}")
 
 

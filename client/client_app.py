@@ -84,7 +84,10 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
     if key not in _TRAINERS:
         if "data-path" in nc:  # a real client: its own users' files
             spec, users = load_users(cfg, str(nc["data-path"]))
-            state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / Path(str(nc["data-path"])).name)
+            # one subdirectory per run (named as the server's run dir, so a resumed run finds its
+            # state): a later run must not start from an earlier run's embeddings or user LoRAs
+            state_dir = (str(Path(str(nc["state-dir"])) / Path(run_dir).name) if nc.get("state-dir")
+                         else str(Path(run_dir) / "clients" / Path(str(nc["data-path"])).name))
             client_seed = 0
         else:
             part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))

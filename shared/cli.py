@@ -4,6 +4,8 @@
   proper sim    [--config C] [key=value ...]   the federation on Flower's Ray simulation engine
   proper synth  --out DIR [--users N ...]      synthetic users in LaMP's file format
   proper report RUN [RUN ...] --out DIR         compare runs: methods x metrics, bytes, wall time, figures
+  proper certs | keygen | server | register | client | submit | split
+                                               the deployed federation (docs/deployment.md)
 """
 from __future__ import annotations
 
@@ -49,7 +51,22 @@ def main(argv=None):
     s.add_argument("--users", type=int, default=20)
     s.add_argument("--groups", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
+    from client.deploy import add_parser as add_client_parser
+    from server.deploy import add_parsers as add_deploy_parsers
+    add_deploy_parsers(sub)
+    add_client_parser(sub)
     args = p.parse_args(argv)
+
+    if args.cmd in ("certs", "keygen", "server", "register", "submit"):
+        from server.deploy import main as deploy_main
+        return deploy_main(args)
+    if args.cmd == "client":
+        from client.deploy import run_client
+        return run_client(args)
+    if args.cmd == "split":
+        from client.deploy import split_lamp
+        print("\n".join(map(str, split_lamp(args.data, args.clients, args.out))))
+        return 0
 
     if args.cmd == "report":
         from sim.report import main as report_main

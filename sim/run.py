@@ -80,7 +80,8 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     if sim.get("ray_cpus"):
         backend["init_args"] = {"num_cpus": int(sim.ray_cpus)}
     if os.environ.get("RAY_ADDRESS"):
-        backend.setdefault("init_args", {})["address"] = os.environ["RAY_ADDRESS"]
+        _connect_ray_cluster(os.environ["RAY_ADDRESS"], run_dir)
+        backend.pop("init_args", None)  # the cluster's own resources; Flower sees Ray initialised
     t0 = time.time()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_config=backend)
@@ -94,3 +95,26 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
         return 1
     log.info("done in %.0f s; results in %s", time.time() - t0, run_dir)
     return 0
+
+
+def _connect_ray_cluster(address: str, run_dir: Path):
+    """Join an existing Ray cluster (RAY_ADDRESS) before Flower would start a local one.
+
+    Actors of a cluster started by `ray start` are spawned by that cluster's raylets, so they do
+    not inherit this process's environment: PROPER_RUN_DIR (and this venv's sys.path) must travel
+    in the job's runtime_env, or the ClientApps would fall back to the default config. Flower's
+    RayBackend skips its own ray.init() when Ray is already initialised and shuts Ray down (this
+    driver's connection only, not the cluster) at the end. Every Ray node must see the run
+    directory and the code at the same paths (a shared filesystem), see docs/deployment.md."""
+    import sys
+
+    import ray
+    env = {"PROPER_RUN_DIR": str(run_dir), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    for key in ("TOKENIZERS_PARALLELISM", "HF_HOME", "PROPER_CACHE"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    if ray.is_initialized():
+        ray.shutdown()
+    log.info("joining the Ray cluster at %s", address)
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+    log.info("Ray cluster resources: %s", ray.cluster_resources())

@@ -1,0 +1,102 @@
+"""`proper sim` against an existing Ray cluster (RAY_ADDRESS): a local head started with
+`ray start --head`, a short simulation on it, then the head stopped.
+
+`ray stop` would stop every Ray process on this machine (other users' simulations included), so
+the test stops its own head by pid: the processes whose command line names its temp dir, and
+what they spawned. Deselect with `-m "not ray_cluster"`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.ray_cluster
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def head_processes(temp: Path) -> list[psutil.Process]:
+    """The head's daemons (their command lines name its temp dir) and everything they spawned."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp) in arg for arg in (p.info["cmdline"] or [])):
+                for q in [p, *p.children(recursive=True)]:
+                    found[q.pid] = q
+        except psutil.NoSuchProcess:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_head(temp: Path):
+    procs = head_processes(temp)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture
+def ray_head():
+    temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's unix socket paths are limited
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        stop_head(temp)
+        assert not head_processes(temp), "the Ray head did not stop"
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_sim_on_an_existing_ray_cluster(ray_head, tmp_path):
+    address, temp = ray_head
+    env = {**os.environ, "RAY_ADDRESS": address, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_HOME": str(tmp_path / "flwr-home")}
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "shared.cli", "sim", "-c", "tiny", f"output.dir={tmp_path}",
+                          "output.name=on-cluster"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    seconds = time.time() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert f"joining the Ray cluster at {address}" in out
+    run = tmp_path / "on-cluster"
+    rows = json.loads((run / "table.json").read_text())
+    assert [r["stage"] for r in rows] == ["base", "population", "group", "user"]
+    assert all(r["users"] == 4 and r["nodes"] == "4/4" for r in rows)
+    # the job ran on this cluster: its driver and the ClientApp actors logged into the head's session
+    logs = temp / "session_latest" / "logs"
+    assert list(logs.glob("python-core-driver-*.log")), sorted(p.name for p in logs.iterdir())
+    assert list(logs.glob("python-core-worker-*.log"))
+    print(f"\nsimulation on the Ray cluster at {address}: {seconds:.0f} s")

@@ -4,9 +4,10 @@ Two ways in:
 - `proper sim` resolves the configuration once, writes it to <run dir>/config.yaml and sets
   PROPER_RUN_DIR (environment variables reach Flower's simulation actors); both apps read that.
 - `flwr run .` passes [tool.flwr.app.config] / --run-config: "config" (a YAML under configs/),
-  "overrides" (space-separated key=value pairs) and optionally "run-dir"; any other key is taken
-  as one more override (e.g. --run-config "group.rounds=3"). Without "run-dir" the run directory
-  is <output.dir>/flwr-run-<run id>.
+  "overrides" (space-separated key=value pairs, e.g. --run-config "overrides='group.rounds=3'")
+  and "run-dir". Flower refuses keys the app does not declare in [tool.flwr.app.config]; a
+  declared extra key would be taken as one more override. Without "run-dir" the run directory is
+  <output.dir>/flwr-run-<run id>.
 """
 from __future__ import annotations
 

@@ -102,8 +102,8 @@ def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
 
 def test_failed_and_slow_clients_do_not_stop_the_run(tmp_path):
     rc = sim(tmp_path, "faults", "debug.fail_partitions=[1]", "debug.fail_stages=[group]",
-             "debug.slow_partitions=[2]", "debug.slow_stages=[population]", "debug.slow_seconds=45",
-             "federation.timeout_s=20")
+             "debug.slow_partitions=[2]", "debug.slow_stages=[population]", "debug.slow_seconds=80",
+             "federation.timeout_s=40")
     assert rc == 0
     progress, _ = Checkpoint(tmp_path / "faults").load()
     p = progress["participation"]

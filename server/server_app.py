@@ -207,8 +207,8 @@ class FederatedRun:
                  f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
                  "users = users evaluated; nodes = SuperNodes that answered / asked; users covered by training "
                  "(fewest over rounds): " + ", ".join(f"{STAGE_TITLES[s]} {n}" for s, n in trained.items()),
-                 f"federated: {participation.get('eval:base', participation.get(next(iter(participation), ''), {})).get('sent', '?')} "
-                 f"SuperNodes, {self.cfg.federation.users_per_client} user(s) per client; server wall time {seconds:.0f} s"]
+                 f"federated: {max((p['sent'] for p in participation.values()), default=0)} SuperNodes holding "
+                 f"{max((p['users'] for p in participation.values()), default=0)} users; server wall time {seconds:.0f} s"]
         failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}
         if failures:
             notes.append("steps with failed or silent nodes: " + "; ".join(

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", default="10,100,1000")
     ap.add_argument("--profile", default="2,4", help="min,max profile items per synthetic user")
+    ap.add_argument("--per-client", type=int, default=1,
+                    help="users per SuperNode (federation.users_per_client); 1 = one SuperNode per user")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per user count")
     ap.add_argument("--keep", default=None, help="keep the run directories here")
     ap.add_argument("--no-append", action="store_true", help="do not append to docs/results/bench.md")
@@ -45,14 +47,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def run_scale(n: int, tmp: Path, profile: tuple[int, int], timeout: float, overrides: list[str]) -> dict:
+def run_scale(n: int, tmp: Path, profile: tuple[int, int], timeout: float, overrides: list[str],
+              per_client: int = 1) -> dict:
     from shared.synthetic import write_synthetic_lamp
     data = write_synthetic_lamp(tmp / f"data-{n}", n_users=n, n_groups=3, seed=0,
                                 min_profile=profile[0], max_profile=profile[1])
     examples = sum(len(q["profile"]) for q in json.loads((data / "questions.json").read_text()))
-    name = f"scale-{n}"
+    name = f"scale-{n}" + (f"-{per_client}pc" if per_client > 1 else "")
     cmd = [sys.executable, "-m", "shared.cli", "sim", "-c", "tiny", f"data.path={data}",
-           "federation.users_per_client=1", f"output.dir={tmp}", f"output.name={name}", *overrides]
+           f"federation.users_per_client={per_client}", f"output.dir={tmp}", f"output.name={name}", *overrides]
     t0 = time.perf_counter()
     timed_out = False
     with open(tmp / f"{name}.log", "w") as logf:
@@ -127,14 +130,15 @@ def main(argv=None):
     t0 = time.perf_counter()
     results = []
     for n in counts:
-        r = run_scale(n, tmp, profile, args.timeout, list(args.overrides))
+        r = run_scale(n, tmp, profile, args.timeout, list(args.overrides), args.per_client)
         results.append(r)
         print(f"{n} users: wall {r['wall']:.0f} s, peak {r['peak'] / 2**20:.0f} MiB, steps "
               + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
               + (" (TIMED OUT)" if r["timed_out"] else ""), flush=True)
     rows, notes = report(results)
     text = "\n".join([
-        f"Work: `proper sim -c tiny` with one SuperNode per user, synthetic users with {profile[0]}-{profile[1]} "
+        f"Work: `proper sim -c tiny` with "
+        f"{'one SuperNode per user' if args.per_client == 1 else f'{args.per_client} users per SuperNode'}, synthetic users with {profile[0]}-{profile[1]} "
         f"profile items{(' and ' + ' '.join(args.overrides)) if args.overrides else ''}; each user count a fresh process.",
         f"Machine: {machine()}.",
         f"{time.perf_counter() - t0:.0f} s in all. Step columns: seconds of each server step "
@@ -148,7 +152,9 @@ def main(argv=None):
     print(text)
     if not args.no_append:
         command = "python -m bench.scale " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        print("appended to", append_result("c. scale: 10, 100, 1000 simulated users (tiny model)", command, text))
+        title = "c. scale: 10, 100, 1000 simulated users (tiny model)" + (
+            f", {args.per_client} users per SuperNode" if args.per_client > 1 else "")
+        print("appended to", append_result(title, command, text))
 
 
 if __name__ == "__main__":

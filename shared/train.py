@@ -158,6 +158,13 @@ class RoundResult:
     mixtures: torch.Tensor | None = None                              # [U, L, k], no ids, shuffled
 
 
+def optimizer_step(opt, loss: torch.Tensor, params, cfg):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.get("grad_clip", 1.0))
+    opt.step()
+
+
 def _optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
 
@@ -182,10 +189,7 @@ def population_round(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg):
                 loss = answer_loss(model.lm, ids, mask, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.get("grad_clip", 1.0))
-            opt.step()
+            optimizer_step(opt, loss, model.trainable_parameters(), cfg)
             losses.append(loss.item())
             tokens += int(mask.sum())
             progress.tick(losses[-1], tokens)
@@ -232,11 +236,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
                 lm = answer_loss(model.lm, ids, mask, labels)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
             con = constraint_loss(p, others)
-            loss = lm + lam * con
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.get("grad_clip", 1.0))
-            opt.step()
+            optimizer_step(opt, lm + lam * con, params, cfg)
             losses.append(lm.item())
             cons.append(con.item())
             tokens += int(mask.sum())
@@ -272,10 +272,7 @@ def user_train(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg), model.users(e.expand(len(ids), -1)):
                 loss = answer_loss(model.lm, ids, mask, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.get("grad_clip", 1.0))
-            opt.step()
+            optimizer_step(opt, loss, model.trainable_parameters(), cfg)
             losses.append(loss.item())
             tokens += int(mask.sum())
     model.set_stage("user")

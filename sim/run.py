@@ -69,6 +69,9 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
 
 def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray starts its workers (the simulated clients) at nice 15; on a machine shared with other
+    # work they then get a fraction of the CPU that `proper local` gets (bench/fed_vs_local.py)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Flower logs through its own logger; keep ours readable beside it.
     log.info("run directory %s: %d users on %d SuperNodes (%d per client)", run_dir, n_users, n_nodes, per_client)
 

@@ -13,8 +13,11 @@ sim / local (target <= 1.25), the peak memory of each process tree (Ray's proces
 for the simulations, how much of the wall time the server's steps account for (the rest is Ray
 and Flower start-up and shut-down).
 
-    python -m bench.fed_vs_local                                # tiny model, synthetic users
-    python -m bench.fed_vs_local --model embedded               # SmolLM2 on the LaMP-2 sample
+    python -m bench.fed_vs_local --threads 1 --users 32        # tiny model, synthetic users
+    python -m bench.fed_vs_local --threads 1 --model embedded  # SmolLM2 on the LaMP-2 sample
+
+--threads 1 compares like for like (Ray gives each simulated client one thread; without it
+`proper local` runs torch's default, which on a loaded machine can be slower, not faster).
 """
 from __future__ import annotations
 

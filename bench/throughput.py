@@ -275,6 +275,9 @@ def report(args, variants, t: Timings, config, targets, wall: float, load: tuple
         *rows,
         "",
         f"Ratios (tokens/s of PROPER over plain PEFT, wall clock): {verdict}.",
+        *([f"Note: the load average passed the {os.cpu_count()} cores: other processes shared them, so "
+           "absolute speeds are low and noisy; compare the ratios (wall and CPU), not the tokens/s."]
+          if max(load) > (os.cpu_count() or 1) else []),
     ])
 
 

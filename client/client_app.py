@@ -4,6 +4,7 @@
   train.group       stage 2: experts + routers in (+ others' mixtures) -> experts + routers,
                     routing mass, this client's users' mixtures (shuffled, no ids), metrics out
   train.user        stage 3: the final group model in -> metrics only out
+  query.init        the seeded starting point of a shared part (for a server learning rate)
   evaluate          any stage: its parameters in -> sufficient statistics + per-user scores out
 
 Which users a node holds: node_config "data-path" (a deployment: the LaMP files of this client's
@@ -137,6 +138,16 @@ def group(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": r.num_examples, "num-users": len(t.users), **r.metrics}
     stats = ArrayRecord({"routing_mass": r.routing_mass, "mixtures": r.mixtures})
     return reply(msg, metrics, {"arrays": ArrayRecord(r.shared), "routing": stats})
+
+
+@app.query("init")
+def initial_parameters(msg: Message, context: Context) -> Message:
+    """query.init: the seeded starting point of the population LoRA or of the group part, which
+    the server needs before a first round with federation.server_lr != 1 (no user data used)."""
+    t = trainer_for(context, "init")
+    part = str(_config(msg).get("part", "population"))
+    arrays = t.initial(part, arrays_in(msg, "population"))
+    return reply(msg, {"num-users": len(t.users)}, {"arrays": ArrayRecord(arrays)})
 
 
 @app.train("user")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from shared.backbone import find_target_modules, load_backbone
 from shared.evaluate import add_stats, example_stats, predict
 from shared.metrics import per_example_scores
-from shared.lamp import apply_template, load_lamp
+from shared.lamp import apply_template, exclude_eval_overlap, load_lamp
 from shared.model import ProperModel
 from shared.plan import uses_user_router
 from shared.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
@@ -54,7 +54,12 @@ def user_seed(seed: int, user_id: str) -> int:
 def load_users(cfg: DictConfig, path: str | None = None):
     spec, users = load_lamp(path or cfg.data.path, task=cfg.data.task, holdout=cfg.data.holdout,
                             max_users=cfg.data.max_users, longest=cfg.data.longest)
-    return spec, apply_template(users, spec.name, cfg.data.template)
+    users = apply_template(users, spec.name, cfg.data.template)
+    if cfg.data.get("exclude_eval_overlap"):
+        users, dropped = exclude_eval_overlap(users)
+        log.info("data.exclude_eval_overlap: %d training items dropped (their input is a test or val query)",
+                 dropped)
+    return spec, users
 
 
 @dataclass
@@ -102,6 +107,12 @@ class ClientTrainer:
             return saved["e_u"]
         g = torch.Generator().manual_seed(user_seed(self.cfg.seed, user.user_id))
         return torch.randn(self.model.d_user, generator=g)
+
+    def initial(self, part: str, population: dict | None = None) -> dict[str, torch.Tensor]:
+        """The starting point of a server-coordinated part, as every client would build it (seeded
+        by the run's seed alone): a server needs it to take a server learning-rate step."""
+        self._prepare("population" if part == "population" else "group", population)
+        return self.model.part_state(part)
 
     # ---- stage 1
     def population(self, population: dict | None, server_round: int) -> RoundResult:

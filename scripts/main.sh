@@ -3,4 +3,4 @@
 # embedded SmolLM2-135M-Instruct and the real LaMP-2 sample; ends with the per-stage table.
 set -euo pipefail
 . "$(dirname "$0")/setup.sh"
-proper sim -c lamp2_sample "$@"
+proper sim -c lamp2_quick "$@"

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import Checkpoint
 from server.mta import bank_record, mta_step
-from server.strategy import GroupFedAvg, population_strategy
+from server.strategy import GroupFedAvg, population_strategy, server_lr
 from shared.config import to_yaml
 from shared.lamp import task_spec
 from shared.plan import stage_plan
@@ -114,7 +114,23 @@ class FederatedRun:
         return ArrayRecord(self.parts[part]) if self.parts[part] else ArrayRecord()
 
     # ---- the stages
+    def initial_parameters(self, step: str, part: str):
+        """Ask one client for the seeded starting point of `part` (query.init): a server
+        learning-rate step is taken from the parameters a round started from."""
+        if self.parts[part] or server_lr(self.cfg) == 1.0:
+            return
+        content = RecordDict({"config": ConfigRecord({"part": part})})
+        if part == "group":
+            content["population"] = ArrayRecord(self.parts["population"])
+        for node in sorted(self.grid.get_node_ids()):
+            ok = self.collect(f"{step}/init", [Message(content, dst_node_id=node, message_type="query.init")])
+            if ok:
+                self.parts[part] = ok[0].content["arrays"].to_torch_state_dict()
+                return
+        raise RuntimeError(f"{step}: no client returned the initial {part} parameters")
+
     def population_round(self, step: str, rnd: str):
+        self.initial_parameters(step, "population")
         strategy = population_strategy(self.cfg)
         msgs = list(strategy.configure_train(int(rnd), self._arrays("population"), ConfigRecord(), self.grid))
         arrays, metrics = strategy.aggregate_train(int(rnd), self.collect(step, msgs))
@@ -123,7 +139,9 @@ class FederatedRun:
     def group_round(self, step: str, rnd: str):
         if not self.parts["population"]:
             raise RuntimeError("group stage without a population LoRA: every population round failed")
+        self.initial_parameters(step, "group")
         strategy = GroupFedAvg(self.parts["population"], self.parts["mixtures"], seed=int(self.cfg.seed),
+                               server_learning_rate=server_lr(self.cfg),
                                fraction_train=float(self.cfg.federation.fraction_train), min_train_nodes=1,
                                min_available_nodes=int(self.cfg.federation.min_available_clients))
         msgs = list(strategy.configure_train(int(rnd), self._arrays("group"), ConfigRecord(), self.grid))

@@ -1,11 +1,16 @@
 """Flower strategies for the two server-coordinated stages.
 
-population  Flower's FedAvg as it is: the population LoRA averaged by "num-examples".
+population  Flower's FedAvgM: the population LoRA averaged by "num-examples", then a server
+            learning-rate step (federation.server_lr; 1 = plain FedAvg; no server momentum).
 group       GroupFedAvg: FedAvg's sampling and message construction, but each message also
             carries the final population LoRA (clients build W_p from it) and the previous
             round's user mixtures, shuffled and without ids (for the constraint loss); replies are
             aggregated with experts weighted by routing mass and routers by examples
-            (shared/aggregate.py).
+            (shared/aggregate.py), then the same server learning-rate step.
+
+Why a server learning rate: a cross-device client holds one user's ~8 examples, so a round is a
+couple of local steps per client, and the average of the clients' moves is far shorter than what
+one pass over the same data does centrally (docs/decisions.md, "Server learning rate").
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from shared.aggregate import aggregate_group
 
@@ -34,22 +39,31 @@ def mean_scalar_metrics(contents: list[RecordDict], weight_key: str) -> MetricRe
     return MetricRecord(out)
 
 
-def population_strategy(cfg) -> FedAvg:
-    return FedAvg(fraction_train=float(cfg.federation.fraction_train), fraction_evaluate=0.0,
-                  min_train_nodes=1, min_available_nodes=int(cfg.federation.min_available_clients),
-                  weighted_by_key="num-examples", train_metrics_aggr_fn=mean_scalar_metrics)
+def server_lr(cfg) -> float:
+    return float(cfg.federation.get("server_lr", 1.0))
+
+
+def population_strategy(cfg) -> FedAvgM:
+    return FedAvgM(fraction_train=float(cfg.federation.fraction_train), fraction_evaluate=0.0,
+                   min_train_nodes=1, min_available_nodes=int(cfg.federation.min_available_clients),
+                   weighted_by_key="num-examples", train_metrics_aggr_fn=mean_scalar_metrics,
+                   server_learning_rate=server_lr(cfg), server_momentum=0.0)
 
 
 class GroupFedAvg(FedAvg):
-    def __init__(self, population: dict[str, torch.Tensor], mixtures: torch.Tensor | None, seed: int = 0, **kw):
+    def __init__(self, population: dict[str, torch.Tensor], mixtures: torch.Tensor | None, seed: int = 0,
+                 server_learning_rate: float = 1.0, **kw):
         super().__init__(weighted_by_key="num-examples", fraction_evaluate=0.0,
                          train_metrics_aggr_fn=mean_scalar_metrics, **kw)
         self.population = ArrayRecord(population)
         self.mixtures = mixtures          # the pool shared with clients next round
         self.seed = seed
+        self.server_learning_rate = server_learning_rate
+        self.sent: dict[str, torch.Tensor] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.sent = arrays.to_torch_state_dict() if len(arrays) else {}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         others = ArrayRecord({"mixtures": self.mixtures}) if self.mixtures is not None else ArrayRecord()
         for m in messages:
@@ -75,4 +89,9 @@ class GroupFedAvg(FedAvg):
         pool = torch.cat([r["mixtures"] for r in routing if len(r["mixtures"])])
         g = torch.Generator().manual_seed(self.seed * 7919 + server_round)
         self.mixtures = pool[torch.randperm(len(pool), generator=g)]
+        if self.server_learning_rate != 1.0:
+            if not self.sent:
+                raise RuntimeError("a server learning rate needs the parameters the round started from")
+            lr = self.server_learning_rate
+            agg = {k: self.sent[k] + lr * (v - self.sent[k]) for k, v in agg.items()}
         return ArrayRecord(agg), mean_scalar_metrics(contents, "num-examples")

@@ -85,29 +85,65 @@ def generate(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor 
 
 
 @torch.no_grad()
-def score_labels(model, tokenizer, prompts: list[list[int]], labels: list[str], user_emb: torch.Tensor | None,
-                 bf16: bool = True) -> list[str]:
-    """The label whose tokens (and the end of the answer) are most likely after each prompt."""
+def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str], user_emb: torch.Tensor | None,
+                   bf16: bool = True, batch_size: int = 8) -> torch.Tensor:
+    """[N, L] log-probability of each label's tokens (and the end of the answer) after each prompt.
+
+    A batch of prompts runs once (left-padded, explicit positions); its KV cache is then shared
+    by every label's continuation, so scoring 15 labels costs about one prompt forward, not 15.
+    Exact: every router here (user-aware and LoRA-aware) is per token, so a cached prefix is the
+    same whatever follows it.
+    """
     targets = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for lab in labels]
+    n, width = len(targets), max(len(t) for t in targets)
+    cont = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    cont_mask = torch.zeros_like(cont)
+    for j, t in enumerate(targets):
+        cont[j, :len(t)] = torch.tensor(t)
+        cont_mask[j, :len(t)] = 1
+    # batches of similar lengths (little padding), results put back in the caller's order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = []
-    for i, p in enumerate(prompts):
-        seqs = [p + t for t in targets]
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    for s in range(0, len(prompts), batch_size):
+        idx = order[s:s + batch_size]
+        chunk = [prompts[i] for i in idx]
+        b, plen = len(chunk), max(len(p) for p in chunk)
+        ids = torch.full((b, plen), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, x in enumerate(seqs):
-            ids[j, :len(x)] = torch.tensor(x)
-            mask[j, :len(x)] = 1
-        emb = None if user_emb is None else user_emb[i:i + 1].expand(len(seqs), -1)
+        for i, p in enumerate(chunk):
+            ids[i, plen - len(p):] = torch.tensor(p)
+            mask[i, plen - len(p):] = 1
+        lengths = mask.sum(1)
+        emb = None if user_emb is None else user_emb[idx]
         with autocast({"bf16": bf16}), model.users(emb):
-            logp = torch.log_softmax(model.lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        scores = []
-        for j, t in enumerate(targets):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t))
-            scores.append(logp[j, pos, torch.tensor(t)].sum().item())
-        out.append(labels[int(np.argmax(scores))])
-    return out
+            first = model.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(n)                      # row i*n + j: prompt i, label j
+        rows = cont.repeat(b, 1)
+        rows_mask = torch.cat([mask.repeat_interleave(n, 0), cont_mask.repeat(b, 1)], 1)
+        pos = lengths.repeat_interleave(n).view(-1, 1) + torch.arange(width)
+        with autocast({"bf16": bf16}), model.users(None if emb is None else emb.repeat_interleave(n, 0)):
+            rest = model.lm(input_ids=rows, attention_mask=rows_mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True)
+        # label token j is predicted by the prompt's last position (j = 0) or by label token j-1
+        last = first.logits[:, -1:].float().repeat_interleave(n, 0)
+        logp = torch.log_softmax(torch.cat([last, rest.logits[:, :-1].float()], 1), -1)
+        tok = logp.gather(-1, rows.unsqueeze(-1)).squeeze(-1) * cont_mask.repeat(b, 1)
+        out.append(tok.sum(1).view(b, n))
+    if not out:
+        return torch.zeros(0, n)
+    result = torch.empty(len(prompts), n)
+    result[order] = torch.cat(out)
+    return result
+
+
+def score_labels(model, tokenizer, prompts, labels: list[str], user_emb, bf16: bool = True,
+                 batch_size: int = 8) -> list[str]:
+    """The most likely label after each prompt."""
+    lp = label_logprobs(model, tokenizer, prompts, labels, user_emb, bf16, batch_size)
+    return [labels[i] for i in lp.argmax(1).tolist()]
 
 
 def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None = None) -> list[str]:
@@ -116,7 +152,7 @@ def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None
     prompts = [encode_prompt(tokenizer, ex.input, max_len) for ex in examples]
     bf16 = bool(cfg.train.get("bf16", True))
     if spec.kind == "label" and cfg.eval.mode == "score":
-        return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16)
+        return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size))
     n_new = cfg.eval.get("max_new_tokens") or MAX_NEW_TOKENS[spec.kind]
     texts = generate(model, tokenizer, prompts, user_emb, n_new, cfg.eval.batch_size, bf16)
     if spec.kind == "label":

@@ -326,3 +326,29 @@ def apply_template(users: list[User], task: str, template: str) -> list[User]:
     def fix(exs):
         return [Example(e.id, e.user, compact_input(task, e.input), e.output) for e in exs]
     return [User(u.user_id, fix(u.train), fix(u.val), fix(u.test)) for u in users]
+
+
+# ----------------------------------------------------------------------------- overlap across users
+# In LaMP_2 the same movie recurs in many users' profiles, almost always with the same tag: in the
+# 72-user sample 63 of the 72 questions (and every held-out profile item) describe a movie that
+# another user's training history tags identically. A model trained across users can then score
+# by remembering other users' labels, which is not personalization. data.exclude_eval_overlap
+# drops every training item whose input equals any user's test or val input (a study option: it
+# looks at all users' data, as the experimenter preparing a benchmark split does).
+def eval_overlap(users: list[User]) -> dict[str, int]:
+    """How many test / val queries have their exact input in another user's training items."""
+    out = {}
+    for split in ("test", "val"):
+        hits = 0
+        for u in users:
+            others = {e.input for v in users if v.user_id != u.user_id for e in v.train}
+            hits += sum(e.input in others for e in getattr(u, split))
+        out[split] = hits
+    return out
+
+
+def exclude_eval_overlap(users: list[User]) -> tuple[list[User], int]:
+    """Users with every training item whose input is some user's test or val input removed."""
+    held = {e.input for u in users for e in u.test + u.val}
+    kept = [User(u.user_id, [e for e in u.train if e.input not in held], u.val, u.test) for u in users]
+    return kept, sum(len(u.train) for u in users) - sum(len(u.train) for u in kept)

@@ -226,17 +226,23 @@ def majority_rows(cfg, splits: list[str]) -> list[dict]:
                             max_users=d.get("max_users"), longest=bool(d.get("longest", False)))
     if spec.kind not in ("label", "rating"):
         return []
+    if d.get("template", "official") != "official":
+        from shared.lamp import apply_template
+        users = apply_template(users, spec.name, d.template)
     overall = Counter(ex.output for u in users for ex in u.train).most_common(1)[0][0]
+    lookup = _other_users_labels(users)
     rows = []
     for split in splits:
-        for name, pick in ((f"most frequent training label overall ({overall!r})", lambda u: overall),
-                           ("each user's most frequent training label", _own_majority)):
+        for name, pick in ((f"most frequent training label overall ({overall!r})", lambda u, ex: overall),
+                           ("each user's most frequent training label", lambda u, ex: _own_majority(u)),
+                           ("lookup: another user's label for the same input, else the user's most frequent",
+                            lambda u, ex: lookup(u, ex) or _own_majority(u))):
             stats, scores = None, []
             for u in users:
                 exs = getattr(u, split)
                 if not exs:
                     continue
-                preds, golds = [pick(u)] * len(exs), [ex.output for ex in exs]
+                preds, golds = [pick(u, ex) for ex in exs], [ex.output for ex in exs]
                 stats = add_stats(stats, example_stats(spec, preds, golds))
                 scores.append(float(np.mean(per_example_scores(spec, preds, golds))))
             if not stats:
@@ -248,6 +254,19 @@ def majority_rows(cfg, splits: list[str]) -> list[dict]:
                 row["ci"] = {spec.metrics[0]: [lo, hi]}
             rows.append(row)
     return rows
+
+
+def _other_users_labels(users):
+    """What remembering other users' training items gives: for a query, the most frequent label
+    that other users' training items with exactly the same input carry (None if there are none)."""
+    by_input: dict[str, list[tuple[str, str]]] = {}
+    for u in users:
+        for ex in u.train:
+            by_input.setdefault(ex.input, []).append((u.user_id, ex.output))
+    def pick(user, ex):
+        labels = Counter(lab for uid, lab in by_input.get(ex.input, []) if uid != user.user_id)
+        return labels.most_common(1)[0][0] if labels else None
+    return pick
 
 
 def _own_majority(user) -> str:

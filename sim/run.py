@@ -56,6 +56,11 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     n_users = _count_users(cfg)
     per_client = int(cfg.federation.users_per_client)
     n_nodes = math.ceil(n_users / per_client)
+    if int(cfg.federation.min_available_clients) < n_nodes:
+        # The simulation starts every SuperNode, but they register one by one: without this the
+        # server began while some were still registering, and its first steps left them out.
+        cfg.federation.min_available_clients = n_nodes
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     previous_run_dir = os.environ.get("PROPER_RUN_DIR")
     os.environ["PROPER_RUN_DIR"] = str(run_dir)
     try:

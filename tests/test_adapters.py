@@ -197,3 +197,33 @@ def test_answer_loss_equals_the_full_lm_loss():
         full = lm_loss(model.lm(input_ids=ids, attention_mask=mask).logits, labels)
         fast = answer_loss(model.lm, ids, mask, labels)
     assert torch.allclose(full, fast, atol=1e-5)
+
+
+def test_label_scoring_with_a_shared_prompt_cache_equals_full_forwards():
+    # eval.mode=score runs the prompt once and shares its KV cache across the labels; it must give
+    # the log-probabilities that one full forward per (prompt + label) gives, at the user stage
+    # (user-aware and LoRA-aware routers active) as at the others.
+    from shared.evaluate import label_logprobs, score_labels
+    model, tok = make_model()
+    randomize(model, "population")
+    model.merge_population()
+    randomize(model, "group", seed=2)
+    randomize(model, "user", seed=3)
+    model.set_stage("user")
+    labels = ["comedy", "action", "science fiction", "dark comedy"]
+    prompts = [tok("description: a long film about ships at sea, and their crews\nAnswer:")["input_ids"],
+               tok("description: two friends\nAnswer:")["input_ids"],
+               tok("description: a dog\nAnswer:")["input_ids"]]
+    emb = torch.randn(3, 16)
+    fast = label_logprobs(model, tok, prompts, labels, emb, bf16=False)             # one left-padded batch
+    ref = torch.zeros(3, len(labels))
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            for j, lab in enumerate(labels):
+                t = tok(" " + lab, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                logp = torch.log_softmax(model(torch.tensor([p + t]), user_emb=emb[i:i + 1]).logits[0], -1)
+                ref[i, j] = sum(logp[len(p) - 1 + k, t[k]] for k in range(len(t)))
+    assert len({len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels}) > 1
+    assert torch.allclose(fast, ref, atol=1e-4), (fast, ref)
+    assert torch.allclose(label_logprobs(model, tok, prompts, labels, emb, bf16=False, batch_size=2), ref, atol=1e-4)
+    assert score_labels(model, tok, prompts, labels, emb, bf16=False) == [labels[i] for i in ref.argmax(1)]

@@ -10,7 +10,8 @@ import torch
 from server.checkpoint import Checkpoint
 from sim.run import run_sim
 
-TINY = ["federation.audit_replies=true"]
+# server_lr != 1 makes the server fetch the seeded starting points (query.init) and take FedAvgM steps
+TINY = ["federation.audit_replies=true", "federation.server_lr=1.5"]
 
 
 def sim(tmp, name, *overrides, resume=None):
@@ -45,9 +46,11 @@ def test_all_three_stages_with_four_simulated_users(four_users):
     assert len(list(state.glob("*/*.user/adapter_model.safetensors"))) == 4
 
 
-ALLOWED_ARRAYS = {"train": {"arrays"}, "train.group": {"arrays", "routing"}, "train.user": set(), "evaluate": set()}
+ALLOWED_ARRAYS = {"train": {"arrays"}, "train.group": {"arrays", "routing"}, "train.user": set(), "evaluate": set(),
+                  "query.init": {"arrays"}}
 PART_KEYS = {"train": (".lora_A", ".lora_B"),
              "train.group": (".expert_A", ".expert_B", ".router_h", ".router_u")}
+PART_KEYS["query.init"] = PART_KEYS["train"] + PART_KEYS["train.group"]
 METRICS = {"num-examples", "num-users", "train_loss", "train_tokens", "train_seconds", "tokens_per_s",
            "constraint_loss", "num_users"}
 SPLIT_METRIC = re.compile(r"^(test|val)\.(user-scores|stat\.[a-z_]+)$")
@@ -57,8 +60,8 @@ def test_privacy_invariant_on_every_reply(four_users):
     run, _ = four_users
     replies = [json.loads(line) for f in (run / "wire").glob("*.jsonl") for line in f.read_text().splitlines()]
     types = {r["message_type"] for r in replies}
-    assert types == {"train", "train.group", "train.user", "evaluate"}
-    assert len(replies) == 4 * 7  # 4 nodes x 7 steps: every reply was seen
+    assert types == {"train", "train.group", "train.user", "evaluate", "query.init"}
+    assert len(replies) == 4 * 7 + 2  # 4 nodes x 7 steps, and one node's two starting points
     questions = json.loads((Path(run) / "synthetic_data" / "questions.json").read_text())
     user_ids = [q["user_id"] for q in questions]
     texts = [p["description"] for q in questions for p in q["profile"]] + [q["input"] for q in questions]
@@ -98,6 +101,13 @@ def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
         assert torch.allclose(v, parts["group"][k], atol=1e-6), k
     rows_fed = json.loads((tmp_path / "one" / "table.json").read_text())
     assert [r["metrics"] for r in rows_fed] == [r["metrics"] for r in rows_local]
+    # a server learning rate scales the averaged move: B_p starts at 0, so B_p is the one client's x 2
+    assert sim(tmp_path, "lr2", "federation.users_per_client=4", "federation.server_lr=2", "method=population") == 0
+    _, lr2 = Checkpoint(tmp_path / "lr2").load()
+    b_keys = [k for k in lr2["population"] if k.endswith(".lora_B")]
+    assert b_keys and float(lr2["population"][b_keys[0]].abs().sum()) > 0
+    for k in b_keys:
+        assert torch.allclose(lr2["population"][k], 2 * parts["population"][k], atol=1e-6), k
 
 
 def test_failed_and_slow_clients_do_not_stop_the_run(tmp_path):

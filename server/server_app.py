@@ -219,7 +219,7 @@ class FederatedRun:
         trained = {}
         for step, p in participation.items():
             stage = step.partition(":")[0]
-            if stage in ("population", "group", "user"):
+            if stage in ("population", "group", "user") and not step.endswith("/init"):  # init: one node asked
                 trained[stage] = min(trained.get(stage, p["users"]), p["users"])
         notes = [f"task {spec.name}, predictions by {self.cfg.eval.mode}; method {self.cfg.get('method', 'proper')}; "
                  f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",

@@ -34,6 +34,8 @@ def test_all_three_stages_with_four_simulated_users(four_users):
     table = (run / "table.md").read_text()
     for title in ("bare backbone", "stage 1: population", "stage 2: group", "stage 3: user"):
         assert title in table
+    # every user was trained in every stage (the one-node query.init steps do not count)
+    assert "stage 1: population 4, stage 2: group 4, stage 3: user 4" in table
     rows = json.loads((run / "table.json").read_text())
     assert [r["stage"] for r in rows] == ["base", "population", "group", "user"]
     assert all(r["users"] == 4 and r["nodes"] == "4/4" for r in rows)

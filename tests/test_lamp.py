@@ -163,3 +163,18 @@ def test_profile_conversions():
 def test_plain_tweet():
     assert plain_tweet("omg!!! #win") == "Omg! win."
     assert plain_tweet("Fine?") == "Fine?"
+
+
+@needs_sample
+def test_eval_overlap_on_the_sample_and_its_exclusion():
+    from shared.lamp import apply_template, eval_overlap, exclude_eval_overlap
+    spec, users = load_lamp(SAMPLE, holdout=2)
+    users = apply_template(users, spec.name, "compact")
+    # docs/results/lamp2.md: most questions describe a movie another user's history already tags
+    assert eval_overlap(users) == {"test": 59, "val": 37}
+    kept, dropped = exclude_eval_overlap(users)
+    assert dropped == 219 and sum(len(u.train) for u in kept) == 576 - 219
+    assert eval_overlap(kept) == {"test": 0, "val": 0}
+    held = {e.input for u in kept for e in u.test + u.val}
+    assert not any(e.input in held for u in kept for e in u.train)
+    assert [len(u.test) for u in kept] == [len(u.test) for u in users]  # evaluation untouched

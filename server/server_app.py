@@ -117,7 +117,7 @@ class FederatedRun:
     def initial_parameters(self, step: str, part: str):
         """Ask one client for the seeded starting point of `part` (query.init): a server
         learning-rate step is taken from the parameters a round started from."""
-        if self.parts[part] or server_lr(self.cfg) == 1.0:
+        if self.parts[part] or server_lr(self.cfg, part) == 1.0:
             return
         content = RecordDict({"config": ConfigRecord({"part": part})})
         if part == "group":
@@ -141,7 +141,7 @@ class FederatedRun:
             raise RuntimeError("group stage without a population LoRA: every population round failed")
         self.initial_parameters(step, "group")
         strategy = GroupFedAvg(self.parts["population"], self.parts["mixtures"], seed=int(self.cfg.seed),
-                               server_learning_rate=server_lr(self.cfg),
+                               server_learning_rate=server_lr(self.cfg, "group"),
                                fraction_train=float(self.cfg.federation.fraction_train), min_train_nodes=1,
                                min_available_nodes=int(self.cfg.federation.min_available_clients))
         msgs = list(strategy.configure_train(int(rnd), self._arrays("group"), ConfigRecord(), self.grid))

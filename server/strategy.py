@@ -1,7 +1,8 @@
 """Flower strategies for the two server-coordinated stages.
 
 population  Flower's FedAvgM: the population LoRA averaged by "num-examples", then a server
-            learning-rate step (federation.server_lr; 1 = plain FedAvg; no server momentum).
+            learning-rate step (population.server_lr, else federation.server_lr; 1 = plain FedAvg;
+            no server momentum).
 group       GroupFedAvg: FedAvg's sampling and message construction, but each message also
             carries the final population LoRA (clients build W_p from it) and the previous
             round's user mixtures, shuffled and without ids (for the constraint loss); replies are
@@ -39,15 +40,31 @@ def mean_scalar_metrics(contents: list[RecordDict], weight_key: str) -> MetricRe
     return MetricRecord(out)
 
 
-def server_lr(cfg) -> float:
-    return float(cfg.federation.get("server_lr", 1.0))
+def server_lr(cfg, stage: str) -> float:
+    """<stage>.server_lr if the stage sets one, else federation.server_lr (1 = plain FedAvg)."""
+    own = cfg[stage].get("server_lr") if stage in cfg else None
+    return float(own if own is not None else cfg.federation.get("server_lr", 1.0))
+
+
+def server_step(start: dict[str, torch.Tensor], average: dict[str, torch.Tensor], lr: float):
+    """start + lr * (average - start): FedAvgM's step without momentum (lr 1 = the average)."""
+    return {k: start[k] + lr * (v - start[k]) for k, v in average.items()}
+
+
+def group_aggregate(states: list[dict], routings: list[dict], examples: list[int], seed: int):
+    """The group round's aggregate (experts by routing mass, routers by examples) and the pool of
+    user mixtures for the next round, shuffled with `seed` so no order links them to clients."""
+    layers = [k[: -len(".expert_A")] for k in states[0] if k.endswith(".expert_A")]
+    agg = aggregate_group(states, [r["routing_mass"] for r in routings], examples, layers)
+    pool = torch.cat([r["mixtures"] for r in routings if len(r["mixtures"])])
+    return agg, pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
 
 
 def population_strategy(cfg) -> FedAvgM:
     return FedAvgM(fraction_train=float(cfg.federation.fraction_train), fraction_evaluate=0.0,
                    min_train_nodes=1, min_available_nodes=int(cfg.federation.min_available_clients),
                    weighted_by_key="num-examples", train_metrics_aggr_fn=mean_scalar_metrics,
-                   server_learning_rate=server_lr(cfg), server_momentum=0.0)
+                   server_learning_rate=server_lr(cfg, "population"), server_momentum=0.0)
 
 
 class GroupFedAvg(FedAvg):
@@ -81,17 +98,12 @@ class GroupFedAvg(FedAvg):
         if not ok:
             return None, None
         contents = [r.content for r in ok]
-        states = [c["arrays"].to_torch_state_dict() for c in contents]
-        routing = [c["routing"].to_torch_state_dict() for c in contents]
-        examples = [int(c["metrics"]["num-examples"]) for c in contents]
-        layers = [k[: -len(".expert_A")] for k in states[0] if k.endswith(".expert_A")]
-        agg = aggregate_group(states, [r["routing_mass"] for r in routing], examples, layers)
-        pool = torch.cat([r["mixtures"] for r in routing if len(r["mixtures"])])
-        g = torch.Generator().manual_seed(self.seed * 7919 + server_round)
-        self.mixtures = pool[torch.randperm(len(pool), generator=g)]
+        agg, self.mixtures = group_aggregate([c["arrays"].to_torch_state_dict() for c in contents],
+                                             [c["routing"].to_torch_state_dict() for c in contents],
+                                             [int(c["metrics"]["num-examples"]) for c in contents],
+                                             seed=self.seed * 7919 + server_round)
         if self.server_learning_rate != 1.0:
             if not self.sent:
                 raise RuntimeError("a server learning rate needs the parameters the round started from")
-            lr = self.server_learning_rate
-            agg = {k: self.sent[k] + lr * (v - self.sent[k]) for k, v in agg.items()}
+            agg = server_step(self.sent, agg, self.server_learning_rate)
         return ArrayRecord(agg), mean_scalar_metrics(contents, "num-examples")

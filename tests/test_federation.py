@@ -112,6 +112,36 @@ def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
         assert torch.allclose(lr2["population"][k], 2 * parts["population"][k], atol=1e-6), k
 
 
+def test_a_stage_server_lr_overrides_the_federation_one():
+    from server.strategy import population_strategy, server_lr
+    from shared.config import load_config
+    cfg = load_config("tiny", ["federation.server_lr=3", "group.server_lr=5"])
+    assert (server_lr(cfg, "population"), server_lr(cfg, "group")) == (3.0, 5.0)
+    assert population_strategy(cfg).server_learning_rate == 3.0
+    assert server_lr(load_config("tiny"), "group") == 1.0
+
+
+def test_server_lr_sweep_stands_for_the_federated_run(tmp_path, four_users):
+    """bench/server_lr_sweep.py runs a round's clients in one process and takes the server step
+    itself; at the run's server lr it must land on the parameters the Flower run ended with."""
+    from bench.server_lr_sweep import main as sweep
+    from shared.persist import load_tensors
+    from server.strategy import server_step
+    run, _ = four_users
+    assert sweep(["-c", "tiny", "--out", str(tmp_path), "--population-lr", "1.5", "--group-lr", "1.5",
+                  f"data.path={run / 'synthetic_data'}"]) == 0
+    _, parts = Checkpoint(run).load()
+    for part, cache in (("population", "init-population1"), ("group", "init_p1.5-group1")):
+        t, _ = load_tensors(tmp_path / f"{cache}.safetensors")
+        start = {k[6:]: v for k, v in t.items() if k.startswith("start.")}
+        avg = {k[4:]: v for k, v in t.items() if k.startswith("avg.")}
+        ours = server_step(start, avg, 1.5)
+        assert set(ours) == set(parts[part])
+        assert any(float(v.abs().sum()) > 0 for v in ours.values())
+        for k, v in ours.items():
+            assert torch.allclose(v, parts[part][k], atol=1e-5), (part, k)
+
+
 def test_failed_and_slow_clients_do_not_stop_the_run(tmp_path):
     rc = sim(tmp_path, "faults", "debug.fail_partitions=[1]", "debug.fail_stages=[group]",
              "debug.slow_partitions=[2]", "debug.slow_stages=[population]", "debug.slow_seconds=80",

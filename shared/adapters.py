@@ -80,6 +80,7 @@ class ProperLinear(nn.Module):
 
         self.stage = "base"
         self.merged = False  # True once the population LoRA is folded into base.weight (W_p)
+        self.unmerged_weight: torch.Tensor | None = None  # W while merged
         self.reset_population(generator)
         self.reset_group(generator)
         self.reset_user(generator)
@@ -117,6 +118,10 @@ class ProperLinear(nn.Module):
     def merge_population(self):
         if self.merged:
             raise RuntimeError("population LoRA is already merged")
+        # kept to unmerge exactly: W + d - d differs from W in the last bits, and Adam's first steps
+        # (about lr * sign(g)) turn that into different training when a long-lived client moves
+        # back to the bare backbone, e.g. between runs
+        self.unmerged_weight = self.base.weight.detach().clone()
         self.base.weight += self._population_delta().to(self.base.weight.dtype)
         self.merged = True
 
@@ -124,7 +129,10 @@ class ProperLinear(nn.Module):
     def unmerge_population(self):
         if not self.merged:
             raise RuntimeError("population LoRA is not merged")
-        self.base.weight -= self._population_delta().to(self.base.weight.dtype)
+        if self.unmerged_weight is None:
+            raise RuntimeError("the weight was changed by another fold (shared/mta.py folded); let it restore it")
+        self.base.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight = None
         self.merged = False
 
     # ---- forward

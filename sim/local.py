@@ -94,7 +94,7 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     rows = eval_rows(spec, evals)
     notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.get('method', 'proper')}; "
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
-             f"wall time {time.time() - t0:.0f} s, one client holding all {len(users)} users (proper local)"]
+             f"wall time {time.time() - t0:.1f} s, one client holding all {len(users)} users (proper local)"]
     table = run.write_table(rows, spec.metrics, notes)
     run.write_per_user(per_user, list(dict.fromkeys(k for scores in per_user.values() for k in scores)))
     plot_stages(run, rows, spec.metrics[0])

@@ -127,14 +127,18 @@ def test_merge_equals_unmerged_population_and_unmerge_restores_backbone():
     model, _ = make_model()
     model.set_stage("base")
     bare = logits(model)
+    weights = [layer.base.weight.clone() for _, layer in model.layers()]
     randomize(model, "population")
     model.set_stage("population")
     unmerged = logits(model)
     model.merge_population()
     assert torch.allclose(logits(model), unmerged, atol=1e-5)
+    assert not torch.equal(model.layers()[0][1].base.weight, weights[0])
     model.unmerge_population()
     model.set_stage("base")
     assert torch.allclose(logits(model), bare, atol=1e-5)
+    # bit for bit: a long-lived client that goes back to the bare backbone trains as a fresh one
+    assert all(torch.equal(layer.base.weight, w) for (_, layer), w in zip(model.layers(), weights))
 
 
 def test_stacked_experts_equal_a_loop_over_experts():

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import Checkpoint
 from server.mta import bank_record, mta_step
-from server.strategy import GroupFedAvg, population_strategy, server_lr
+from server.strategy import (GroupFedAvg, mean_scalar_metrics, mixture_pool, population_strategy, schedule,
+                             server_lr, visit_order)
 from shared.config import to_yaml
 from shared.lamp import task_spec
 from shared.plan import stage_plan
@@ -60,6 +61,8 @@ class FederatedRun:
     def run(self):
         t0 = time.time()
         plan = stage_plan(self.cfg)
+        if schedule(self.cfg) == "sequential" and any(server_lr(self.cfg, p) != 1.0 for p in ("population", "group")):
+            log.warning("federation.schedule=sequential takes no server step: the server learning rate is unused")
         self.wait_for_nodes(int(self.cfg.federation.min_available_clients))
         for i, step in enumerate(plan, 1):
             if step in self.progress["done"]:
@@ -130,6 +133,9 @@ class FederatedRun:
         raise RuntimeError(f"{step}: no client returned the initial {part} parameters")
 
     def population_round(self, step: str, rnd: str):
+        if schedule(self.cfg) == "sequential":
+            arrays, metrics, _ = self.sequential_round(step, int(rnd), "population")
+            return self._train_done(step, arrays, metrics, "population")
         self.initial_parameters(step, "population")
         strategy = population_strategy(self.cfg)
         msgs = list(strategy.configure_train(int(rnd), self._arrays("population"), ConfigRecord(), self.grid))
@@ -139,6 +145,12 @@ class FederatedRun:
     def group_round(self, step: str, rnd: str):
         if not self.parts["population"]:
             raise RuntimeError("group stage without a population LoRA: every population round failed")
+        if schedule(self.cfg) == "sequential":
+            arrays, metrics, replies = self.sequential_round(step, int(rnd), "group")
+            if replies:
+                self.parts["mixtures"] = mixture_pool([r["routing"].to_torch_state_dict() for r in replies],
+                                                      seed=int(self.cfg.seed) * 7919 + int(rnd))
+            return self._train_done(step, arrays, metrics, "group")
         self.initial_parameters(step, "group")
         strategy = GroupFedAvg(self.parts["population"], self.parts["mixtures"], seed=int(self.cfg.seed),
                                server_learning_rate=server_lr(self.cfg, "group"),
@@ -149,6 +161,39 @@ class FederatedRun:
         if arrays is not None:
             self.parts["mixtures"] = strategy.mixtures
         self._train_done(step, arrays, metrics, "group")
+
+    def sequential_round(self, step: str, rnd: int, part: str):
+        """federation.schedule=sequential (cyclic weight transfer): the round visits its nodes one
+        at a time in a seeded order, each training the parameters the node before it returned,
+        so a round is as many sequential optimizer steps as a centralized pass over the same data
+        (docs/decisions.md, "Schedule"). Messages and replies are those of the parallel schedule;
+        a node that fails or stays silent is passed over. The round's result is the last reply's
+        parameters; in the group stage the pool of mixtures is built from every reply."""
+        nodes = visit_order(self.grid.get_node_ids(), int(self.cfg.seed), part, rnd,
+                            float(self.cfg.federation.fraction_train))
+        current, replies, tally = self.parts[part], [], {}
+        t0 = last = time.time()
+        for i, node in enumerate(nodes, 1):
+            content = RecordDict({"arrays": ArrayRecord(current) if current else ArrayRecord(),
+                                  "config": ConfigRecord({"server-round": rnd})})
+            if part == "group":
+                content["population"] = ArrayRecord(self.parts["population"])
+                mixtures = self.parts["mixtures"]  # the previous round's pool, as in the parallel schedule
+                content["others"] = ArrayRecord({"mixtures": mixtures}) if mixtures is not None else ArrayRecord()
+            kind = "train" if part == "population" else "train.group"
+            ok = self.collect(step, [Message(content, dst_node_id=node, message_type=kind)])
+            for key, value in self.progress["participation"][step].items():
+                tally[key] = tally.get(key, 0) + value
+            if ok:
+                current = ok[0].content["arrays"].to_torch_state_dict()
+                replies.append(ok[0].content)
+            if time.time() - last > 60 and i < len(nodes):
+                last = time.time()
+                log.info("%s: %d/%d nodes visited (%.0f s)", step, i, len(nodes), last - t0)
+        self.progress["participation"][step] = tally
+        if not replies:
+            return None, None, []
+        return ArrayRecord(current), mean_scalar_metrics(replies, "num-examples"), replies
 
     def _train_done(self, step, arrays, metrics, part):
         stage, _, rnd = step.partition(":")

@@ -16,6 +16,8 @@ one pass over the same data does centrally (docs/decisions.md, "Server learning 
 from __future__ import annotations
 
 import logging
+import math
+import random
 from collections.abc import Iterable
 
 import torch
@@ -24,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from shared.aggregate import aggregate_group
+from shared.config import SCHEDULES
 
 log = logging.getLogger("proper.server")
 
@@ -51,13 +54,36 @@ def server_step(start: dict[str, torch.Tensor], average: dict[str, torch.Tensor]
     return {k: start[k] + lr * (v - start[k]) for k, v in average.items()}
 
 
+def mixture_pool(routings: list[dict], seed: int) -> torch.Tensor:
+    """The user mixtures of a group round's replies, pooled and shuffled with `seed` so that no
+    order links them to clients: what the next round's clients get for the constraint loss."""
+    pool = torch.cat([r["mixtures"] for r in routings if len(r["mixtures"])])
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+
+
 def group_aggregate(states: list[dict], routings: list[dict], examples: list[int], seed: int):
     """The group round's aggregate (experts by routing mass, routers by examples) and the pool of
-    user mixtures for the next round, shuffled with `seed` so no order links them to clients."""
+    user mixtures for the next round."""
     layers = [k[: -len(".expert_A")] for k in states[0] if k.endswith(".expert_A")]
     agg = aggregate_group(states, [r["routing_mass"] for r in routings], examples, layers)
-    pool = torch.cat([r["mixtures"] for r in routings if len(r["mixtures"])])
-    return agg, pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    return agg, mixture_pool(routings, seed)
+
+
+def schedule(cfg) -> str:
+    """federation.schedule: "parallel" (FedAvg: every node trains the same start, the server
+    averages) or "sequential" (cyclic: each node trains what the one before it returned)."""
+    value = str(cfg.federation.get("schedule", "parallel"))
+    if value not in SCHEDULES:
+        raise ValueError(f"federation.schedule: expected one of {SCHEDULES}, got {value!r}")
+    return value
+
+
+def visit_order(nodes: Iterable[int], seed: int, stage: str, server_round: int, fraction: float = 1.0) -> list[int]:
+    """The nodes a sequential round visits, in a seeded order that changes every round (as a
+    centralized epoch reshuffles its batches); fraction < 1 visits the first part of that order."""
+    order = sorted(nodes)
+    random.Random(f"{seed}:{stage}:{server_round}").shuffle(order)
+    return order[:max(1, math.ceil(fraction * len(order)))] if order else []
 
 
 def population_strategy(cfg) -> FedAvgM:

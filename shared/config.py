@@ -19,6 +19,20 @@ class ConfigError(ValueError):
     pass
 
 
+SCHEDULES = ("parallel", "sequential")   # federation.schedule (server/server_app.py)
+
+
+def check(cfg: DictConfig) -> DictConfig:
+    """Refuse values the run would only trip over later, naming the key."""
+    bf16 = cfg.train.get("bf16", "auto")
+    if not (isinstance(bf16, bool) or str(bf16).lower() == "auto"):
+        raise ConfigError(f"train.bf16: expected true, false or auto, got {bf16!r}")
+    sched = str(cfg.federation.get("schedule", "parallel"))
+    if sched not in SCHEDULES:
+        raise ConfigError(f"federation.schedule: expected one of {SCHEDULES}, got {sched!r}")
+    return cfg
+
+
 def resolve_config_path(name: str | Path) -> Path:
     p = Path(name)
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
@@ -37,7 +51,7 @@ def load_config(name: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     cfg.data.path = str(resolve_data_path(cfg.data.path))
-    return cfg
+    return check(cfg)
 
 
 def resolve_data_path(path: str) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared import metrics as M
-from shared.train import autocast, encode_prompt
+from shared.train import autocast, encode_prompt, use_bf16
 
 MAX_NEW_TOKENS = {"label": 8, "rating": 3, "generation": 32}
 
@@ -150,7 +150,7 @@ def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None
     """Predictions for `examples` (all routed with user_emb rows, if given), post-processed."""
     max_len = cfg.train.max_len
     prompts = [encode_prompt(tokenizer, ex.input, max_len) for ex in examples]
-    bf16 = bool(cfg.train.get("bf16", True))
+    bf16 = use_bf16(cfg.train.get("bf16", "auto"))
     if spec.kind == "label" and cfg.eval.mode == "score":
         return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size))
     n_new = cfg.eval.get("max_new_tokens") or MAX_NEW_TOKENS[spec.kind]

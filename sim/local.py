@@ -17,6 +17,7 @@ from shared.config import to_yaml
 from shared.evaluate import stats_metrics
 from shared.persist import export_peft_adapter, save_group
 from shared.plan import stage_plan
+from shared.train import use_bf16
 from shared.results import RunDir, eval_rows, plot_mixtures, plot_stages
 
 log = logging.getLogger("proper.local")
@@ -94,7 +95,8 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     rows = eval_rows(spec, evals)
     notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.get('method', 'proper')}; "
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
-             f"wall time {time.time() - t0:.1f} s, one client holding all {len(users)} users (proper local)"]
+             f"wall time {time.time() - t0:.1f} s, one client holding all {len(users)} users (proper local); "
+             f"{'bfloat16 autocast' if use_bf16(cfg.train.get('bf16', 'auto')) else 'float32'} (train.bf16={cfg.train.get('bf16', 'auto')})"]
     table = run.write_table(rows, spec.metrics, notes)
     run.write_per_user(per_user, list(dict.fromkeys(k for scores in per_user.values() for k in scores)))
     plot_stages(run, rows, spec.metrics[0])

@@ -231,3 +231,16 @@ def test_label_scoring_with_a_shared_prompt_cache_equals_full_forwards():
     assert torch.allclose(fast, ref, atol=1e-4), (fast, ref)
     assert torch.allclose(label_logprobs(model, tok, prompts, labels, emb, bf16=False, batch_size=2), ref, atol=1e-4)
     assert score_labels(model, tok, prompts, labels, emb, bf16=False) == [labels[i] for i in ref.argmax(1)]
+
+
+def test_bf16_auto_follows_the_cpu_and_bad_values_are_refused(monkeypatch):
+    import shared.train as T
+    assert T.use_bf16(True) is True and T.use_bf16(False) is False
+    for native in (True, False):
+        monkeypatch.setattr(T, "cpu_has_bf16", lambda native=native: native)
+        assert T.use_bf16("auto") is native
+        # the autocast context the training loops enter follows the same answer
+        with T.autocast({"bf16": "auto"}):
+            assert torch.is_autocast_enabled("cpu") is native
+    with pytest.raises(ValueError, match="train.bf16"):
+        T.use_bf16("fast")

@@ -60,10 +60,16 @@ SPLIT_METRIC = re.compile(r"^(test|val)\.(user-scores|stat\.[a-z_]+)$")
 
 def test_privacy_invariant_on_every_reply(four_users):
     run, _ = four_users
-    replies = [json.loads(line) for f in (run / "wire").glob("*.jsonl") for line in f.read_text().splitlines()]
-    types = {r["message_type"] for r in replies}
-    assert types == {"train", "train.group", "train.user", "evaluate", "query.init"}
+    replies = assert_replies_private(run)
+    assert {r["message_type"] for r in replies} == {"train", "train.group", "train.user", "evaluate", "query.init"}
     assert len(replies) == 4 * 7 + 2  # 4 nodes x 7 steps, and one node's two starting points
+
+
+def assert_replies_private(run: Path) -> list[dict]:
+    """Every reply the clients of `run` sent (federation.audit_replies) holds only population or
+    group parameters, routing statistics and metrics; returns the replies."""
+    replies = [json.loads(line) for f in (run / "wire").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert replies
     questions = json.loads((Path(run) / "synthetic_data" / "questions.json").read_text())
     user_ids = [q["user_id"] for q in questions]
     texts = [p["description"] for q in questions for p in q["profile"]] + [q["input"] for q in questions]
@@ -86,6 +92,7 @@ def test_privacy_invariant_on_every_reply(four_users):
         for forbidden in ("user_A", "user_B", "router_g", "e_u", "embedding"):
             assert forbidden not in blob
         assert not any(t[:40] in blob for t in texts)
+    return replies
 
 
 def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
@@ -169,3 +176,58 @@ def test_killed_run_resumes_and_ends_with_the_same_results(tmp_path, four_users)
         for k, v in ref[part].items():
             assert torch.allclose(v, parts[part][k], atol=1e-6), (part, k)
     assert done["evals"] == ref_done["evals"]
+
+
+def test_sequential_schedule_chains_the_clients(tmp_path):
+    """federation.schedule=sequential: each node trains what the node before it returned, so the
+    round's result is one chain of the four real clients' training, in some order (not an average)."""
+    import itertools
+    from client.client_app import users_of_partition
+    from client.trainer import ClientTrainer, load_users
+    from shared.config import load_config
+    assert sim(tmp_path, "seq", "federation.schedule=sequential", "federation.audit_replies=true") == 0
+    run = tmp_path / "seq"
+    table = (run / "table.md").read_text()
+    assert "stage 1: population 4, stage 2: group 4, stage 3: user 4" in table
+    progress, parts = Checkpoint(run).load()
+    assert progress["participation"]["population:1"] == {"sent": 4, "ok": 4, "failed": 0, "silent": 0, "users": 4}
+    replies = assert_replies_private(run)
+    assert {r["message_type"] for r in replies} == {"train", "train.group", "train.user", "evaluate"}
+
+    cfg = load_config("tiny", [f"data.path={run / 'synthetic_data'}"])
+    spec, users = load_users(cfg)
+    clients = [ClientTrainer(cfg, spec, users_of_partition(users, i, 4, 1), str(tmp_path / f"c{i}"), client_seed=i)
+               for i in range(4)]
+
+    def chain(order):
+        state = None
+        for i in order:
+            state = clients[i].population(state, 1).shared
+        return state
+
+    def same(a, b):
+        return all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+
+    matches = [order for order in itertools.permutations(range(4)) if same(chain(order), parts["population"])]
+    assert len(matches) == 1, matches
+    # and it is not what the parallel schedule would have made of the same clients
+    from shared.aggregate import weighted_average
+    results = [c.population(None, 1) for c in clients]
+    fedavg = weighted_average([r.shared for r in results], [r.num_examples for r in results])
+    assert not same(fedavg, parts["population"])
+
+
+def test_visit_order_is_seeded_per_round_and_bad_schedules_are_refused():
+    from server.strategy import schedule, visit_order
+    from shared.config import load_config
+    nodes = [907, 12, 55, 3001, 8]
+    first = visit_order(nodes, 0, "population", 1)
+    assert sorted(first) == sorted(nodes)
+    assert visit_order(list(reversed(nodes)), 0, "population", 1) == first  # the order nodes are listed in does not matter
+    assert visit_order(nodes, 0, "population", 2) != first or visit_order(nodes, 0, "population", 3) != first
+    assert len(visit_order(nodes, 0, "group", 1, fraction=0.5)) == 3
+    assert schedule(load_config("tiny")) == "parallel"
+    with pytest.raises(ValueError, match="federation.schedule"):
+        load_config("tiny", ["federation.schedule=cyclic"])
+    with pytest.raises(ValueError, match="train.bf16"):
+        load_config("tiny", ["train.bf16=fast"])

@@ -84,7 +84,12 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     from client.client_app import app as client_app
     from server.server_app import app as server_app
     sim = cfg.get("simulation") or {}
-    backend = {"client_resources": {"num_cpus": float(sim.get("client_cpus", 1)), "num_gpus": float(sim.get("client_gpus", 0))}}
+    # The sequential schedule trains one node at a time: one ClientApp with every core then beats
+    # several with one core each, of which all but one would wait (Ray gives an actor
+    # OMP_NUM_THREADS = its num_cpus, so torch uses that many threads).
+    cpus = sim.get("client_cpus") or (int(sim.get("ray_cpus") or os.cpu_count() or 1)
+                                      if str(cfg.federation.get("schedule", "parallel")) == "sequential" else 1)
+    backend = {"client_resources": {"num_cpus": float(cpus), "num_gpus": float(sim.get("client_gpus", 0))}}
     if sim.get("ray_cpus"):
         backend["init_args"] = {"num_cpus": int(sim.ray_cpus)}
     if os.environ.get("RAY_ADDRESS"):

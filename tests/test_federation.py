@@ -217,7 +217,7 @@ def test_sequential_schedule_chains_the_clients(tmp_path):
     assert not same(fedavg, parts["population"])
 
 
-def test_visit_order_is_seeded_per_round_and_bad_schedules_are_refused():
+def test_visit_order_is_seeded_per_round_and_bad_config_values_are_refused():
     from server.strategy import schedule, visit_order
     from shared.config import load_config
     nodes = [907, 12, 55, 3001, 8]

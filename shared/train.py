@@ -74,7 +74,7 @@ def cpu_has_bf16() -> bool:
 
 def use_bf16(value) -> bool:
     """train.bf16: true, false, or "auto" (the default): bf16 where the CPU computes it natively.
-    Why auto: bf16 autocast was 1.6x faster than float32 on an AVX-512 machine (DESIGN.md) but 20x
+    Why auto: bf16 autocast was 1.6x faster than float32 on the machine DESIGN.md measured but 20x
     slower on an AVX2-only one (124 s against 6 s for one SmolLM2 step of 8 LaMP-2 items), where
     every bf16 matmul is emulated."""
     if isinstance(value, str):

@@ -9,6 +9,7 @@ which nodes answered, failed or stayed silent, and how many users the replies co
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -29,6 +30,19 @@ from shared.runconfig import run_config_from_context
 
 log = logging.getLogger("proper.server")
 app = ServerApp()
+
+
+def content_order(reply: Message) -> str:
+    """A key that orders replies by what they carry, not by when they arrived: FedAvg's float
+    sums depend on the order of the clients, and a last-bit difference in the population LoRA
+    became a visibly different group stage (Adam's first steps are about lr * sign(g)), so two
+    identical runs, or a resumed one, disagreed when replies came back in another order."""
+    h = hashlib.sha1()
+    for name in sorted(reply.content.array_records):
+        for key, array in reply.content.array_records[name].items():
+            h.update(key.encode())
+            h.update(array.data)
+    return h.hexdigest()
 
 
 class InjectedCrash(RuntimeError):
@@ -98,7 +112,7 @@ class FederatedRun:
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         # message ids are assigned on sending; a SuperLink-made error carries src_node_id 1
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-        ok = [r for r in replies if not r.has_error()]
+        ok = sorted((r for r in replies if not r.has_error()), key=content_order)
         failed = [sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies if r.has_error()]
         answered = {sent.get(r.metadata.reply_to_message_id) for r in replies}
         silent = [n for n in sent.values() if n not in answered]

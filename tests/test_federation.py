@@ -231,3 +231,34 @@ def test_visit_order_is_seeded_per_round_and_bad_config_values_are_refused():
         load_config("tiny", ["federation.schedule=cyclic"])
     with pytest.raises(ValueError, match="train.bf16"):
         load_config("tiny", ["train.bf16=fast"])
+
+
+def test_replies_are_aggregated_in_an_order_fixed_by_their_content():
+    """FedAvg over replies that arrive in another order must give bit-identical parameters."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from server.server_app import content_order
+    from server.strategy import population_strategy
+    from shared.config import load_config
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(64, generator=g) * 10 ** i} for i in range(-3, 4)]
+
+    def reply(state, n):
+        return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}),
+                       dst_node_id=1, message_type="train")
+
+    def aggregate(order):
+        msgs = [reply(states[i], 3 + i) for i in order]
+        arrays, _ = population_strategy(load_config("tiny")).aggregate_train(1, sorted(msgs, key=content_order))
+        return arrays.to_torch_state_dict()["w"]
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    # a Message outside a run needs these, which a ServerApp has
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        assert content_order(reply(states[0], 3)) == content_order(reply(states[0], 3))
+        assert content_order(reply(states[0], 3)) != content_order(reply(states[1], 3))
+        forward = list(range(len(states)))
+        assert torch.equal(aggregate(forward), aggregate(forward[::-1]))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

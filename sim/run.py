@@ -84,8 +84,8 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     from client.client_app import app as client_app
     from server.server_app import app as server_app
     sim = cfg.get("simulation") or {}
-    # The sequential schedule trains one node at a time: one ClientApp with every core then beats
-    # several with one core each, of which all but one would wait (Ray gives an actor
+    # The sequential schedule trains one node at a time: one ClientApp with every core should beat
+    # several with one core each, of which all but one would wait (not measured; Ray gives an actor
     # OMP_NUM_THREADS = its num_cpus, so torch uses that many threads).
     cpus = sim.get("client_cpus") or (int(sim.get("ray_cpus") or os.cpu_count() or 1)
                                       if str(cfg.federation.get("schedule", "parallel")) == "sequential" else 1)

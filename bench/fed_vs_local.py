@@ -1,7 +1,7 @@
 """Federated simulation wall time against `proper local` on the same work.
 
 One invocation runs, on the same users, data and configuration, each as its own process
-(`python -m shared.cli ...`, so each pays its own start-up and model load):
+(`python -m sim.cli ...`, so each pays its own start-up and model load):
 
   local   `proper local`: one client holding every user, in one process
   sim-1   `proper sim` with every SuperNode holding one user (cross-device), Ray simulation
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 def run_one(kind: str, config: str, overrides: list[str], out: Path, name: str, threads: int | None = None) -> dict:
-    cmd = [sys.executable, "-m", "shared.cli", kind, "-c", config, *overrides,
+    cmd = [sys.executable, "-m", "sim.cli", kind, "-c", config, *overrides,
            f"output.dir={out}", f"output.name={name}"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads:
@@ -92,12 +92,12 @@ def main(argv=None):
     overrides = [*preset, *args.overrides]
     n_users = None
     if args.model == "tiny":  # one synthetic data set for every run
-        from shared.synthetic import write_synthetic_lamp
+        from shared.data.synthetic import write_synthetic_lamp
         data = write_synthetic_lamp(tmp / "data", n_users=args.users, n_groups=2, seed=0, min_profile=4, max_profile=8)
         overrides.append(f"data.path={data}")
         n_users = args.users
     else:
-        from shared.config import load_config
+        from shared.runtime.config import load_config
         cfg = load_config(config, overrides)
         n_users = int(cfg.data.max_users or len(json.loads((Path(cfg.data.path) / "questions.json").read_text())))
     per = {"local": ("local", []), "sim-1": ("sim", ["federation.users_per_client=1"]),

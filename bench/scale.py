@@ -49,12 +49,12 @@ def parse_args(argv=None):
 
 def run_scale(n: int, tmp: Path, profile: tuple[int, int], timeout: float, overrides: list[str],
               per_client: int = 1) -> dict:
-    from shared.synthetic import write_synthetic_lamp
+    from shared.data.synthetic import write_synthetic_lamp
     data = write_synthetic_lamp(tmp / f"data-{n}", n_users=n, n_groups=3, seed=0,
                                 min_profile=profile[0], max_profile=profile[1])
     examples = sum(len(q["profile"]) for q in json.loads((data / "questions.json").read_text()))
     name = f"scale-{n}" + (f"-{per_client}pc" if per_client > 1 else "")
-    cmd = [sys.executable, "-m", "shared.cli", "sim", "-c", "tiny", f"data.path={data}",
+    cmd = [sys.executable, "-m", "sim.cli", "sim", "-c", "tiny", f"data.path={data}",
            f"federation.users_per_client={per_client}", f"output.dir={tmp}", f"output.name={name}", *overrides]
     t0 = time.perf_counter()
     timed_out = False

@@ -28,10 +28,10 @@ import torch
 
 from client.trainer import ClientTrainer, load_users
 from server.strategy import group_aggregate, server_step
-from shared.aggregate import weighted_average
-from shared.config import load_config
-from shared.evaluate import add_stats, stats_metrics
-from shared.persist import load_tensors, save_tensors
+from shared.method.aggregate import weighted_average
+from shared.runtime.config import load_config
+from shared.evaluation.evaluate import add_stats, stats_metrics
+from shared.runtime.persist import load_tensors, save_tensors
 
 log = logging.getLogger("proper.sweep")
 
@@ -63,7 +63,7 @@ class Sweep:
     def _split(tensors: dict, prefix: str) -> dict:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def population_round(self, rnd: int, start: dict | None):
+    def train_population(self, rnd: int, start: dict | None):
         def compute():
             ts = self.trainers()
             s = start if start is not None else ts[0].initial("population")
@@ -73,7 +73,7 @@ class Sweep:
         t = self._cached(f"population{rnd}", compute)
         return self._split(t, "start."), self._split(t, "avg.")
 
-    def group_round(self, rnd: int, pop: dict, start: dict | None, others: torch.Tensor | None):
+    def train_group(self, rnd: int, pop: dict, start: dict | None, others: torch.Tensor | None):
         def compute():
             ts = self.trainers()
             s = start if start is not None else ts[0].initial("group", pop)
@@ -125,7 +125,7 @@ def main(argv=None):
 
     pop, R = None, int(cfg.population.rounds)
     for rnd in range(1, R + 1):
-        start, avg = sw.population_round(rnd, pop)
+        start, avg = sw.train_population(rnd, pop)
         if rnd == R:
             for lr in a.population_lrs:
                 sw.record(stage="population", round=rnd, chain=sw.chain, lr=lr,
@@ -139,7 +139,7 @@ def main(argv=None):
 
     group, pool, G = None, None, int(cfg.group.rounds)
     for rnd in range(1, G + 1):
-        start, avg, pool = sw.group_round(rnd, pop, group, pool)
+        start, avg, pool = sw.train_group(rnd, pop, group, pool)
         if rnd == G:
             for lr in a.group_lrs:
                 sw.record(stage="group", round=rnd, chain=sw.chain, lr=lr,

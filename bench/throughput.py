@@ -4,8 +4,8 @@ Three training steps on the same backbone weights and the same batch:
 
   a  plain PEFT: one LoRA (r=8) on gate/up/down_proj, AdamW, forward + backward + step
   b  PROPER stage 2 (k experts + user-aware router + user embeddings; LM loss + constraint
-     loss over the users' routing mixtures), one batch exactly as `group_round` does it
-  c  PROPER stage 3 (user LoRA + LoRA-aware router; one user's batch), as `user_train` does it
+     loss over the users' routing mixtures), one batch exactly as `train_group` does it
+  c  PROPER stage 3 (user LoRA + LoRA-aware router; one user's batch), as `train_user` does it
 
 On a machine shared with other processes absolute speeds drift, so the variants are measured
 interleaved in one run: warm-up steps, then R repetitions of [a, b, c] blocks of N steps each;
@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from shared.backbone import find_target_modules, load_backbone
-from shared.model import ProperModel
-from shared.train import answer_loss, autocast, constraint_loss, user_mixtures
+from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.method.model import ProperModel
+from shared.method.stages import answer_loss, constraint_loss, user_mixtures
+from shared.runtime.precision import autocast
 
 TARGET_RATIO = 0.85
 
@@ -92,7 +93,7 @@ class PeftStep(Variant):
 
 
 class GroupStep(Variant):
-    """The body of `group_round`'s batch loop (final-epoch statistics included)."""
+    """The body of `train_group`'s batch loop (final-epoch statistics included)."""
     name, label = "b", "PROPER stage 2 (group)"
 
     def __init__(self, model: ProperModel, batch, cfg, n_users: int, seed: int):
@@ -134,7 +135,7 @@ class GroupStep(Variant):
 
 
 class UserStep(Variant):
-    """The body of `user_train`'s batch loop, for one user."""
+    """The body of `train_user`'s batch loop, for one user."""
     name, label = "c", "PROPER stage 3 (user)"
 
     def __init__(self, model: ProperModel, batch, cfg, seed: int):
@@ -323,9 +324,9 @@ def main(argv=None):
             "- a: plain PEFT, one LoRA (r=8, alpha 16) on every FFN linear layer;",
             f"- b: PROPER stage 2 on the population-merged backbone, k = {args.k} expert LoRAs (r=4) with the",
             "  user-aware router and the users' embeddings trainable, LM loss + constraint loss over the",
-            "  users' routing mixtures (the body of `shared/train.py:group_round`);",
+            "  users' routing mixtures (the body of `shared/method/stages.py:train_group`);",
             "- c: PROPER stage 3, one user's LoRA (r=4) and LoRA-aware router trainable, experts frozen",
-            "  (the body of `shared/train.py:user_train`).", "",
+            "  (the body of `shared/method/stages.py:train_user`).", "",
             f"Command (from the repository root): `{command}`", "", text, ""]))
         print(f"\nwrote {args.out}")
 

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.trainer import ClientTrainer, load_users
-from shared.runconfig import run_config_from_context
+from shared.runtime.runconfig import run_config_from_context
 
 
 

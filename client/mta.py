@@ -1,7 +1,7 @@
-"""MTA on a client: what a client does with the users it holds (shared/mta.py has the algorithms).
+"""MTA on a client: what a client does with the users it holds (shared/method/mta.py has the algorithms).
 
   candidates   nominate its longest-history users as anchor candidates (federated bank building)
-  train_anchor one LoRA on one anchor user's history (a fresh population-slot LoRA, population_round)
+  train_anchor one LoRA on one anchor user's history (a fresh population-slot LoRA, train_population)
   personalize  per user: retrieve the top-k anchors of the bank with the user's own profile
                embedding, fold their weighted LoRAs into the backbone, train the stacked LoRA
   evaluate     "mta_merge" (retrieved + merged anchors only) or "mta" (merged + stacked LoRA)
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from client.trainer import EvalResult, user_seed
-from shared import mta as M
-from shared.evaluate import add_stats, example_stats, predict
-from shared.metrics import per_example_scores
-from shared.persist import StateFileError, export_peft_adapter, import_peft_adapter
-from shared.train import population_round, user_train
+from shared.method import mta as M
+from shared.evaluation.evaluate import add_stats, example_stats, predict
+from shared.evaluation.metrics import per_example_scores
+from shared.runtime.persist import StateFileError, export_peft_adapter, import_peft_adapter
+from shared.method.stages import train_population, train_user
 
 log = logging.getLogger("proper.mta")
 
@@ -73,7 +73,7 @@ class MTAClient:
         self._bare()
         u = self.users[index]
         self.model.reset_part("population", seed=user_seed(self.cfg.seed, "anchor:" + u.user_id))
-        res = population_round(self.model, self.tokenizer, [u], M.train_cfg(self.cfg, "anchor"),
+        res = train_population(self.model, self.tokenizer, [u], M.train_cfg(self.cfg, "anchor"),
                                seed=user_seed(self.cfg.seed, u.user_id))
         return res.shared, {**res.metrics, "num-examples": float(res.num_examples)}
 
@@ -89,7 +89,7 @@ class MTAClient:
             self._bare()
             with M.folded(self.model, [bank.loras[j] for j in idx], w):
                 self.model.reset_part("group", seed=self.cfg.seed)  # experts B = 0: they add nothing
-                m = user_train(self.model, self.tokenizer, u, torch.zeros(self.model.d_user), cfg,
+                m = train_user(self.model, self.tokenizer, u, torch.zeros(self.model.d_user), cfg,
                                seed=user_seed(self.cfg.seed, u.user_id))
                 export_peft_adapter(self.model, "user", self._adapter_dir(u.user_id),
                                     base_model=f"{self.cfg.model.name} + merged MTA anchor LoRAs")

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from shared.backbone import find_target_modules, load_backbone
-from shared.evaluate import add_stats, example_stats, predict
-from shared.metrics import per_example_scores
-from shared.lamp import apply_template, exclude_eval_overlap, load_lamp
-from shared.model import ProperModel
-from shared.plan import uses_user_router
-from shared.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
-from shared.train import RoundResult, group_round, population_round, user_train
+from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.evaluation.evaluate import add_stats, example_stats, predict
+from shared.evaluation.metrics import per_example_scores
+from shared.data.lamp import apply_template, exclude_eval_overlap, load_lamp
+from shared.method.model import ProperModel
+from shared.method.plan import uses_user_router
+from shared.runtime.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
+from shared.method.stages import RoundResult, train_group, train_population, train_user
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ClientTrainer:
     # ---- stage 1
     def population(self, population: dict | None, server_round: int) -> RoundResult:
         self._prepare("population", population)
-        return population_round(self.model, self.tokenizer, self.users, stage_cfg(self.cfg, "population"),
+        return train_population(self.model, self.tokenizer, self.users, stage_cfg(self.cfg, "population"),
                                 seed=self.seed + server_round)
 
     # ---- stage 2
@@ -127,7 +127,7 @@ class ClientTrainer:
         if others is not None and len(others):
             others = self._drop_own(others, server_round)
         before = torch.stack([self._embedding(u, server_round) for u in self.users])
-        result, emb = group_round(self.model, self.tokenizer, self.users, before, stage_cfg(self.cfg, "group"),
+        result, emb = train_group(self.model, self.tokenizer, self.users, before, stage_cfg(self.cfg, "group"),
                                   others=others, seed=self.seed + server_round,
                                   user_router=uses_user_router(self.cfg))
         rnd = torch.tensor([server_round])
@@ -163,7 +163,7 @@ class ClientTrainer:
         cfg = stage_cfg(self.cfg, "user")
         losses, seconds, t0, last = [], 0.0, time.time(), time.time()
         for i, u in enumerate(self.users, 1):
-            m = user_train(self.model, self.tokenizer, u, self._embedding(u), cfg,
+            m = train_user(self.model, self.tokenizer, u, self._embedding(u), cfg,
                            seed=user_seed(self.cfg.seed, u.user_id))
             self.save_user_adapter(u.user_id)
             losses.append(m["train_loss"])

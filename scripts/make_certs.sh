@@ -10,4 +10,4 @@ NODES="${2:-3}"
 shift $(( $# > 2 ? 2 : $# ))
 # shellcheck disable=SC1091
 [ -x "$ROOT/.venv/bin/python" ] && . "$ROOT/.venv/bin/activate"
-exec python -m shared.cli certs --out "$OUT" --nodes "$NODES" "$@"
+exec python -m sim.cli certs --out "$OUT" --nodes "$NODES" "$@"

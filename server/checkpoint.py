@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shared.persist import atomic_write_text, load_tensors, save_tensors
+from shared.runtime.persist import atomic_write_text, load_tensors, save_tensors
 
 PARTS = ("population", "group", "mixtures")
 

@@ -445,7 +445,7 @@ def _submit(args, tmp: Path) -> int:
     return 0 if ok else 1
 
 
-# ------------------------------------------------------------------ argument parsing (shared/cli.py)
+# ------------------------------------------------------------------ argument parsing (sim/cli.py)
 
 def add_parsers(sub):
     s = sub.add_parser("certs", help="make a local CA, the server's TLS certificate and test SuperNode keys")

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from shared import mta as M
+from shared.method import mta as M
 
 log = logging.getLogger("proper.server")
 

@@ -14,7 +14,6 @@ import logging
 import time
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,11 +21,11 @@ from server.checkpoint import Checkpoint
 from server.mta import bank_record, mta_step
 from server.strategy import (GroupFedAvg, mean_scalar_metrics, mixture_pool, population_strategy, schedule,
                              server_lr, visit_order)
-from shared.config import to_yaml
-from shared.lamp import task_spec
-from shared.plan import stage_plan
-from shared.results import STAGE_TITLES, RunDir, eval_rows, plot_mixtures, plot_stages
-from shared.runconfig import run_config_from_context
+from shared.runtime.config import to_yaml
+from shared.data.lamp import task_spec
+from shared.method.plan import stage_plan
+from shared.runtime.results import STAGE_TITLES, RunDir, eval_rows, plot_mixtures, plot_stages
+from shared.runtime.runconfig import run_config_from_context
 
 log = logging.getLogger("proper.server")
 app = ServerApp()

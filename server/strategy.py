@@ -7,7 +7,7 @@ group       GroupFedAvg: FedAvg's sampling and message construction, but each me
             carries the final population LoRA (clients build W_p from it) and the previous
             round's user mixtures, shuffled and without ids (for the constraint loss); replies are
             aggregated with experts weighted by routing mass and routers by examples
-            (shared/aggregate.py), then the same server learning-rate step.
+            (shared/method/aggregate.py), then the same server learning-rate step.
 
 Why a server learning rate: a cross-device client holds one user's ~8 examples, so a round is a
 couple of local steps per client, and the average of the clients' moves is far shorter than what
@@ -25,8 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-from shared.aggregate import aggregate_group
-from shared.config import SCHEDULES
+from shared.method.aggregate import aggregate_group
+from shared.runtime.config import SCHEDULES
 
 log = logging.getLogger("proper.server")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from client.trainer import ClientTrainer, load_users
-from shared.config import to_yaml
-from shared.evaluate import stats_metrics
-from shared.persist import export_peft_adapter, save_group
-from shared.plan import stage_plan
-from shared.train import use_bf16
-from shared.results import RunDir, eval_rows, plot_mixtures, plot_stages
+from shared.runtime.config import to_yaml
+from shared.evaluation.evaluate import stats_metrics
+from shared.runtime.persist import export_peft_adapter, save_group
+from shared.method.plan import stage_plan
+from shared.runtime.precision import use_bf16
+from shared.runtime.results import RunDir, eval_rows, plot_mixtures, plot_stages
 
 log = logging.getLogger("proper.local")
 
@@ -26,7 +26,7 @@ log = logging.getLogger("proper.local")
 def prepare_data(cfg: DictConfig, run_dir: Path) -> str:
     """The data path, generating synthetic users first when the config asks for them."""
     if str(cfg.data.path).endswith("synthetic"):
-        from shared.synthetic import write_synthetic_lamp
+        from shared.data.synthetic import write_synthetic_lamp
         syn = dict(cfg.data.get("synthetic") or {})
         out = run_dir / "synthetic_data"
         if not (out / "questions.json").exists():

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from shared.persist import atomic_write_text
+from shared.runtime.persist import atomic_write_text
 
 STAGE_TITLES = {"base": "bare backbone", "population": "stage 1: population", "group": "stage 2: group",
                 "user": "stage 3: user", "mta_merge": "MTA: merged anchors", "mta": "MTA: merged + stacked LoRA"}
@@ -166,7 +166,7 @@ class Run:
             elif stage == "mta_bank":
                 bank = self.path / "mta_bank.safetensors"
                 if bank.exists():
-                    from shared.mta import Bank
+                    from shared.method.mta import Bank
                     b = Bank.load(bank)
                     cand = int(OmegaConf.select(self.cfg, "mta.candidates_per_client", default=1) or 1)
                     out += [(stage, cand * (4 * b.embeddings.shape[1] + 8))] * clients
@@ -218,16 +218,16 @@ def _size(p: Path) -> int:
 # ---------------------------------------------------------------- reference points from the data
 def majority_rows(cfg, splits: list[str]) -> list[dict]:
     """The two majority baselines, on the runs' own users and splits (label and rating tasks)."""
-    from shared.evaluate import add_stats, example_stats, stats_metrics
-    from shared.lamp import load_lamp
-    from shared.metrics import bootstrap_ci, per_example_scores
+    from shared.evaluation.evaluate import add_stats, example_stats, stats_metrics
+    from shared.data.lamp import load_lamp
+    from shared.evaluation.metrics import bootstrap_ci, per_example_scores
     d = cfg.data
     spec, users = load_lamp(d.path, task=d.get("task"), holdout=int(d.get("holdout") or 0),
                             max_users=d.get("max_users"), longest=bool(d.get("longest", False)))
     if spec.kind not in ("label", "rating"):
         return []
     if d.get("template", "official") != "official":
-        from shared.lamp import apply_template
+        from shared.data.lamp import apply_template
         users = apply_template(users, spec.name, d.template)
     overall = Counter(ex.output for u in users for ex in u.train).most_common(1)[0][0]
     lookup = _other_users_labels(users)
@@ -288,7 +288,7 @@ def build_report(run_paths: list[str], out: str | Path, labels: list[str] | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [Run(p, (labels or [None] * len(run_paths))[i]) for i, p in enumerate(run_paths)]
-    from shared.lamp import task_spec
+    from shared.data.lamp import task_spec
     spec = None
     for r in runs:
         task = OmegaConf.select(r.cfg, "data.task") or _task_of(r)

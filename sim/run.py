@@ -18,8 +18,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from shared.config import ConfigError, load_config, to_yaml
-from shared.persist import atomic_write_text
+from shared.runtime.config import ConfigError, load_config, to_yaml
+from shared.runtime.persist import atomic_write_text
 
 log = logging.getLogger("proper.sim")
 

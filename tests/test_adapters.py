@@ -1,13 +1,12 @@
 """The three PROPER adapters on the tiny model: what trains, what is exact, what the losses do."""
-import random
 
 import pytest
 import torch
 
-from shared.backbone import find_target_modules, load_backbone
-from shared.lamp import Example, User
-from shared.model import ProperModel
-from shared.train import constraint_loss, group_round, population_round, user_mixtures, user_train
+from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.data.lamp import Example, User
+from shared.method.model import ProperModel
+from shared.method.stages import constraint_loss, train_group, train_population, user_mixtures, train_user
 from omegaconf import OmegaConf
 
 
@@ -62,7 +61,7 @@ def test_targets_are_the_ffn_layers():
 def test_population_stage_trains_only_the_population_lora():
     model, tok = model_tok = make_model()
     before = snapshot(model)
-    population_round(model, tok, users(), CFG)
+    train_population(model, tok, users(), CFG)
     diff = changed(before, model)
     assert diff and all(n.endswith((".lora_A", ".lora_B")) for n in diff), diff
 
@@ -73,7 +72,7 @@ def test_group_stage_trains_experts_routers_and_embeddings_only():
     model.merge_population()
     before = snapshot(model)
     emb = torch.randn(3, 16)
-    result, new_emb = group_round(model, tok, users(), emb, CFG)
+    result, new_emb = train_group(model, tok, users(), emb, CFG)
     diff = changed(before, model)
     group_names = (".expert_A", ".expert_B", ".router_h", ".router_u")
     assert diff and all(n.endswith(group_names) for n in diff), diff
@@ -91,7 +90,7 @@ def test_user_stage_trains_only_the_user_lora_and_lora_aware_router():
     model.merge_population()
     randomize(model, "group", seed=2)
     before = snapshot(model)
-    user_train(model, tok, users()[0], torch.randn(16), CFG)
+    train_user(model, tok, users()[0], torch.randn(16), CFG)
     diff = changed(before, model)
     user_names = (".user_A", ".user_B", ".router_g", ".router_g_bias")
     assert diff and all(n.endswith(user_names) for n in diff), diff
@@ -187,7 +186,7 @@ def test_constraint_loss_counts_other_clients_mixtures():
 
 
 def test_answer_loss_equals_the_full_lm_loss():
-    from shared.train import answer_loss, lm_loss
+    from shared.method.stages import answer_loss, lm_loss
     model, _ = make_model()
     randomize(model, "population")
     model.set_stage("population")
@@ -207,7 +206,7 @@ def test_label_scoring_with_a_shared_prompt_cache_equals_full_forwards():
     # eval.mode=score runs the prompt once and shares its KV cache across the labels; it must give
     # the log-probabilities that one full forward per (prompt + label) gives, at the user stage
     # (user-aware and LoRA-aware routers active) as at the others.
-    from shared.evaluate import label_logprobs, score_labels
+    from shared.evaluation.evaluate import label_logprobs, score_labels
     model, tok = make_model()
     randomize(model, "population")
     model.merge_population()
@@ -234,7 +233,7 @@ def test_label_scoring_with_a_shared_prompt_cache_equals_full_forwards():
 
 
 def test_bf16_auto_follows_the_cpu_and_bad_values_are_refused(monkeypatch):
-    import shared.train as T
+    import shared.runtime.precision as T
     assert T.use_bf16(True) is True and T.use_bf16(False) is False
     for native in (True, False):
         monkeypatch.setattr(T, "cpu_has_bf16", lambda native=native: native)

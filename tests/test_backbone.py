@@ -1,4 +1,4 @@
-"""Tests for shared/backbone.py: tiny model, LoRA target discovery, and the
+"""Tests for shared/runtime/backbone.py: tiny model, LoRA target discovery, and the
 embedded SmolLM2 GGUF -> safetensors cache."""
 
 import importlib.util
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared import backbone
-from shared.backbone import cache_problem, find_target_modules, load_backbone, target_linears
+from shared.runtime import backbone
+from shared.runtime.backbone import cache_problem, find_target_modules, load_backbone, target_linears
 
 HAS_WHEEL = importlib.util.find_spec(backbone.EMBEDDED_WHEEL) is not None
 

@@ -21,7 +21,7 @@ import pytest
 
 from client.deploy import split_lamp
 from server.deploy import make_certs
-from shared.synthetic import write_synthetic_lamp
+from shared.data.synthetic import write_synthetic_lamp
 
 pytestmark = pytest.mark.deployment
 
@@ -43,7 +43,7 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=self.env, cwd=self.root, start_new_session=True)
         log.close()
         self.procs[name] = proc

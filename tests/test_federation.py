@@ -97,7 +97,7 @@ def assert_replies_private(run: Path) -> list[dict]:
 
 def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
     """The centralized reference runs the same code: one client holding every user."""
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     from sim.local import run_local
     assert sim(tmp_path, "one", "federation.users_per_client=4") == 0
     cfg = load_config("tiny", [f"data.path={tmp_path / 'one' / 'synthetic_data'}"])
@@ -121,7 +121,7 @@ def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
 
 def test_a_stage_server_lr_overrides_the_federation_one():
     from server.strategy import population_strategy, server_lr
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     cfg = load_config("tiny", ["federation.server_lr=3", "group.server_lr=5"])
     assert (server_lr(cfg, "population"), server_lr(cfg, "group")) == (3.0, 5.0)
     assert population_strategy(cfg).server_learning_rate == 3.0
@@ -132,7 +132,7 @@ def test_server_lr_sweep_stands_for_the_federated_run(tmp_path, four_users):
     """bench/server_lr_sweep.py runs a round's clients in one process and takes the server step
     itself; at the run's server lr it must land on the parameters the Flower run ended with."""
     from bench.server_lr_sweep import main as sweep
-    from shared.persist import load_tensors
+    from shared.runtime.persist import load_tensors
     from server.strategy import server_step
     run, _ = four_users
     assert sweep(["-c", "tiny", "--out", str(tmp_path), "--population-lr", "1.5", "--group-lr", "1.5",
@@ -184,7 +184,7 @@ def test_sequential_schedule_chains_the_clients(tmp_path):
     import itertools
     from client.client_app import users_of_partition
     from client.trainer import ClientTrainer, load_users
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     assert sim(tmp_path, "seq", "federation.schedule=sequential", "federation.audit_replies=true") == 0
     run = tmp_path / "seq"
     table = (run / "table.md").read_text()
@@ -211,7 +211,7 @@ def test_sequential_schedule_chains_the_clients(tmp_path):
     matches = [order for order in itertools.permutations(range(4)) if same(chain(order), parts["population"])]
     assert len(matches) == 1, matches
     # and it is not what the parallel schedule would have made of the same clients
-    from shared.aggregate import weighted_average
+    from shared.method.aggregate import weighted_average
     results = [c.population(None, 1) for c in clients]
     fedavg = weighted_average([r.shared for r in results], [r.num_examples for r in results])
     assert not same(fedavg, parts["population"])
@@ -219,7 +219,7 @@ def test_sequential_schedule_chains_the_clients(tmp_path):
 
 def test_visit_order_is_seeded_per_round_and_bad_config_values_are_refused():
     from server.strategy import schedule, visit_order
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     nodes = [907, 12, 55, 3001, 8]
     first = visit_order(nodes, 0, "population", 1)
     assert sorted(first) == sorted(nodes)
@@ -239,7 +239,7 @@ def test_replies_are_aggregated_in_an_order_fixed_by_their_content():
     from flwr.supercore.task_identity import TaskIdentity
     from server.server_app import content_order
     from server.strategy import population_strategy
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     g = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(64, generator=g) * 10 ** i} for i in range(-3, 4)]
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.lamp import (LampDataError, MOVIE_TAGS, load_lamp, plain_tweet,
+from shared.data.lamp import (LampDataError, MOVIE_TAGS, load_lamp, plain_tweet,
                          profile_to_example, task_spec)
-from shared.metrics import accuracy
+from shared.evaluation.metrics import accuracy
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/lamp/LaMP_2-movie-tagging-subset"
 LAMP2_HEAD = ("Which tag does this movie relate to among the following tags? Just answer with the "
@@ -167,7 +167,7 @@ def test_plain_tweet():
 
 @needs_sample
 def test_eval_overlap_on_the_sample_and_its_exclusion():
-    from shared.lamp import apply_template, eval_overlap, exclude_eval_overlap
+    from shared.data.lamp import apply_template, eval_overlap, exclude_eval_overlap
     spec, users = load_lamp(SAMPLE, holdout=2)
     users = apply_template(users, spec.name, "compact")
     # docs/results/lamp2.md: most questions describe a movie another user's history already tags

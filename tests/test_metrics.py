@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from shared.lamp import task_spec
-from shared.metrics import (accuracy, bootstrap_ci, macro_f1, mae_rmse, match_label,
+from shared.data.lamp import task_spec
+from shared.evaluation.metrics import (accuracy, bootstrap_ci, macro_f1, mae_rmse, match_label,
                             per_example_scores, rouge, task_metrics)
 
 

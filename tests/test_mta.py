@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared import mta as M
+from shared.method import mta as M
 
 
 def test_kmeans_anchor_is_the_longest_history_of_each_cluster():
@@ -51,7 +51,7 @@ def test_centering_measures_cosines_from_the_bank_centre():
 @pytest.fixture(scope="module")
 def tiny():
     from client.trainer import get_model
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     cfg = load_config("tiny")
     model, tok = get_model(cfg)
     return cfg, model, tok
@@ -107,7 +107,7 @@ def test_bank_round_trips_through_a_file(tmp_path, tiny):
 
 
 def test_mta_end_to_end_on_the_tiny_model(tmp_path):
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     from sim.local import run_local
     cfg = load_config("tiny", ["method=mta", "mta.anchors=2", "mta.anchor.epochs=2", "mta.user.epochs=1",
                                "data.holdout=1", "eval.splits=[test,val]"])
@@ -124,7 +124,7 @@ def test_mta_end_to_end_on_the_tiny_model(tmp_path):
     # per user: the stacked LoRA and the retrieved anchors, nothing else (no embedding on disk)
     files = sorted(p.name.split(".", 1)[1] for p in state.iterdir())
     assert files == ["mta.safetensors"] * 4 + ["mta_user"] * 4
-    from shared.persist import load_tensors
+    from shared.runtime.persist import load_tensors
     rec, _ = load_tensors(next(state.glob("*.mta.safetensors")))
     assert set(rec) == {"anchors", "weights"} and rec["anchors"].shape == (2,)
     assert np.isclose(float(rec["weights"].sum()), 1.0)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from shared.backbone import load_backbone
-from shared.persist import (StateFileError, UserStore, export_peft_adapter, import_peft_adapter,
+from shared.runtime.backbone import load_backbone
+from shared.runtime.persist import (StateFileError, UserStore, export_peft_adapter, import_peft_adapter,
                             load_group, save_group, save_tensors)
 from tests.test_adapters import IDS, logits, make_model, randomize
 

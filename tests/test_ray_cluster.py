@@ -85,7 +85,7 @@ def test_sim_on_an_existing_ray_cluster(ray_head, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": address, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_HOME": str(tmp_path / "flwr-home")}
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "shared.cli", "sim", "-c", "tiny", f"output.dir={tmp_path}",
+    res = subprocess.run([sys.executable, "-m", "sim.cli", "sim", "-c", "tiny", f"output.dir={tmp_path}",
                           "output.name=on-cluster"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     seconds = time.time() - t0
     out = res.stdout + res.stderr

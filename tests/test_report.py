@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared.config import load_config
+from shared.runtime.config import load_config
 from sim.local import run_local
 
 
@@ -20,7 +20,7 @@ def two_runs(tmp_path_factory):
 
 
 def test_report_from_two_tiny_runs(two_runs):
-    from shared.cli import main
+    from sim.cli import main
     out = two_runs / "out"
     assert main(["report", str(two_runs / "proper"), str(two_runs / "mta"), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
@@ -61,7 +61,7 @@ def test_majority_baselines_match_the_documented_sample_numbers():
 
 def test_lookup_reference_uses_other_users_items_only():
     from sim.report import _other_users_labels
-    from shared.lamp import Example, User
+    from shared.data.lamp import Example, User
     ex = lambda i, inp, out: Example(i, "", inp, out)
     a = User("a", [ex("1", "m1", "comedy"), ex("2", "m2", "action")], [], [ex("q", "m1", "?")])
     b = User("b", [ex("3", "m1", "romance"), ex("4", "m1", "romance"), ex("5", "m3", "classic")], [], [])

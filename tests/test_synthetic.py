@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from shared.lamp import load_lamp
-from shared.synthetic import theme_of, write_synthetic_lamp
+from shared.data.lamp import load_lamp
+from shared.data.synthetic import theme_of, write_synthetic_lamp
 
 
 def _truth(d):

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from shared.train import autocast, encode_example, make_batches
+from shared.data.encode import encode_example, make_batches
+from shared.runtime.precision import autocast
 
 DEFAULTS = {
     "anchors": None,            # number of anchor users; None = min(50, n_users, max(2, n_users // 4))
@@ -165,12 +166,12 @@ class Bank:
                    [int(h) for h in t["history"]])
 
     def save(self, path):
-        from shared.persist import save_tensors
+        from shared.runtime.persist import save_tensors
         save_tensors(path, self.to_tensors(), {"format": "proper-mta-bank", "anchors": len(self)})
 
     @classmethod
     def load(cls, path) -> "Bank":
-        from shared.persist import StateFileError, load_tensors
+        from shared.runtime.persist import StateFileError, load_tensors
         t, meta = load_tensors(path)
         if meta.get("format") != "proper-mta-bank":
             raise StateFileError(f"{path}: not an MTA bank (format={meta.get('format')!r})")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.persist import atomic_write_text
+from shared.runtime.persist import atomic_write_text
 
 STAGE_TITLES = {"base": "bare backbone", "population": "stage 1: population",
                 "group": "stage 2: group", "user": "stage 3: user",
@@ -80,8 +80,8 @@ def _fmt(v) -> str:
 def eval_rows(spec, evals: dict) -> list[dict]:
     """evals: {stage: {split: {"stats": {name: list}, "user_scores": [float]}}} -> table rows,
     split by split, stages in PROPER's order, with a bootstrap CI over users of the first metric."""
-    from shared.evaluate import stats_metrics
-    from shared.metrics import bootstrap_ci
+    from shared.evaluation.evaluate import stats_metrics
+    from shared.evaluation.metrics import bootstrap_ci
     splits = list(dict.fromkeys(sp for by_split in evals.values() for sp in by_split))
     rows = []
     for split in splits:

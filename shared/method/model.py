@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from shared.adapters import STAGES, ProperLinear, RoutingContext
-from shared.backbone import target_linears
+from shared.method.adapters import STAGES, ProperLinear, RoutingContext
+from shared.runtime.backbone import target_linears
 
 
 class ProperModel(nn.Module):

@@ -18,7 +18,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from shared.lamp import MOVIE_TAGS, movie_prompt
+from shared.data.lamp import MOVIE_TAGS, movie_prompt
 
 # theme -> words that give it away; kept disjoint so the theme is readable from the text
 THEMES = {

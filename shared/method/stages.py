@@ -1,8 +1,8 @@
-"""Local training of one PROPER stage for a set of users: what a client (or `proper local`) runs.
+"""PROPER's three stages, trained locally on a set of users: what a client (or `proper local`) runs.
 
-  population_round  next-token CE on the outputs over every user's history -> population LoRA
-  group_round       experts + user-aware router + the users' embeddings, with the constraint loss
-  user_stage        per user: user LoRA + LoRA-aware router, from that user's stage-2 model
+  train_population  next-token CE on the outputs over every user's history -> population LoRA
+  train_group       experts + user-aware router + the users' embeddings, with the constraint loss
+  train_user        per user: user LoRA + LoRA-aware router, from that user's stage-2 model
 
 Shared parameters come back as {name: tensor}; private state (embeddings, user LoRAs, LoRA-aware
 routers) goes to the caller's UserStore and never into the returned result.
@@ -18,76 +18,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from shared.model import ProperModel
+from shared.data.encode import encode_example, encode_users, make_batches, n_batches
+from shared.method.model import ProperModel
+from shared.runtime.precision import autocast
+from shared.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
-
-ANSWER = "\nAnswer:"
-
-
-# ---------------------------------------------------------------- tokenisation and batches
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]   # -100 on prompt tokens: only the output is learned
-    user: int           # index of the user in the caller's user list
-
-
-def encode_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
-    """Prompt ids, cut in the body (not the answer cue) when too long."""
-    body = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cue = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
-    return body[: max(1, max_prompt - len(cue))] + cue
-
-
-def encode_example(tokenizer, ex, user: int, max_len: int) -> Encoded:
-    target = tokenizer(" " + ex.output.strip(), add_special_tokens=False)["input_ids"][: max_len // 2]
-    target = target + [tokenizer.eos_token_id]
-    prompt = encode_prompt(tokenizer, ex.input, max_len - len(target))
-    return Encoded(prompt + target, [-100] * len(prompt) + target, user)
-
-
-def make_batches(items: list[Encoded], batch_size: int, pad_id: int, rng: random.Random | None):
-    """Length-grouped batches (little padding), in random order when rng is given."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if rng is not None:
-        rng.shuffle(chunks)
-    for chunk in chunks:
-        width = max(len(items[i].input_ids) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            n = len(items[i].input_ids)
-            ids[row, :n] = torch.tensor(items[i].input_ids)
-            labels[row, :n] = torch.tensor(items[i].labels)
-            mask[row, :n] = 1
-        users = torch.tensor([items[i].user for i in chunk], dtype=torch.long)
-        yield ids, mask, labels, users
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN has bfloat16 kernels on this CPU (AVX-512 or newer)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def use_bf16(value) -> bool:
-    """train.bf16: true, false, or "auto" (the default): bf16 where the CPU computes it natively.
-    Why auto: bf16 autocast was 1.6x faster than float32 on the machine DESIGN.md measured but 20x
-    slower on an AVX2-only one (124 s against 6 s for one SmolLM2 step of 8 LaMP-2 items), where
-    every bf16 matmul is emulated."""
-    if isinstance(value, str):
-        if value.lower() != "auto":
-            raise ValueError(f"train.bf16: expected true, false or auto, got {value!r}")
-        return cpu_has_bf16()
-    return bool(value)
-
-
-def autocast(cfg):
-    """bfloat16 autocast on CPU where it pays (use_bf16); float32 master weights either way."""
-    dtype = torch.bfloat16 if use_bf16(cfg.get("bf16", "auto")) else None
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -107,27 +43,6 @@ def answer_loss(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor)
     keep = target != -100
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), target[keep])
-
-
-class Progress:
-    """A log line every `every` seconds on long loops, so a 10-minute stage is not silent."""
-
-    def __init__(self, what: str, total_steps: int, every: float = 60.0):
-        self.what, self.total, self.every = what, total_steps, every
-        self.t0 = self.last = time.time()
-        self.step = 0
-
-    def tick(self, loss: float, tokens: int):
-        self.step += 1
-        now = time.time()
-        if now - self.last >= self.every and self.step < self.total:
-            self.last = now
-            log.info("%s: step %d/%d, loss %.3f, %.0f tok/s", self.what, self.step, self.total, loss,
-                     tokens / max(now - self.t0, 1e-9))
-
-
-def n_batches(items, batch_size: int) -> int:
-    return math.ceil(len(items) / batch_size)
 
 
 # ---------------------------------------------------------------- the constraint loss
@@ -186,18 +101,11 @@ def _optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
 
 
-def _encode_users(tokenizer, users, max_len, split="train"):
-    items = []
-    for i, u in enumerate(users):
-        items += [encode_example(tokenizer, ex, i, max_len) for ex in getattr(u, split)]
-    return items
-
-
 # ---------------------------------------------------------------- stage 1: population
-def population_round(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -> RoundResult:
+def train_population(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -> RoundResult:
     """Train the population LoRA (already loaded into `model`) on these users' histories."""
     model.set_stage("population", train=True)
-    items = _encode_users(tokenizer, users, cfg.max_len)
+    items = encode_users(tokenizer, users, cfg.max_len)
     opt = _optimizer(model.trainable_parameters(), cfg)
     rng = random.Random(seed)
     losses, tokens, t0 = [], 0, time.time()
@@ -221,7 +129,7 @@ def _train_metrics(losses, tokens, t0):
 
 
 # ---------------------------------------------------------------- stage 2: group
-def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg,
+def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg,
                 others: torch.Tensor | None = None, seed: int = 0,
                 user_router: bool = True) -> tuple[RoundResult, torch.Tensor]:
     """Train experts, W_h, W_u (shared) and the users' embeddings (private) for one round.
@@ -235,7 +143,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
         raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
     model.set_stage("group", train=True)
     emb = torch.nn.Parameter(embeddings.detach().clone().float())
-    items = _encode_users(tokenizer, users, cfg.max_len)
+    items = encode_users(tokenizer, users, cfg.max_len)
     params = model.trainable_parameters() + ([emb] if user_router else [])
     opt = _optimizer(params, cfg)
     lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
@@ -276,7 +184,7 @@ def group_round(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
 
 
 # ---------------------------------------------------------------- stage 3: user
-def user_train(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg, seed: int = 0) -> dict:
+def train_user(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg, seed: int = 0) -> dict:
     """Train one user's LoRA + LoRA-aware router (the model's user part) from its stage-2 model."""
     model.reset_part("user", seed=seed)
     model.set_stage("user", train=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from shared.config import load_config
+from shared.runtime.config import load_config
 
 RESERVED = {"config", "overrides", "run-dir"}
 

@@ -15,8 +15,9 @@ import math
 import numpy as np
 import torch
 
-from shared import metrics as M
-from shared.train import autocast, encode_prompt, use_bf16
+from shared.evaluation import metrics as M
+from shared.data.encode import encode_prompt
+from shared.runtime.precision import autocast, use_bf16
 
 MAX_NEW_TOKENS = {"label": 8, "rating": 3, "generation": 32}
 

@@ -72,13 +72,13 @@ def main(argv=None):
         from sim.report import main as report_main
         return report_main(args)
     if args.cmd == "synth":
-        from shared.synthetic import write_synthetic_lamp
+        from shared.data.synthetic import write_synthetic_lamp
         print(write_synthetic_lamp(args.out, n_users=args.users, n_groups=args.groups, seed=args.seed))
         return 0
 
     _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from shared.config import load_config
+    from shared.runtime.config import load_config
     if args.cmd == "local":
         cfg = load_config(args.config, args.overrides)
         from sim.local import run_local

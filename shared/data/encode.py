@@ -1,0 +1,62 @@
+"""Tokenisation and batches: a LaMP item as prompt + answer ids (only the answer is learned)."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+ANSWER = "\nAnswer:"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]   # -100 on prompt tokens: only the output is learned
+    user: int           # index of the user in the caller's user list
+
+
+def encode_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
+    """Prompt ids, cut in the body (not the answer cue) when too long."""
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cue = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    return body[: max(1, max_prompt - len(cue))] + cue
+
+
+def encode_example(tokenizer, ex, user: int, max_len: int) -> Encoded:
+    target = tokenizer(" " + ex.output.strip(), add_special_tokens=False)["input_ids"][: max_len // 2]
+    target = target + [tokenizer.eos_token_id]
+    prompt = encode_prompt(tokenizer, ex.input, max_len - len(target))
+    return Encoded(prompt + target, [-100] * len(prompt) + target, user)
+
+
+def make_batches(items: list[Encoded], batch_size: int, pad_id: int, rng: random.Random | None):
+    """Length-grouped batches (little padding), in random order when rng is given."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(chunks)
+    for chunk in chunks:
+        width = max(len(items[i].input_ids) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            n = len(items[i].input_ids)
+            ids[row, :n] = torch.tensor(items[i].input_ids)
+            labels[row, :n] = torch.tensor(items[i].labels)
+            mask[row, :n] = 1
+        users = torch.tensor([items[i].user for i in chunk], dtype=torch.long)
+        yield ids, mask, labels, users
+
+
+def n_batches(items, batch_size: int) -> int:
+    return math.ceil(len(items) / batch_size)
+
+
+def encode_users(tokenizer, users, max_len, split="train"):
+    items = []
+    for i, u in enumerate(users):
+        items += [encode_example(tokenizer, ex, i, max_len) for ex in getattr(u, split)]
+    return items

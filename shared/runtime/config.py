@@ -19,17 +19,14 @@ class ConfigError(ValueError):
     pass
 
 
-SCHEDULES = ("parallel", "sequential")   # federation.schedule (server/server_app.py)
-
-
 def check(cfg: DictConfig) -> DictConfig:
     """Refuse values the run would only trip over later, naming the key."""
     bf16 = cfg.train.get("bf16", "auto")
     if not (isinstance(bf16, bool) or str(bf16).lower() == "auto"):
         raise ConfigError(f"train.bf16: expected true, false or auto, got {bf16!r}")
-    sched = str(cfg.federation.get("schedule", "parallel"))
-    if sched not in SCHEDULES:
-        raise ConfigError(f"federation.schedule: expected one of {SCHEDULES}, got {sched!r}")
+    if "schedule" in cfg.federation:
+        raise ConfigError("federation.schedule is gone: federation.chains=1 is the sequential schedule, "
+                          "null (one chain per client) the parallel one")
     return cfg
 
 

@@ -43,6 +43,7 @@ PRESETS = {
     "embedded": ("lamp2_sample", ["data.max_users=6", "population.epochs=1", "group.rounds=1", "user.epochs=1",
                                   "eval.splits=[test]"]),
 }
+_DEFAULT_THREADS = "defaults (local: torch default; Ray actors: 1 each)"
 
 
 def parse_args(argv=None):
@@ -131,7 +132,7 @@ def main(argv=None):
     text = "\n".join([
         f"Work: `-c {config} {' '.join(shlex.quote(o) for o in overrides if not o.startswith('data.path='))}`"
         f" ({n_users} users{', synthetic' if args.model == 'tiny' else ''}); each variant a fresh process; "
-        f"threads: {'OMP_NUM_THREADS=%d everywhere' % args.threads if args.threads else 'defaults (local: torch default; Ray actors: 1 each)'}.",
+        f"threads: {'OMP_NUM_THREADS=%d everywhere' % args.threads if args.threads else _DEFAULT_THREADS}.",
         f"Machine: {machine()}.",
         f"{args.reps} repetition(s) of [{', '.join(variants)}], {time.perf_counter() - t0:.0f} s in all.",
         "",

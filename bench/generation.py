@@ -50,9 +50,9 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     """LaMP-2 style prompts (compact template) from synthetic users: realistic lengths."""
     import tempfile
 
+    from shared.data.encode import encode_prompt
     from shared.data.lamp import apply_template, load_lamp
     from shared.data.synthetic import write_synthetic_lamp
-    from shared.data.encode import encode_prompt
     with tempfile.TemporaryDirectory() as d:
         write_synthetic_lamp(d, n_users=max(n, 2), seed=0)
         spec, users = load_lamp(d)
@@ -61,8 +61,8 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def build(args):
-    from shared.runtime.backbone import find_target_modules, load_backbone
     from shared.method.model import ProperModel
+    from shared.runtime.backbone import find_target_modules, load_backbone
     bare, tok = load_backbone(args.model, seed=0)
     lm, _ = load_backbone(args.model, seed=0)
     targets = find_target_modules(lm, None)

@@ -103,8 +103,9 @@ def report(results: list[dict]) -> tuple[list[str], list[str]]:
         common = [s for s in TRAIN_STEPS if s in r["seconds"] and s in base["seconds"]]
         if common:
             t = sum(r["seconds"][s] for s in common) / sum(base["seconds"][s] for s in common)
+            verdict = "linear or better" if t <= 1.15 * k else "WORSE than linear"
             notes.append(f"{r['n']} vs {base['n']} users ({k:.0f}x): training rounds took {t:.1f}x "
-                         f"({'linear or better' if t <= 1.15 * k else 'WORSE than linear'}; measured on {', '.join(common)})")
+                         f"({verdict}; measured on {', '.join(common)})")
         m = r["peak"] / base["peak"] if base["peak"] else float("nan")
         notes.append(f"peak memory {r['n']} vs {base['n']} users: {m:.2f}x "
                      f"({'ok' if m <= 2 else 'ABOVE'} target 2x{'' if not r['timed_out'] else ', up to the timeout'})")
@@ -136,10 +137,11 @@ def main(argv=None):
               + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
               + (" (TIMED OUT)" if r["timed_out"] else ""), flush=True)
     rows, notes = report(results)
+    nodes = "one SuperNode per user" if args.per_client == 1 else f"{args.per_client} users per SuperNode"
     text = "\n".join([
-        f"Work: `proper sim -c tiny` with "
-        f"{'one SuperNode per user' if args.per_client == 1 else f'{args.per_client} users per SuperNode'}, synthetic users with {profile[0]}-{profile[1]} "
-        f"profile items{(' and ' + ' '.join(args.overrides)) if args.overrides else ''}; each user count a fresh process.",
+        f"Work: `proper sim -c tiny` with {nodes}, synthetic users with {profile[0]}-{profile[1]} "
+        f"profile items{(' and ' + ' '.join(args.overrides)) if args.overrides else ''}; "
+        "each user count a fresh process.",
         f"Machine: {machine()}.",
         f"{time.perf_counter() - t0:.0f} s in all. Step columns: seconds of each server step "
         "(checkpoint/progress.json); wall includes Ray and Flower start-up.",

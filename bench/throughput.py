@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from shared.runtime.backbone import find_target_modules, load_backbone
 from shared.method.model import ProperModel
 from shared.method.stages import answer_loss, constraint_loss, user_mixtures
+from shared.runtime.backbone import find_target_modules, load_backbone
 from shared.runtime.precision import autocast
 
 TARGET_RATIO = 0.85

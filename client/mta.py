@@ -18,13 +18,15 @@ import time
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 
+from client.runtime import config_of, reply, trainer_for
 from client.trainer import EvalResult, user_seed
+from shared.evaluation.evaluate import predict
+from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
 from shared.method import mta as M
-from shared.evaluation.evaluate import add_stats, example_stats, predict
-from shared.evaluation.metrics import per_example_scores
-from shared.runtime.persist import StateFileError, export_peft_adapter, import_peft_adapter
 from shared.method.stages import train_population, train_user
+from shared.runtime.persist import StateFileError, export_peft_adapter, import_peft_adapter
 
 log = logging.getLogger("proper.mta")
 
@@ -196,39 +198,36 @@ def evaluate_message(trainer, stage: str, msg, split: str) -> EvalResult:
 
 def register(app):
     """query.mta_candidates, train.mta_anchor, train.mta_user on the ClientApp (client_app.py)."""
-    from flwr.app import ArrayRecord
-
-    from client import client_app as ca
 
     @app.query("mta_candidates")
     def mta_candidates(msg, context):
         """Nominate this client's `n` longest-history users: their profile embeddings and history
         lengths leave the client (no ids, no text); every other user's embedding stays here."""
-        t = ca.trainer_for(context, "mta")
-        emb, hist = for_trainer(t).candidates(int(ca._config(msg).get("n", 1)))
+        t = trainer_for(context, "mta")
+        emb, hist = for_trainer(t).candidates(int(config_of(msg).get("n", 1)))
         arrays = ArrayRecord({"embeddings": torch.from_numpy(np.ascontiguousarray(emb, np.float32)),
                               "history": torch.tensor(hist, dtype=torch.long)})
-        return ca.reply(msg, {"num-users": len(t.users), "num-candidates": len(hist)}, {"candidates": arrays})
+        return reply(msg, {"num-users": len(t.users), "num-candidates": len(hist)}, {"candidates": arrays})
 
     @app.train("mta_anchor")
     def mta_anchor(msg, context):
         """Train one LoRA per requested candidate slot (slot j = this client's j-th longest history)."""
-        t = ca.trainer_for(context, "mta")
+        t = trainer_for(context, "mta")
         mc = for_trainer(t)
         order = mc.candidate_order()
         arrays, losses, examples = {}, [], 0
-        for slot in [int(s) for s in ca._config(msg).get("slots", [])]:
+        for slot in [int(s) for s in config_of(msg).get("slots", [])]:
             state, m = mc.train_anchor(order[slot])
             arrays[f"anchor.{slot}"] = ArrayRecord(state)
             losses.append(m["train_loss"])
             examples += int(m["num-examples"])
         metrics = {"num-examples": examples, "num-users": len(arrays),
                    "train_loss": float(np.mean(losses)) if losses else float("nan")}
-        return ca.reply(msg, metrics, arrays)
+        return reply(msg, metrics, arrays)
 
     @app.train("mta_user")
     def mta_user(msg, context):
         """Retrieve and merge with the bank, train each user's stacked LoRA; reply metrics only."""
-        t = ca.trainer_for(context, "mta")
+        t = trainer_for(context, "mta")
         m = for_trainer(t).personalize(bank_in(msg))
-        return ca.reply(msg, {"num-examples": sum(len(u.train) for u in t.users), "num-users": len(t.users), **m})
+        return reply(msg, {"num-examples": sum(len(u.train) for u in t.users), "num-users": len(t.users), **m})

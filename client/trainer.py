@@ -17,14 +17,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from shared.runtime.backbone import find_target_modules, load_backbone
-from shared.evaluation.evaluate import add_stats, example_stats, predict
-from shared.evaluation.metrics import per_example_scores
 from shared.data.lamp import apply_template, exclude_eval_overlap, load_lamp
+from shared.evaluation.evaluate import predict
+from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
 from shared.method.model import ProperModel
+from shared.method.optim import round_lr
 from shared.method.plan import uses_user_router
+from shared.method.stages import RoundResult, initial_mixtures, train_group, train_population, train_user
+from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.runtime.config import stage_cfg
 from shared.runtime.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
-from shared.method.stages import RoundResult, train_group, train_population, train_user
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,11 @@ def get_model(cfg: DictConfig) -> tuple[ProperModel, object]:
     return _MODELS[key]
 
 
-def stage_cfg(cfg: DictConfig, stage: str) -> DictConfig:
-    """The training settings of one stage: train.* overridden by <stage>.*"""
-    return OmegaConf.merge(cfg.train, cfg[stage])
+def round_cfg(cfg: DictConfig, stage: str, server_round: int) -> DictConfig:
+    """A stage's settings for one of its rounds: the client lr follows train.lr_schedule."""
+    out = stage_cfg(cfg, stage)
+    out.lr = round_lr(out, server_round)
+    return out
 
 
 def user_seed(seed: int, user_id: str) -> int:
@@ -55,7 +59,7 @@ def load_users(cfg: DictConfig, path: str | None = None):
     spec, users = load_lamp(path or cfg.data.path, task=cfg.data.task, holdout=cfg.data.holdout,
                             max_users=cfg.data.max_users, longest=cfg.data.longest)
     users = apply_template(users, spec.name, cfg.data.template)
-    if cfg.data.get("exclude_eval_overlap"):
+    if cfg.data.exclude_eval_overlap:
         users, dropped = exclude_eval_overlap(users)
         log.info("data.exclude_eval_overlap: %d training items dropped (their input is a test or val query)",
                  dropped)
@@ -117,7 +121,7 @@ class ClientTrainer:
     # ---- stage 1
     def population(self, population: dict | None, server_round: int) -> RoundResult:
         self._prepare("population", population)
-        return train_population(self.model, self.tokenizer, self.users, stage_cfg(self.cfg, "population"),
+        return train_population(self.model, self.tokenizer, self.users, round_cfg(self.cfg, "population", server_round),
                                 seed=self.seed + server_round)
 
     # ---- stage 2
@@ -127,9 +131,10 @@ class ClientTrainer:
         if others is not None and len(others):
             others = self._drop_own(others, server_round)
         before = torch.stack([self._embedding(u, server_round) for u in self.users])
-        result, emb = train_group(self.model, self.tokenizer, self.users, before, stage_cfg(self.cfg, "group"),
-                                  others=others, seed=self.seed + server_round,
-                                  user_router=uses_user_router(self.cfg))
+        result, emb, by_user = train_group(self.model, self.tokenizer, self.users, before,
+                                           round_cfg(self.cfg, "group", server_round),
+                                           others=others, seed=self.seed + server_round,
+                                           user_router=uses_user_router(self.cfg), return_user_mixtures=True)
         rnd = torch.tensor([server_round])
         for u, e, b in zip(self.users, emb, before):
             self.store.save(u.user_id, "embedding", {"e_u": e, "e_u_before": b, "round": rnd})
@@ -137,7 +142,26 @@ class ClientTrainer:
         save_tensors(self.store.root / "sent_mixtures.safetensors",
                      {"mixtures": result.mixtures, "previous": sent if sent is not None else result.mixtures[:0],
                       "round": rnd})
-        return result
+        self._save_user_mixtures(by_user, server_round)
+        return result  # by_user names users by position: it stays on this disk, never in the reply
+
+    def _save_user_mixtures(self, by_user: torch.Tensor, server_round: int):
+        """Each user's mixture and dominant expert, on this client's disk only: what group recovery
+        (shared/evaluation/groups.py) compares with known groups after the run."""
+        from shared.evaluation.groups import write_user_mixtures
+        write_user_mixtures(self.store.root, [u.user_id for u in self.users], by_user.numpy(), server_round)
+
+    def initial_mixtures(self, population: dict, group: dict | None) -> torch.Tensor:
+        """The users' mixtures under the group part round 1 starts from, with their starting e_u
+        (shuffled, no ids): the first pool for the constraint loss. Nothing is trained or stored."""
+        self._prepare("group", population, group)
+        emb = torch.stack([self._embedding(u, 1) for u in self.users])
+        mixtures = initial_mixtures(self.model, self.tokenizer, self.users, emb, stage_cfg(self.cfg, "group"),
+                                    seed=self.seed)
+        # remembered as "sent before round 1", so round 1 drops them from the pool it gets back
+        save_tensors(self.store.root / "sent_mixtures.safetensors",
+                     {"mixtures": mixtures, "previous": mixtures[:0], "round": torch.tensor([0])})
+        return mixtures
 
     def _own_mixtures(self, server_round: int) -> torch.Tensor | None:
         """The mixtures this client sent in the round before `server_round`."""

@@ -1,7 +1,9 @@
 """The server's checkpoint: written after every step (round or evaluation), read by --resume.
 
-<run dir>/checkpoint/progress.json     steps done, evaluation results, participation, round metrics
-<run dir>/checkpoint/state-<n>.safetensors   population LoRA, group part, shared mixtures after step n
+<run dir>/checkpoint/progress.json           steps done, evaluation results, participation
+<run dir>/checkpoint/state-<n>.safetensors   the shared parts after step n: population LoRA, group
+                                             part, the pool of mixtures, each stage's server
+                                             optimizer state ("opt.<stage>": moments, momentum)
 
 The tensors are written first under a new name, then progress.json (atomically) points to them,
 then older tensor files are removed: a crash at any moment leaves a consistent checkpoint.
@@ -15,8 +17,6 @@ import torch
 
 from shared.runtime.persist import atomic_write_text, load_tensors, save_tensors
 
-PARTS = ("population", "group", "mixtures")
-
 
 class Checkpoint:
     def __init__(self, run_dir: str | Path):
@@ -27,27 +27,27 @@ class Checkpoint:
         if not path.exists():
             return None
         progress = json.loads(path.read_text())
-        tensors, parts = {}, {p: None for p in PARTS}
+        tensors, parts = {}, {"population": None, "group": None, "mixtures": None}
         if progress.get("tensors"):
             tensors, _ = load_tensors(self.dir / progress["tensors"])
         for key, value in tensors.items():
-            part, _, name = key.partition("/")
-            if part == "mixtures":
-                parts["mixtures"] = value
-            else:
-                parts[part] = parts[part] or {}
+            part, slash, name = key.partition("/")
+            if slash:   # a dict of tensors
+                parts[part] = parts.get(part) or {}
                 parts[part][name] = value
+            else:       # one tensor (the pool of mixtures)
+                parts[part] = value
         return progress, parts
 
     def save(self, progress: dict, parts: dict):
         self.dir.mkdir(parents=True, exist_ok=True)
         n = len(progress["done"])
         flat = {}
-        for part in ("population", "group"):
-            for name, value in (parts.get(part) or {}).items():
-                flat[f"{part}/{name}"] = value
-        if parts.get("mixtures") is not None:
-            flat["mixtures"] = parts["mixtures"]
+        for part, value in parts.items():
+            if isinstance(value, torch.Tensor):
+                flat[part] = value
+            elif isinstance(value, dict):
+                flat.update({f"{part}/{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
         name = f"state-{n:04d}.safetensors" if flat else None
         if flat:
             save_tensors(self.dir / name, flat)

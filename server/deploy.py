@@ -110,7 +110,8 @@ def make_certs(out: str | Path, hosts=(), nodes: int = 0, days: int = 365, force
     out.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
     now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=days))
+    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
+                 not_valid_after=now + datetime.timedelta(days=days))
     made = {}
 
     def private_pem(key) -> bytes:
@@ -274,7 +275,7 @@ def register_keys(flwr_home: Path, keys, connection: str = CONNECTION) -> dict[s
         try:
             payload = json.loads(res.stdout[res.stdout.index("{"):])
         except ValueError:
-            raise SystemExit(f"registering {key} failed: {res.stdout}{res.stderr}")
+            raise SystemExit(f"registering {key} failed: {res.stdout}{res.stderr}") from None
         if payload.get("success"):
             ids[str(key)] = record[digest] = str(payload["node-id"])
             say(f"registered SuperNode key {key} as node {payload['node-id']}")
@@ -323,7 +324,8 @@ def run_server(args) -> int:
             return 1
         if not args.insecure:
             register_keys(flwr_home, args.node_keys)
-        say(f"SuperLink ready on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS, SuperNode authentication'}); "
+        security = "INSECURE" if args.insecure else "TLS, SuperNode authentication"
+        say(f"SuperLink ready on {args.host}:{args.port} ({security}); "
             f"working directory {workdir}")
         say(f"submit a run from this host: proper submit --dir {workdir} -c <config> data.task=<task>")
         while proc.poll() is None:
@@ -449,22 +451,26 @@ def _submit(args, tmp: Path) -> int:
 
 def add_parsers(sub):
     s = sub.add_parser("certs", help="make a local CA, the server's TLS certificate and test SuperNode keys")
-    s.add_argument("--out", required=True, help="directory for ca.crt, ca.key, server.crt, server.key, node-<i>.key/.pub")
+    s.add_argument("--out", required=True,
+                   help="directory for ca.crt, ca.key, server.crt, server.key, node-<i>.key/.pub")
     s.add_argument("--host", action="append", default=[],
                    help="a DNS name or IP address clients use to reach the server (repeatable); "
                         "localhost, 127.0.0.1 and ::1 are always included")
     s.add_argument("--nodes", type=int, default=0, help="also make this many SuperNode key pairs (testing)")
     s.add_argument("--days", type=int, default=365)
-    s.add_argument("--force", action="store_true", help="replace existing files (a new CA: clients need the new ca.crt)")
+    s.add_argument("--force", action="store_true",
+                   help="replace existing files (a new CA: clients need the new ca.crt)")
 
     s = sub.add_parser("keygen", help="make one SuperNode key pair (on the client host)")
-    s.add_argument("--out", required=True, help="private key file; the public key goes to <out>.pub (or .pub for a .key)")
+    s.add_argument("--out", required=True,
+                   help="private key file; the public key goes to <out>.pub (or .pub for a .key)")
     s.add_argument("--force", action="store_true")
 
     s = sub.add_parser("server", help="run the SuperLink (TLS + SuperNode authentication)")
     s.add_argument("--dir", default="proper-server", help="working directory: database, Flower home, runs/")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the SuperLink's one HTTPS port (default {DEFAULT_PORT})")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"the SuperLink's one HTTPS port (default {DEFAULT_PORT})")
     s.add_argument("--certs", help="directory with ca.crt, server.crt, server.key (from `proper certs`)")
     s.add_argument("--ca", help="CA certificate (instead of --certs)")
     s.add_argument("--cert", help="server certificate (instead of --certs)")

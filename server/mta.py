@@ -15,52 +15,56 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from shared.method import mta as M
 
+if TYPE_CHECKING:
+    from server.federation import Federation
+
 log = logging.getLogger("proper.server")
 
 BANK_FILE = "mta_bank.safetensors"
 
 
-def bank_of(run) -> M.Bank | None:
+def bank_of(fed: Federation) -> M.Bank | None:
     """The run's bank: in memory, or from its file after a resume."""
-    bank = run.parts.get("mta_bank")
-    path = run.run_dir.path / BANK_FILE
+    bank = fed.parts.get("mta_bank")
+    path = fed.run_dir.path / BANK_FILE
     if bank is None and path.exists():
-        bank = run.parts["mta_bank"] = M.Bank.load(path)
+        bank = fed.parts["mta_bank"] = M.Bank.load(path)
     return bank
 
 
-def bank_record(run) -> ArrayRecord:
-    bank = bank_of(run)
+def bank_record(fed: Federation) -> ArrayRecord:
+    bank = bank_of(fed)
     return ArrayRecord(bank.to_tensors()) if bank is not None else ArrayRecord()
 
 
-def mta_step(run, step: str, what: str):
+def mta_step(fed: Federation, step: str, what: str):
     if what == "bank":
-        return build_bank(run, step)
+        return build_bank(fed, step)
     if what == "user":
-        return personalize(run, step)
+        return personalize(fed, step)
     raise ValueError(f"unknown MTA step {step!r}")
 
 
-def _participation(run, step):
-    return {f"nodes_{k}": v for k, v in run.progress["participation"][step].items()}
+def _participation(fed: Federation, step):
+    return {f"nodes_{k}": v for k, v in fed.progress["participation"][step].items()}
 
 
-def build_bank(run, step: str):
-    mcfg = M.mta_cfg(run.cfg)
-    nodes = sorted(run.grid.get_node_ids())
+def build_bank(fed: Federation, step: str):
+    mcfg = M.mta_cfg(fed.cfg)
+    nodes = sorted(fed.grid.get_node_ids())
     if mcfg.candidate_nodes and int(mcfg.candidate_nodes) < len(nodes):
-        rng = np.random.default_rng(int(run.cfg.seed))
+        rng = np.random.default_rng(int(fed.cfg.seed))
         nodes = sorted(int(n) for n in rng.choice(nodes, int(mcfg.candidate_nodes), replace=False))
     ask = RecordDict({"config": ConfigRecord({"n": int(mcfg.candidates_per_client)})})
     msgs = [Message(ask, dst_node_id=n, message_type="query.mta_candidates") for n in nodes]
-    replies = run.collect(f"{step}/candidates", msgs)
+    replies = fed.collect(f"{step}/candidates", msgs)
     emb, hist, owner, users = [], [], [], 0
     for r in replies:
         c = r.content["candidates"].to_torch_state_dict()
@@ -73,7 +77,7 @@ def build_bank(run, step: str):
         raise RuntimeError("MTA: no node nominated an anchor candidate")
     emb = np.stack(emb)
     n = int(mcfg.anchors or M.default_anchors(users))
-    chosen, labels = M.select_anchors(emb, hist, n, seed=int(run.cfg.seed), center=bool(mcfg.center),
+    chosen, labels = M.select_anchors(emb, hist, n, seed=int(fed.cfg.seed), center=bool(mcfg.center),
                                       iters=int(mcfg.kmeans_iters))
     by_node: dict[int, list[int]] = {}
     for i in chosen:
@@ -82,7 +86,7 @@ def build_bank(run, step: str):
     msgs = [Message(RecordDict({"config": ConfigRecord({"slots": slots})}), dst_node_id=node,
                     message_type="train.mta_anchor") for node, slots in by_node.items()]
     trained = {}
-    for r in run.collect(f"{step}/anchors", msgs):
+    for r in fed.collect(f"{step}/anchors", msgs):
         for name, rec in r.content.array_records.items():
             if name.startswith("anchor."):
                 trained[(r.metadata.src_node_id, int(name.split(".", 1)[1]))] = rec.to_torch_state_dict()
@@ -94,20 +98,20 @@ def build_bank(run, step: str):
     anchors = emb[keep]
     bank = M.Bank([trained[owner[i]] for i in keep], anchors, M.build_center(anchors, bool(mcfg.center)),
                   [hist[i] for i in keep])
-    bank.save(run.run_dir.path / BANK_FILE)
-    run.parts["mta_bank"] = bank
-    run.run_dir.log({"kind": "train", "stage": "mta_bank", "round": 1, "anchors": len(keep),
+    bank.save(fed.run_dir.path / BANK_FILE)
+    fed.parts["mta_bank"] = bank
+    fed.run_dir.log({"kind": "train", "stage": "mta_bank", "round": 1, "anchors": len(keep),
                      "candidates": len(emb), "cluster_sizes": np.bincount(labels).tolist(),
-                     "bank_bytes": bank.nbytes(), **_participation(run, f"{step}/anchors")})
+                     "bank_bytes": bank.nbytes(), **_participation(fed, f"{step}/anchors")})
     log.info("%s: %d anchors from %d candidates of %d users; bank %.1f MB", step, len(keep), len(emb), users,
              bank.nbytes() / 1e6)
 
 
-def personalize(run, step: str):
-    bank = bank_of(run)
+def personalize(fed: Federation, step: str):
+    bank = bank_of(fed)
     if bank is None:
         raise RuntimeError("mta:user without a bank: mta:bank failed or did not run")
-    ok = run.send(step, "train.mta_user", RecordDict({"bank": bank_record(run)}))
+    ok = fed.send(step, "train.mta_user", RecordDict({"bank": bank_record(fed)}))
     losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
-    run.run_dir.log({"kind": "train", "stage": "mta_user", "round": 1,
-                     "train_loss": float(np.mean(losses)) if losses else None, **_participation(run, step)})
+    fed.run_dir.log({"kind": "train", "stage": "mta_user", "round": 1,
+                     "train_loss": float(np.mean(losses)) if losses else None, **_participation(fed, step)})

@@ -6,6 +6,9 @@
   proper report RUN [RUN ...] --out DIR         compare runs: methods x metrics, bytes, wall time, figures
   proper certs | keygen | server | register | client | submit | split
                                                the deployed federation (docs/deployment.md)
+
+A mistake in the input (bad data, a bad config value, a missing file or run directory) prints one
+line, `error: <what and where>`, and exits with status 2; `proper --debug ...` shows the traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +17,22 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
+
+# Exceptions that tell the user what to fix, by (module, class): an exception of a class can only
+# have been raised once its module was imported, so checking costs no import (a failed
+# `proper report` need not load torch). Every other exception is a bug and keeps its traceback.
+USER_ERRORS = (
+    ("shared.data.lamp", "LampDataError"),              # bad LaMP files: names the file and record
+    ("shared.data.synthetic", "SyntheticArgumentError"),  # proper synth / data.synthetic values
+    ("shared.runtime.config", "ConfigError"),           # bad config, override or run directory
+    ("shared.runtime.persist", "StateFileError"),       # a corrupt or foreign state file
+    ("shared.runtime.backbone", "MissingWheelError"),   # the embedded model's wheel is not installed
+    ("omegaconf.errors", "GrammarParseError"),          # an override omegaconf cannot parse
+    ("yaml", "YAMLError"),                              # a config file that is not YAML
+)
+FILE_ERRORS = (FileNotFoundError, PermissionError)     # their message names the path
 
 
 def _run_path(cfg, config_name: str | None, prefix: str) -> Path:
@@ -25,13 +43,37 @@ def _run_path(cfg, config_name: str | None, prefix: str) -> Path:
 def _setup_logging(verbose: bool):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("urllib3", "filelock", "matplotlib", "PIL"):
+    for noisy in ("urllib3", "filelock", "matplotlib", "PIL", "alembic"):  # alembic: Flower's state database
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="proper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _quiet_ray():
+    # ray.init's advice about a future default for GPU visibility: this project sets num_gpus
+    # explicitly, so the advice does not apply, and it printed a FutureWarning in every run's log.
+    warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray, Ray will no longer override",
+                            category=FutureWarning, module=r"ray\._private\.worker")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, SystemExit):  # the deployment commands exit with their message as the code
+        return isinstance(exc.code, str)
+    if isinstance(exc, FILE_ERRORS):
+        return True
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS)
+    return isinstance(exc, tuple(cls for cls in loaded if isinstance(cls, type)))
+
+
+def one_line(exc: BaseException) -> str:
+    text = exc.code if isinstance(exc, SystemExit) else str(exc)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="proper", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, helptext in (("local", "run all three stages in one process: one client holding every user"),
                            ("sim", "run the federation on Flower's simulation engine (Ray)")):
@@ -51,12 +93,32 @@ def main(argv=None):
     s.add_argument("--users", type=int, default=20)
     s.add_argument("--groups", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--task", default="LaMP_2", help="LaMP_2 (movie tags) or LaMP_4 (headlines in each group's style)")
+    s.add_argument("--size-law", default="pareto", choices=("pareto", "uniform"),
+                   help="history sizes: heavy-tailed or uniform")
+    s.add_argument("--quirk-prob", type=float, default=0.2, help="chance a user departs from its group on a topic")
     from client.deploy import add_parser as add_client_parser
     from server.deploy import add_parsers as add_deploy_parsers
     add_deploy_parsers(sub)
     add_client_parser(sub)
-    args = p.parse_args(argv)
+    for s in sub.choices.values():
+        # SUPPRESS: without the flag a subcommand leaves the top-level value alone
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
 
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BaseException as exc:
+        if args.debug or not is_user_error(exc):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.cmd in ("certs", "keygen", "server", "register", "submit"):
         from server.deploy import main as deploy_main
         return deploy_main(args)
@@ -73,7 +135,8 @@ def main(argv=None):
         return report_main(args)
     if args.cmd == "synth":
         from shared.data.synthetic import write_synthetic_lamp
-        print(write_synthetic_lamp(args.out, n_users=args.users, n_groups=args.groups, seed=args.seed))
+        print(write_synthetic_lamp(args.out, n_users=args.users, n_groups=args.groups, seed=args.seed,
+                                   task=args.task, size_law=args.size_law, quirk_prob=args.quirk_prob))
         return 0
 
     _setup_logging(args.verbose)
@@ -85,6 +148,7 @@ def main(argv=None):
         run_local(cfg, _run_path(cfg, args.config, "local"))
         return 0
     if args.cmd == "sim":
+        _quiet_ray()
         from sim.run import run_sim
         return run_sim(args.config, args.overrides, resume=args.resume)
     return 2

@@ -13,10 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from client.trainer import ClientTrainer, load_users
-from shared.runtime.config import to_yaml
-from shared.evaluation.evaluate import stats_metrics
-from shared.runtime.persist import export_peft_adapter, save_group
+from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures
+from shared.evaluation.metrics import stats_metrics
 from shared.method.plan import stage_plan
+from shared.runtime.config import to_yaml
+from shared.runtime.persist import export_peft_adapter, save_group
 from shared.runtime.precision import use_bf16
 from shared.runtime.results import RunDir, eval_rows, plot_mixtures, plot_stages
 
@@ -27,7 +28,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> str:
     """The data path, generating synthetic users first when the config asks for them."""
     if str(cfg.data.path).endswith("synthetic"):
         from shared.data.synthetic import write_synthetic_lamp
-        syn = dict(cfg.data.get("synthetic") or {})
+        syn = dict(cfg.data.synthetic or {})
+        # data.synthetic.task picks the generator (LaMP_2 tags, LaMP_4 headlines); absent = LaMP_2
+        syn["task"] = syn.get("task", "LaMP_2")
         out = run_dir / "synthetic_data"
         if not (out / "questions.json").exists():
             write_synthetic_lamp(out, seed=cfg.seed, **syn)
@@ -44,11 +47,13 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     log.info("%d users, task %s; loading backbone %s", len(users), spec.name, cfg.model.name)
     client = ClientTrainer(cfg, spec, users, str(run.path / "client_state"))
     mta = bank = None
-    if str(cfg.get("method", "proper")) == "mta":  # Merge-then-Adapt: client/mta.py
-        from client.mta import MTAClient, local_step as mta_step
+    if cfg.method == "mta":  # Merge-then-Adapt: client/mta.py
+        from client.mta import MTAClient
+        from client.mta import local_step as mta_step
         mta = MTAClient(client)
     splits = list(cfg.eval.splits)
     evals, per_user = {}, {u.user_id: {} for u in users}
+    groups, recovery = read_groups(cfg.data.path), None   # known groups: synthetic users only
 
     def evaluate(stage, pop=None, group=None):
         for split in splits:
@@ -80,6 +85,8 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
             run.log({"kind": "train", "stage": "group", "round": int(arg), **res.metrics})
             log.info("group round %s/%d  loss %.3f  constraint %.3f  %.0f tok/s", arg, cfg.group.rounds,
                      res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
+            if groups is not None:
+                recovery = _group_recovery(client, groups, per_user, int(arg), run)
         elif kind == "mta":
             bank = mta_step(mta, arg, bank, run)
         elif kind == "user":
@@ -93,17 +100,41 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     if group is not None:
         save_group(client.model, run.path / "group.safetensors")
     rows = eval_rows(spec, evals)
-    notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.get('method', 'proper')}; "
+    notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.method}; "
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
              f"wall time {time.time() - t0:.1f} s, one client holding all {len(users)} users (proper local); "
-             f"{'bfloat16 autocast' if use_bf16(cfg.train.get('bf16', 'auto')) else 'float32'} (train.bf16={cfg.train.get('bf16', 'auto')})"]
+             f"{'bfloat16 autocast' if use_bf16(cfg.train.bf16) else 'float32'} (train.bf16={cfg.train.bf16})"]
+    if recovery is not None:
+        notes.append(_recovery_note(recovery))
     table = run.write_table(rows, spec.metrics, notes)
-    run.write_per_user(per_user, list(dict.fromkeys(k for scores in per_user.values() for k in scores)))
+    columns = list(dict.fromkeys(k for scores in per_user.values() for k in scores))
+    # the scores per stage first, then the dominant expert (present with known groups only)
+    run.write_per_user(per_user, sorted(columns, key=lambda c: c == "expert"))
     plot_stages(run, rows, spec.metrics[0])
     if mixtures is not None:
         plot_mixtures(run, mixtures.numpy())
     print(table, flush=True)
     return rows
+
+
+def _group_recovery(client: ClientTrainer, groups: dict, per_user: dict, rnd: int, run: RunDir) -> dict:
+    """ARI and purity of the users' dominant experts after group round `rnd`, against the data's
+    groups.json; each user's dominant expert goes to per_user.csv (column "expert")."""
+    mixtures = read_user_mixtures(client.store.root / MIXTURES_FILE)
+    experts = {uid: m["expert"] for uid, m in mixtures.items()}
+    for uid, e in experts.items():
+        per_user[uid]["expert"] = e
+    rec = group_recovery(experts, groups)
+    run.log({"kind": "groups", "stage": "group", "round": rnd, **rec})
+    log.info("group round %d: group recovery ARI %.3f, purity %.3f (%d users, %d experts used)",
+             rnd, rec["ari"], rec["purity"], rec["users"], rec["experts_used"])
+    return {**rec, "round": rnd}
+
+
+def _recovery_note(rec: dict) -> str:
+    return (f"group recovery after group round {rec['round']}: adjusted Rand index {rec['ari']:.3f}, "
+            f"purity {rec['purity']:.3f} of the users' dominant experts against the data's known groups "
+            f"({rec['users']} users, {rec['experts_used']} experts used; shared/evaluation/groups.py)")
 
 
 def _fmt(m: dict) -> str:

@@ -48,12 +48,14 @@ METHOD_TITLES = {"proper": "PROPER", "population": "population LoRA (FedAvg)", "
 STORED_KINDS = {"base": set(), "population": set(), "group": {"embedding"}, "user": {"embedding", "user", "router"},
                 "mta_merge": {"mta"}, "mta": {"mta", "mta_user"}}
 # the replies of the training rounds a model at this stage has been through (message types)
-SENT_TYPES = {"base": set(), "population": {"train"}, "group": {"train", "train.group"},
-              "user": {"train", "train.group", "train.user"},
+SENT_TYPES = {"base": set(), "population": {"train.population"},
+              "group": {"train.population", "train.group", "query.mixtures"},
+              "user": {"train.population", "train.group", "query.mixtures", "train.user"},
               "mta_merge": {"query.mta_candidates", "train.mta_anchor"},
               "mta": {"query.mta_candidates", "train.mta_anchor", "train.mta_user"}}
 # the rounds.jsonl training stages that send those replies
-STAGE_OF_TYPE = {"train": "population", "train.group": "group", "train.user": "user",
+STAGE_OF_TYPE = {"train.population": "population", "train.group": "group", "query.mixtures": "group",
+                 "train.user": "user",
                  "query.mta_candidates": "mta_bank", "train.mta_anchor": "mta_bank", "train.mta_user": "mta_user"}
 USER_FILE = re.compile(r"^(?P<user>.+-[0-9a-f]{8})\.(?P<kind>[^.]+)")
 SAMPLE_DOCUMENTED = {  # ../shared/data/lamp/SOURCE.md, on the 72 LaMP questions (test split)
@@ -69,11 +71,14 @@ class Run:
         self.path = Path(path)
         if not (self.path / "table.json").is_file():
             raise FileNotFoundError(f"{self.path}: no table.json; not a finished run directory")
-        self.cfg = OmegaConf.load(self.path / "config.yaml") if (self.path / "config.yaml").exists() else OmegaConf.create({})
+        config = self.path / "config.yaml"
+        self.cfg = OmegaConf.load(config) if config.exists() else OmegaConf.create({})
         self.rows = json.loads((self.path / "table.json").read_text())
+        # a run directory of any version, or without config.yaml: not checked against the schema
         self.method = str(self.cfg.get("method", "proper"))
         self.federated = (self.path / "checkpoint").is_dir() or (self.path / "clients").is_dir()
-        self.label = label or f"{METHOD_TITLES.get(self.method, self.method)} ({'federated' if self.federated else 'centralized'})"
+        where = "federated" if self.federated else "centralized"
+        self.label = label or f"{METHOD_TITLES.get(self.method, self.method)} ({where})"
 
     def records(self) -> list[dict]:
         p = self.path / "rounds.jsonl"
@@ -179,7 +184,7 @@ class Run:
         last checkpoint, else from the artifacts `proper local` exports."""
         from safetensors import safe_open
         sizes = {"population": 0, "group": 0}
-        ckpts = sorted((self.path / "checkpoint").glob("state-*.safetensors")) if (self.path / "checkpoint").is_dir() else []
+        ckpts = self._checkpoints()
         if ckpts:
             files = [(ckpts[-1], None)]
         else:
@@ -195,11 +200,16 @@ class Run:
                         sizes[which] += int(np.prod(f.get_slice(key).get_shape())) * 4
         return sizes["population"], sizes["group"]
 
+    def _checkpoints(self) -> list[Path]:
+        """The federated run's checkpoint files, oldest first ([] for a local run)."""
+        d = self.path / "checkpoint"
+        return sorted(d.glob("state-*.safetensors")) if d.is_dir() else []
+
     def _layers_k(self) -> tuple[int, int]:
         """(layers with experts, k), for the routing mass and mixtures a group reply carries."""
         from safetensors import safe_open
         k = int(OmegaConf.select(self.cfg, "adapters.k", default=5) or 5)
-        ckpts = sorted((self.path / "checkpoint").glob("state-*.safetensors")) if (self.path / "checkpoint").is_dir() else []
+        ckpts = self._checkpoints()
         for path in [*ckpts[-1:], self.path / "group.safetensors"]:
             if path.exists():
                 with safe_open(str(path), "pt") as f:
@@ -218,9 +228,8 @@ def _size(p: Path) -> int:
 # ---------------------------------------------------------------- reference points from the data
 def majority_rows(cfg, splits: list[str]) -> list[dict]:
     """The two majority baselines, on the runs' own users and splits (label and rating tasks)."""
-    from shared.evaluation.evaluate import add_stats, example_stats, stats_metrics
     from shared.data.lamp import load_lamp
-    from shared.evaluation.metrics import bootstrap_ci, per_example_scores
+    from shared.evaluation.metrics import add_stats, bootstrap_ci, example_stats, per_example_scores, stats_metrics
     d = cfg.data
     spec, users = load_lamp(d.path, task=d.get("task"), holdout=int(d.get("holdout") or 0),
                             max_users=d.get("max_users"), longest=bool(d.get("longest", False)))
@@ -452,7 +461,7 @@ def _plot(rows, metric, split, path: Path):
 def main(args) -> int:
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
-        print(f"proper report: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        print(f"error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)  # as sim/cli.py words errors
         return 2
     command = args.command or "proper report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     path = build_report(args.runs, args.out, labels, command)

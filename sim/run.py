@@ -9,26 +9,23 @@ To use an existing Ray cluster, set RAY_ADDRESS (see docs/deployment.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from shared.runtime.config import ConfigError, load_config, to_yaml
+from shared.runtime.config import ConfigError, load_config, read_config, to_yaml
 from shared.runtime.persist import atomic_write_text
 
 log = logging.getLogger("proper.sim")
 
 
 def _count_users(cfg) -> int:
-    p = Path(cfg.data.path)
-    questions = p / "questions.json" if p.is_dir() else p
-    n = len(json.loads(questions.read_text()))
-    return min(n, int(cfg.data.max_users)) if cfg.data.max_users else n
+    """The run's users, read as the clients will read them: a malformed file is refused here, in one
+    line naming the file and record, before any SuperNode starts."""
+    from client.trainer import load_users
+    return len(load_users(cfg)[1])
 
 
 def prepare_run(config: str | None, overrides: list[str], resume: str | None) -> Path:
@@ -52,7 +49,7 @@ def prepare_run(config: str | None, overrides: list[str], resume: str | None) ->
 
 def run_sim(config: str | None, overrides: list[str], resume: str | None = None) -> int:
     run_dir = prepare_run(config, overrides, resume)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = read_config(run_dir / "config.yaml")
     n_users = _count_users(cfg)
     per_client = int(cfg.federation.users_per_client)
     n_nodes = math.ceil(n_users / per_client)
@@ -81,23 +78,32 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     log.info("run directory %s: %d users on %d SuperNodes (%d per client)", run_dir, n_users, n_nodes, per_client)
 
     from flwr.simulation import run_simulation
+
     from client.client_app import app as client_app
     from server.server_app import app as server_app
-    sim = cfg.get("simulation") or {}
-    # The sequential schedule trains one node at a time: one ClientApp with every core should beat
-    # several with one core each, of which all but one would wait (not measured; Ray gives an actor
+    sim = cfg.simulation
+    if sim.engine == "inprocess":  # sim/inprocess.py: no Ray, one process
+        from sim.inprocess import run_inprocess
+        return _finished(run_dir, lambda: run_inprocess(server_app, client_app, n_nodes))
+    # A single chain trains one node at a time: one ClientApp with every core should beat several
+    # with one core each, of which all but one would wait (not measured; Ray gives an actor
     # OMP_NUM_THREADS = its num_cpus, so torch uses that many threads).
     cpus = sim.get("client_cpus") or (int(sim.get("ray_cpus") or os.cpu_count() or 1)
-                                      if str(cfg.federation.get("schedule", "parallel")) == "sequential" else 1)
-    backend = {"client_resources": {"num_cpus": float(cpus), "num_gpus": float(sim.get("client_gpus", 0))}}
+                                      if cfg.federation.chains == 1 else 1)
+    backend = {"client_resources": {"num_cpus": float(cpus), "num_gpus": float(sim.client_gpus)}}
     if sim.get("ray_cpus"):
         backend["init_args"] = {"num_cpus": int(sim.ray_cpus)}
     if os.environ.get("RAY_ADDRESS"):
         _connect_ray_cluster(os.environ["RAY_ADDRESS"], run_dir)
         backend.pop("init_args", None)  # the cluster's own resources; Flower sees Ray initialised
+    return _finished(run_dir, lambda: run_simulation(server_app=server_app, client_app=client_app,
+                                                     num_supernodes=n_nodes, backend_config=backend))
+
+
+def _finished(run_dir: Path, simulate) -> int:
     t0 = time.time()
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_config=backend)
+        simulate()
     except Exception as e:  # the ServerApp raised: the checkpoint holds every finished step
         log.error("the run stopped: %s: %s. Resume with: proper sim --resume %s", type(e).__name__, e, run_dir)
         return 1
@@ -106,6 +112,13 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
         log.error("the run ended without a results table; see the log above. Resume with: "
                   "proper sim --resume %s", run_dir)
         return 1
+    from shared.evaluation.groups import run_group_recovery
+    from shared.runtime.results import RunDir
+    rec = run_group_recovery(run_dir)  # synthetic users only: None without groups.json or a group stage
+    if rec is not None:  # read from the clients' private files on this one disk, after the run
+        RunDir(run_dir).log({"kind": "groups", "stage": "group", **rec})
+        log.info("group recovery after group round %d: ARI %.3f, purity %.3f (%d users)",
+                 rec["round"], rec["ari"], rec["purity"], rec["users"])
     log.info("done in %.0f s; results in %s", time.time() - t0, run_dir)
     return 0
 

@@ -2,26 +2,11 @@
 
 import pytest
 import torch
-
-from shared.runtime.backbone import find_target_modules, load_backbone
-from shared.data.lamp import Example, User
-from shared.method.model import ProperModel
-from shared.method.stages import constraint_loss, train_group, train_population, user_mixtures, train_user
 from omegaconf import OmegaConf
 
-
-def make_model(seed=0, k=5):
-    lm, tok = load_backbone("tiny", seed=seed)
-    return ProperModel(lm, find_target_modules(lm), k=k, d_user=16, seed=seed), tok
-
-
-def randomize(model, part, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in model.layers():
-            for name in layer.PARTS[part]:
-                p = getattr(layer, name)
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+from shared.data.lamp import Example, User
+from shared.method.stages import constraint_loss, train_group, train_population, train_user, user_mixtures
+from tests.helpers import logits, make_model, randomize
 
 
 def users(n=3, per_user=4):
@@ -35,12 +20,6 @@ def users(n=3, per_user=4):
 
 CFG = OmegaConf.create({"epochs": 1, "batch_size": 4, "lr": 1e-2, "max_len": 48, "bf16": False,
                         "constraint_weight": 0.5})
-IDS = torch.tensor([[5, 17, 42, 99, 7, 3]])
-
-
-def logits(model, emb=None):
-    with torch.no_grad():
-        return model(IDS, user_emb=emb).logits
 
 
 def snapshot(model):
@@ -59,7 +38,7 @@ def test_targets_are_the_ffn_layers():
 
 
 def test_population_stage_trains_only_the_population_lora():
-    model, tok = model_tok = make_model()
+    model, tok = make_model()
     before = snapshot(model)
     train_population(model, tok, users(), CFG)
     diff = changed(before, model)

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 
 import pytest
 import torch
@@ -84,6 +85,34 @@ def test_local_path_loads(tmp_path):
     assert tok2("round trip", return_tensors="pt")["input_ids"].tolist() == ids.tolist()
     assert torch.equal(model(ids).logits, again(ids).logits)
     assert not any(p.requires_grad for p in again.parameters())
+
+
+def test_loading_draws_no_progress_bar_and_leaves_the_switch_as_it_was(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    model, tok = load_backbone("tiny")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    capsys.readouterr()
+    was_on = hf_logging.is_progress_bar_enabled()
+    load_backbone(str(tmp_path))  # from_pretrained: transformers' "Loading weights" bar
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == was_on
+
+
+def test_known_deprecations_are_silenced_and_no_others():
+    known = ("`past_key_values` is deprecated and will be removed in version 5.40.0 for "
+             "`LlamaForCausalLM.forward`. Use `cache` instead.")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_backbone("tiny")  # puts its filters in front of "always"
+        warnings.warn_explicit(known, FutureWarning, "module.py", 1, module="torch.nn.modules.module")
+        warnings.warn_explicit("`x` is deprecated", FutureWarning, "module.py", 2, module="torch.nn.modules.module")
+        warnings.warn_explicit(known, FutureWarning, "mine.py", 1, module="shared.elsewhere")
+    assert [(str(w.message), w.filename) for w in seen] == [("`x` is deprecated", "module.py"), (known, "mine.py")]
+    logger = logging.getLogger("transformers.utils.generic")
+    assert not logger.filter(logging.makeLogRecord({"msg": backbone.KNOWN_LOG_LINE}))
+    assert logger.filter(logging.makeLogRecord({"msg": "another transformers warning"}))
 
 
 def test_missing_local_path_names_it(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ import pytest
 from client.deploy import split_lamp
 from server.deploy import make_certs
 from shared.data.synthetic import write_synthetic_lamp
+from tests.helpers import free_port
 
-pytestmark = pytest.mark.deployment
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
 USERS, CLIENTS = 6, 3
 TINY = ["data.task=LaMP_2", "federation.timeout_s=240"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
@@ -149,7 +143,8 @@ def federation(tmp_path_factory):
     env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                         os.environ.get("PYTHONPATH", "")])}
     procs = Processes(root, env)
     try:
         fed = Federation(root, procs, env)
@@ -169,7 +164,8 @@ def test_three_stage_federation_over_tls_with_authentication(federation):
     t0 = time.time()
     submit = fed.submit("main", f"federation.min_available_clients={CLIENTS}")
     # meanwhile: a SuperNode whose key was never registered knocks, and is turned away
-    rogue = fed.procs.start("rogue", *fed.client_args(1, key=CLIENTS + 1, state="state-rogue"), "--rejoin-s", "0", "--max-retries", "2")
+    rogue = fed.procs.start("rogue", *fed.client_args(1, key=CLIENTS + 1, state="state-rogue"),
+                            "--rejoin-s", "0", "--max-retries", "2")
     assert rogue.wait(timeout=120) != 0
     assert "Failed to activate SuperNode" in fed.procs.log("rogue")
     fed.procs.stop("rogue")
@@ -192,8 +188,9 @@ def test_three_stage_federation_over_tls_with_authentication(federation):
         assert p == {"sent": CLIENTS, "ok": CLIENTS, "failed": 0, "silent": 0, "users": USERS}, (step, p)
     # the private state stayed with each client, in a directory of this run; the server holds no data
     for i in range(1, CLIENTS + 1):
-        assert len(list((fed.root / f"state-{i}" / "main").glob("*.embedding.safetensors"))) == USERS // CLIENTS
-        assert len(list((fed.root / f"state-{i}" / "main").glob("*.user/adapter_model.safetensors"))) == USERS // CLIENTS
+        state = fed.root / f"state-{i}" / "main"
+        assert len(list(state.glob("*.embedding.safetensors"))) == USERS // CLIENTS
+        assert len(list(state.glob("*.user/adapter_model.safetensors"))) == USERS // CLIENTS
     assert not list((fed.root / "srv").rglob("questions.json"))
     assert not list((fed.root / "srv").rglob("*.embedding.safetensors"))
     print(f"\nstart-up {fed.startup_s:.0f} s; three-stage run {seconds:.0f} s")

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.data.lamp import (LampDataError, MOVIE_TAGS, load_lamp, plain_tweet,
-                         profile_to_example, task_spec)
+from shared.data.lamp import MOVIE_TAGS, LampDataError, load_lamp, plain_tweet, profile_to_example, task_spec
 from shared.evaluation.metrics import accuracy
+from tests.lamp_files import lamp_question, write_lamp
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/lamp/LaMP_2-movie-tagging-subset"
 LAMP2_HEAD = ("Which tag does this movie relate to among the following tags? Just answer with the "
@@ -67,21 +67,9 @@ def test_task_given_must_agree(tmp_path):
 
 # ----------------------------------------------------------------------------- small files
 
-def _write(d: Path, questions, golds, task="LaMP_2"):
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "questions.json").write_text(json.dumps(questions))
-    (d / "outputs.json").write_text(json.dumps({"task": task, "golds": golds}))
-    return d
-
-
-def _q(qid, n, tag="comedy"):
-    prof = [{"id": f"{qid}-{j}", "tag": tag, "description": f"movie {j}"} for j in range(n)]
-    return {"id": qid, "input": "Which tag ... description: x", "profile": prof}
-
-
 def test_longest_and_max_users(tmp_path):
-    qs = [_q("a", 3), _q("b", 5), _q("c", 2), _q("d", 5)]
-    d = _write(tmp_path, qs, [{"id": q["id"], "output": "comedy"} for q in qs])
+    qs = [lamp_question("a", 3), lamp_question("b", 5), lamp_question("c", 2), lamp_question("d", 5)]
+    d = write_lamp(tmp_path, qs, [{"id": q["id"], "output": "comedy"} for q in qs])
     _, first2 = load_lamp(d, max_users=2)
     assert [u.user_id for u in first2] == ["a", "b"]
     _, long3 = load_lamp(d, max_users=3, longest=True)
@@ -89,48 +77,16 @@ def test_longest_and_max_users(tmp_path):
 
 
 def test_holdout_leaves_one_to_train(tmp_path):
-    d = _write(tmp_path, [_q("a", 2)], [{"id": "a", "output": "comedy"}])
+    d = write_lamp(tmp_path, [lamp_question("a", 2)], [{"id": "a", "output": "comedy"}])
     _, users = load_lamp(d, holdout=5)
     assert len(users[0].train) == 1 and len(users[0].val) == 1
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("malformed", r"questions\.json: malformed JSON at line 3, column"),
-    ("no_gold", r"questions\.json: question #1 \(id='b'\): no gold"),
-    ("gold_without_question", r"outputs\.json: gold #1 \(id='zz'\): no question"),
-    ("empty_profile", r"questions\.json: question #1 \(id='b'\): empty profile"),
-    ("missing_field", r"questions\.json: question #0 \(id='a'\): profile item #1 \(id='a-1'\): missing field 'tag'"),
-    ("missing_input", r"questions\.json: question #1 \(id='b'\): missing or empty field 'input'"),
-    ("unknown_task", r"outputs\.json: unknown LaMP task 'LaMP_9'; known: .*LaMP_2N"),
-    ("duplicate_id", r"questions\.json: question #1 \(id='a'\): duplicate id"),
-    ("bad_label", r"question #0 \(id='a'\): profile item #0 .*'drama' is not one of"),
-])
-def test_bad_inputs(tmp_path, case, pattern):
-    qs = [_q("a", 2), _q("b", 2)]
-    golds = [{"id": "a", "output": "comedy"}, {"id": "b", "output": "action"}]
-    task = "LaMP_2"
-    if case == "no_gold":
-        golds = golds[:1]
-    elif case == "gold_without_question":
-        golds = [golds[0], {"id": "zz", "output": "comedy"}, golds[1]]
-    elif case == "empty_profile":
-        qs[1]["profile"] = []
-    elif case == "missing_field":
-        del qs[0]["profile"][1]["tag"]
-    elif case == "missing_input":
-        del qs[1]["input"]
-    elif case == "unknown_task":
-        task = "LaMP_9"
-    elif case == "duplicate_id":
-        qs[1]["id"] = "a"
-    elif case == "bad_label":
-        qs[0]["profile"][0]["tag"] = "drama"
-    d = _write(tmp_path, qs, golds, task)
-    if case == "malformed":
-        (d / "questions.json").write_text('[\n {"id": "a",\n  "input": oops}\n]')
+def test_bad_inputs(bad_lamp):
+    data, pattern = bad_lamp
     with pytest.raises(LampDataError, match=pattern) as err:
-        load_lamp(d)
-    assert str(tmp_path) in str(err.value)  # the full path, not just the file name
+        load_lamp(data)
+    assert str(data) in str(err.value)  # the full path, not just the file name
 
 
 def test_task_spec():
@@ -145,7 +101,8 @@ def test_profile_conversions():
     ex = profile_to_example("LaMP_3", {"id": "r", "text": "Great pan", "score": 4}, "u", 0)
     assert ex.input.endswith("without further explanation. review: Great pan") and ex.output == "4"
     ex = profile_to_example("LaMP_2N", {"text": "Vote today", "category": "politics"}, "u", 1)
-    assert ex.input.startswith("Which category does this article relate to") and ex.input.endswith("article: Vote today")
+    assert ex.input.startswith("Which category does this article relate to")
+    assert ex.input.endswith("article: Vote today")
     assert ex.id == "u/1"
     ex = profile_to_example("LaMP_4", {"text": "Body", "title": "Head"}, "u", 0)
     assert (ex.input, ex.output) == ("Generate a headline for the following article: Body", "Head")

@@ -68,7 +68,7 @@ def test_merged_lora_is_the_weighted_sum_and_the_backbone_comes_back(tiny):
         model.unmerge_population()
     loras = [_random_lora(model, s) for s in (1, 2)]
     w = np.array([0.7, 0.3])
-    before = {n: l.base.weight.detach().clone() for n, l in model.layers()}
+    before = {n: layer.base.weight.detach().clone() for n, layer in model.layers()}
     with M.folded(model, loras, w):
         assert model.merged
         for name, layer in model.layers():
@@ -106,6 +106,7 @@ def test_bank_round_trips_through_a_file(tmp_path, tiny):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a whole `proper local` run
 def test_mta_end_to_end_on_the_tiny_model(tmp_path):
     from shared.runtime.config import load_config
     from sim.local import run_local
@@ -134,6 +135,7 @@ def test_mta_end_to_end_on_the_tiny_model(tmp_path):
     assert {"mta_bank", "mta_user"} <= {k["stage"] for k in kinds if k["kind"] == "train"}
 
 
+@pytest.mark.slow  # a whole `proper sim` run
 def test_federated_mta_keeps_embeddings_of_non_candidates_and_all_user_loras_on_clients(tmp_path):
     """4 simulated users, 2 per client: each client nominates 1 candidate, so 2 embeddings of 4 leave."""
     from sim.run import run_sim

@@ -4,9 +4,16 @@ import torch
 from peft import PeftModel
 
 from shared.runtime.backbone import load_backbone
-from shared.runtime.persist import (StateFileError, UserStore, export_peft_adapter, import_peft_adapter,
-                            load_group, save_group, save_tensors)
-from tests.test_adapters import IDS, logits, make_model, randomize
+from shared.runtime.persist import (
+    StateFileError,
+    UserStore,
+    export_peft_adapter,
+    import_peft_adapter,
+    load_group,
+    save_group,
+    save_tensors,
+)
+from tests.helpers import IDS, logits, make_model, randomize
 
 
 def test_population_lora_is_a_peft_adapter(tmp_path):

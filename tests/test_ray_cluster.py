@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = pytest.mark.ray_cluster
+from tests.helpers import free_port
+
+pytestmark = [pytest.mark.ray_cluster, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_processes(temp: Path) -> list[psutil.Process]:
@@ -83,7 +78,8 @@ def ray_head():
 def test_sim_on_an_existing_ray_cluster(ray_head, tmp_path):
     address, temp = ray_head
     env = {**os.environ, "RAY_ADDRESS": address, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_HOME": str(tmp_path / "flwr-home")}
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
+           "FLWR_HOME": str(tmp_path / "flwr-home")}
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "sim.cli", "sim", "-c", "tiny", f"output.dir={tmp_path}",
                           "output.name=on-cluster"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

@@ -1,11 +1,16 @@
 """`proper report`: one comparison table, CSV and figures from several run directories."""
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from shared.data.lamp import Example, User
 from shared.runtime.config import load_config
 from sim.local import run_local
+from sim.report import Run, _other_users_labels, majority_rows
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +24,16 @@ def two_runs(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow  # two whole `proper local` runs (the two_runs fixture)
 def test_report_from_two_tiny_runs(two_runs):
     from sim.cli import main
     out = two_runs / "out"
     assert main(["report", str(two_runs / "proper"), str(two_runs / "mta"), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "Made by: `proper report" in md
-    for title in ("bare backbone", "PROPER (centralized): stage 3: user", "MTA (centralized): MTA: merged + stacked LoRA",
-                  "most frequent training label overall", "each user's most frequent training label"):
+    for title in ("bare backbone", "PROPER (centralized): stage 3: user",
+                  "MTA (centralized): MTA: merged + stacked LoRA", "most frequent training label overall",
+                  "each user's most frequent training label"):
         assert title in md
     assert md.count("| bare backbone |") == 2  # listed once per split, not once per run
     rows = list(csv.DictReader((out / "report.csv").open()))
@@ -47,9 +54,6 @@ def test_report_from_two_tiny_runs(two_runs):
 
 
 def test_majority_baselines_match_the_documented_sample_numbers():
-    from pathlib import Path
-    from omegaconf import OmegaConf
-    from sim.report import majority_rows
     sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp" / "LaMP_2-movie-tagging-subset"
     if not sample.exists():
         pytest.skip("the LaMP-2 sample is not beside this checkout")
@@ -60,9 +64,8 @@ def test_majority_baselines_match_the_documented_sample_numbers():
 
 
 def test_lookup_reference_uses_other_users_items_only():
-    from sim.report import _other_users_labels
-    from shared.data.lamp import Example, User
-    ex = lambda i, inp, out: Example(i, "", inp, out)
+    def ex(i, inp, out):
+        return Example(i, "", inp, out)
     a = User("a", [ex("1", "m1", "comedy"), ex("2", "m2", "action")], [], [ex("q", "m1", "?")])
     b = User("b", [ex("3", "m1", "romance"), ex("4", "m1", "romance"), ex("5", "m3", "classic")], [], [])
     pick = _other_users_labels([a, b])
@@ -71,14 +74,14 @@ def test_lookup_reference_uses_other_users_items_only():
     assert pick(a, ex("y", "m9", "?")) is None
 
 
+@pytest.mark.slow  # two whole `proper local` runs (the two_runs fixture)
 def test_report_reads_the_wire_audit_of_a_federated_run(two_runs, tmp_path):
     """With wire/*.jsonl present, bytes sent come from the audit, per stage."""
-    import shutil
-    from sim.report import Run
     run = tmp_path / "fed"
     shutil.copytree(two_runs / "proper", run)
     (run / "wire").mkdir()
-    replies = [{"message_type": "train", "bytes": 100}, {"message_type": "train", "bytes": 300},
+    replies = [{"message_type": "train.population", "bytes": 100},
+               {"message_type": "train.population", "bytes": 300},
                {"message_type": "train.group", "bytes": 1000}, {"message_type": "train.user", "bytes": 0},
                {"message_type": "evaluate", "bytes": 0}]
     (run / "wire" / "replies-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in replies))

@@ -3,7 +3,16 @@ import json
 import pytest
 
 from shared.data.lamp import load_lamp
-from shared.data.synthetic import theme_of, write_synthetic_lamp
+from shared.data.synthetic import (
+    STYLES,
+    TOPICS,
+    SyntheticArgumentError,
+    headline,
+    style_of,
+    theme_of,
+    topic_of,
+    write_synthetic_lamp,
+)
 
 
 def _truth(d):
@@ -72,3 +81,98 @@ def test_bad_arguments(tmp_path):
         write_synthetic_lamp(tmp_path, min_profile=0)
     with pytest.raises(ValueError):
         write_synthetic_lamp(tmp_path, min_profile=10, max_profile=5)
+
+
+# ---------------------------------------------------------------- LaMP_4: headlines in each group's style
+def _headlines(d):
+    """(user, article, headline) of every profile item and question, as the reader loads them."""
+    _, users = load_lamp(d)
+    return [(u.user_id, ex.input.split("article: ", 1)[1], ex.output) for u in users for ex in u.train + u.test]
+
+
+def test_lamp4_loads_back_with_the_reader_and_groups_match(tmp_path):
+    d = write_synthetic_lamp(tmp_path, n_users=24, n_groups=4, seed=1, task="LaMP_4", max_profile=12)
+    spec, users = load_lamp(d, holdout=1)
+    assert spec.name == "LaMP_4" and len(users) == 24
+    raw = json.loads((d / "questions.json").read_text())
+    assert set(raw[0]["profile"][0]) == {"id", "text", "title"}  # LaMP_4's own profile fields
+    assert raw[0]["input"].startswith("Generate a headline for the following article: ")
+    assert json.loads((d / "outputs.json").read_text())["task"] == "LaMP_4"
+    truth = _truth(d)
+    assert truth["task"] == "LaMP_4"
+    assert sorted(truth["users"]) == sorted(u.user_id for u in users)
+    assert set(truth["users"].values()) == {0, 1, 2, 3}
+    # short articles: with the prompt they stay far below the SmolLM configs' 160 tokens
+    assert max(len(ex.input.split()) for u in users for ex in u.train + u.val + u.test) <= 45
+
+
+def test_lamp4_headlines_follow_group_style_and_quirks(tmp_path):
+    d = write_synthetic_lamp(tmp_path, n_users=30, n_groups=3, seed=2, task="LaMP_4", quirk_prob=0.3)
+    truth = _truth(d)
+    styles = {str(g): set(p.values()) for g, p in truth["group_prefs"].items()}
+    assert all(len(s) == 1 for s in styles.values())  # one style per group ...
+    assert len(set.union(*styles.values())) == 3        # ... and no two groups alike
+    n_quirky = 0
+    for uid, article, title in _headlines(d):
+        prefs = dict(truth["group_prefs"][str(truth["users"][uid])])
+        prefs.update(truth["quirks"][uid])
+        n_quirky += bool(truth["quirks"][uid])
+        # an oracle reading the topic from the article, knowing group and quirks, names the style
+        topic = topic_of(article)
+        assert topic is not None and style_of(title) == prefs[topic]
+        assert headline(prefs[topic], topic, _key_phrase(article)) == title
+    assert n_quirky > 0
+
+
+def _key_phrase(article: str) -> str:
+    # "<day>, the <key phrase> after <reason>. ..."
+    return article.split(", the ", 1)[1].split(" after ", 1)[0]
+
+
+def test_lamp4_group_headlines_share_their_wording(tmp_path):
+    """Without quirks a group's headlines all carry the same fixed words, other groups' do not:
+    what ROUGE rewards a model for learning from a user's group."""
+    d = write_synthetic_lamp(tmp_path, n_users=12, n_groups=3, seed=4, task="LaMP_4", quirk_prob=0.0)
+    truth = _truth(d)
+    by_group = {}
+    for uid, _, title in _headlines(d):
+        by_group.setdefault(truth["users"][uid], set()).add(style_of(title))
+    assert all(len(s) == 1 for s in by_group.values()) and len(set.union(*by_group.values())) == 3
+
+
+def test_lamp4_deterministic_by_seed(tmp_path):
+    a = write_synthetic_lamp(tmp_path / "a", seed=7, task="LaMP_4")
+    b = write_synthetic_lamp(tmp_path / "b", seed=7, task="lamp-4")  # spelt as the reader accepts it
+    c = write_synthetic_lamp(tmp_path / "c", seed=8, task="LaMP_4")
+    for name in ("questions.json", "outputs.json", "groups.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "questions.json").read_bytes() != (c / "questions.json").read_bytes()
+
+
+def test_every_style_parses_back_to_itself_only():
+    for style in STYLES:
+        for topic in TOPICS:
+            assert style_of(headline(style, topic, "city council approves new budget")) == style
+
+
+def test_uniform_history_sizes(tmp_path):
+    d = write_synthetic_lamp(tmp_path, n_users=200, seed=5, min_profile=3, max_profile=30, size_law="uniform")
+    sizes = [len(u.train) for u in load_lamp(d)[1]]
+    assert min(sizes) == 3 and max(sizes) == 30 and 13 < sum(sizes) / len(sizes) < 20  # mean 16.5
+    # no pile-up at the minimum: the Pareto law (shape 1.5) puts about 35 % of users there
+    assert sizes.count(3) < 20
+
+
+def test_bad_task_and_size_law(tmp_path):
+    with pytest.raises(SyntheticArgumentError, match="LaMP_2, LaMP_4"):
+        write_synthetic_lamp(tmp_path, task="LaMP_3")
+    with pytest.raises(SyntheticArgumentError, match="size_law"):
+        write_synthetic_lamp(tmp_path, size_law="zipf")
+    with pytest.raises(SyntheticArgumentError, match="n_groups must be <= 8"):
+        write_synthetic_lamp(tmp_path, task="LaMP_4", n_groups=9)
+
+
+def test_proper_synth_writes_lamp4(tmp_path):
+    from sim.cli import main
+    assert main(["synth", "--out", str(tmp_path), "--users", "5", "--task", "LaMP_4", "--size-law", "uniform"]) == 0
+    assert load_lamp(tmp_path)[0].name == "LaMP_4" and _truth(tmp_path)["task"] == "LaMP_4"

@@ -331,8 +331,9 @@ def apply_template(users: list[User], task: str, template: str) -> list[User]:
 # ----------------------------------------------------------------------------- overlap across users
 # In LaMP_2 the same movie recurs in many users' profiles, almost always with the same tag: in the
 # 72-user sample, with the last 2 items of each history held out, 59 of the 72 questions and 37 of
-# the 144 held-out items have their exact input among another user's training items. A model trained across users can then score
-# by remembering other users' labels, which is not personalization. data.exclude_eval_overlap
+# the 144 held-out items have their exact input among another user's training items. A model
+# trained across users can then score by remembering other users' labels, which is not
+# personalization. data.exclude_eval_overlap
 # drops every training item whose input equals any user's test or val input (a study option: it
 # looks at all users' data, as the experimenter preparing a benchmark split does).
 def eval_overlap(users: list[User]) -> dict[str, int]:

@@ -1,65 +1,21 @@
-"""Predictions and LaMP metrics for a set of users at one stage.
+"""Predictions for a set of users at one stage.
 
-Metrics travel as sufficient statistics (counts and sums, never texts or labels per example), so
-a server can add up what clients send and get exactly the metric over all users:
-  label       n, correct, and per-label tp / fp / fn     -> accuracy, macro-F1
-  rating      n, sum |err|, sum err^2                    -> MAE, RMSE
-  generation  n, sum ROUGE-1, sum ROUGE-L                -> ROUGE-1, ROUGE-L
 Predictions for label tasks come from greedy generation mapped onto the label set
-(eval.mode=generate, what LaMP does) or from the most likely label (eval.mode=score).
+(eval.mode=generate, what LaMP does) or from the most likely label (eval.mode=score). They are
+scored by shared/evaluation/metrics.py, into sufficient statistics a server can add up.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
-from shared.evaluation import metrics as M
 from shared.data.encode import encode_prompt
+from shared.evaluation import metrics as M
+from shared.evaluation.metrics import add_stats, example_stats, stats_metrics  # noqa: F401 (re-exported)
 from shared.runtime.precision import autocast, use_bf16
 
-MAX_NEW_TOKENS = {"label": 8, "rating": 3, "generation": 32}
+# The metrics live in metrics.py; the three names above are imported from here by client/ and sim/local.py.
 
-
-# ---------------------------------------------------------------- sufficient statistics
-def example_stats(spec, preds: list[str], golds: list[str]) -> dict[str, np.ndarray]:
-    n = len(golds)
-    if spec.kind == "label":
-        labels = [M._norm(x) for x in spec.labels]
-        p = [M._norm(x) for x in preds]
-        g = [M._norm(x) for x in golds]
-        tp = np.array([sum(a == lab and b == lab for a, b in zip(p, g)) for lab in labels], float)
-        fp = np.array([sum(a == lab and b != lab for a, b in zip(p, g)) for lab in labels], float)
-        fn = np.array([sum(a != lab and b == lab for a, b in zip(p, g)) for lab in labels], float)
-        return {"n": np.array([n], float), "correct": np.array([sum(a == b for a, b in zip(p, g))], float),
-                "tp": tp, "fp": fp, "fn": fn}
-    if spec.kind == "rating":
-        err = np.array(M.per_example_scores(spec, preds, golds), float) if n else np.zeros(0)
-        return {"n": np.array([n], float), "abs_err": np.array([err.sum()]), "sq_err": np.array([(err ** 2).sum()])}
-    r = M.rouge(preds, golds) if n else {"rouge-1": 0.0, "rouge-L": 0.0}
-    return {"n": np.array([n], float), "rouge1": np.array([r["rouge-1"] * n]), "rougeL": np.array([r["rouge-L"] * n])}
-
-
-def add_stats(a: dict | None, b: dict) -> dict:
-    if not a:
-        return {k: np.array(v, float).copy() for k, v in b.items()}
-    if set(a) != set(b):
-        raise ValueError(f"cannot add statistics with keys {sorted(a)} and {sorted(b)}")
-    return {k: a[k] + np.asarray(b[k], float) for k in a}
-
-
-def stats_metrics(spec, s: dict) -> dict[str, float]:
-    n = float(s["n"][0])
-    if n == 0:
-        return {}
-    if spec.kind == "label":
-        denom = 2 * s["tp"] + s["fp"] + s["fn"]
-        f1 = np.divide(2 * s["tp"], denom, out=np.zeros_like(denom), where=denom > 0)
-        return {"accuracy": float(s["correct"][0] / n), "macro_f1": float(f1.mean())}
-    if spec.kind == "rating":
-        return {"mae": float(s["abs_err"][0] / n), "rmse": math.sqrt(float(s["sq_err"][0] / n))}
-    return {"rouge-1": float(s["rouge1"][0] / n), "rouge-L": float(s["rougeL"][0] / n)}
+MAX_NEW_TOKENS = {"label": 8, "rating": 3, "generation": 32}   # eval.max_new_tokens when null
 
 
 # ---------------------------------------------------------------- predictions
@@ -151,10 +107,10 @@ def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None
     """Predictions for `examples` (all routed with user_emb rows, if given), post-processed."""
     max_len = cfg.train.max_len
     prompts = [encode_prompt(tokenizer, ex.input, max_len) for ex in examples]
-    bf16 = use_bf16(cfg.train.get("bf16", "auto"))
+    bf16 = use_bf16(cfg.train.bf16)
     if spec.kind == "label" and cfg.eval.mode == "score":
         return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size))
-    n_new = cfg.eval.get("max_new_tokens") or MAX_NEW_TOKENS[spec.kind]
+    n_new = cfg.eval.max_new_tokens or MAX_NEW_TOKENS[spec.kind]
     texts = generate(model, tokenizer, prompts, user_emb, n_new, cfg.eval.batch_size, bf16)
     if spec.kind == "label":
         return [M.match_label(t, spec.labels) or t for t in texts]

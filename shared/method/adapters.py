@@ -130,7 +130,8 @@ class ProperLinear(nn.Module):
         if not self.merged:
             raise RuntimeError("population LoRA is not merged")
         if self.unmerged_weight is None:
-            raise RuntimeError("the weight was changed by another fold (shared/method/mta.py folded); let it restore it")
+            raise RuntimeError("the weight was changed by another fold (shared/method/mta.py folded); "
+                               "let it restore it")
         self.base.weight.copy_(self.unmerged_weight)
         self.unmerged_weight = None
         self.merged = False

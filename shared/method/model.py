@@ -82,7 +82,7 @@ class ProperModel(nn.Module):
 
     @torch.no_grad()
     def load_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state"):
-        expected = {f"{n}.{p}": getattr(l, p) for n, l in self.layers() for p in ProperLinear.PARTS[part]}
+        expected = {f"{n}.{p}": getattr(layer, p) for n, layer in self.layers() for p in ProperLinear.PARTS[part]}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:

@@ -27,33 +27,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from shared.data.encode import encode_example, make_batches
+from shared.runtime.config import stage_cfg
 from shared.runtime.precision import autocast
-
-DEFAULTS = {
-    "anchors": None,            # number of anchor users; None = min(50, n_users, max(2, n_users // 4))
-    "top_k": 2,                 # anchors merged per user
-    "weighting": "softmax",     # softmax | linear
-    "temperature": 0.1,         # softmax temperature over cosine similarities
-    "center": True,             # measure cosines from the mean embedding (hidden states are anisotropic)
-    "kmeans_iters": 50,
-    "candidates_per_client": 1,  # federated: how many of its longest histories a client nominates
-    "candidate_nodes": None,    # federated: how many nodes are asked to nominate; None = all
-    "anchor": {"epochs": 8, "lr": 1.0e-3},   # one LoRA per anchor (population slot)
-    "user": {"epochs": 4, "lr": 2.0e-3},     # the stacked LoRA (user slot)
-}
 
 
 def mta_cfg(cfg: DictConfig) -> DictConfig:
-    """cfg.mta with the defaults above filled in."""
-    return OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg.get("mta") or {})
+    """The mta section (its keys and defaults: shared/runtime/schema.py, class Mta)."""
+    return cfg.mta
 
 
 def train_cfg(cfg: DictConfig, part: str) -> DictConfig:
-    """Training settings of the anchor LoRAs ("anchor") or the stacked LoRAs ("user")."""
-    return OmegaConf.merge(cfg.train, mta_cfg(cfg)[part])
+    """Training settings of the anchor LoRAs ("anchor") or the stacked LoRAs ("user"): train.*
+    overridden by mta.<part>.*"""
+    return stage_cfg(cfg, f"mta.{part}")
 
 
 def default_anchors(n_users: int) -> int:

@@ -13,13 +13,11 @@ Steps: "eval:<stage>", "population:<round>", "group:<round>", "user", "mta:bank"
 """
 from __future__ import annotations
 
-METHODS = ("proper", "population", "oppu", "loramoe", "mta")
+METHODS = ("proper", "population", "oppu", "loramoe", "mta")   # the choices of the config key `method`
 
 
 def stage_plan(cfg) -> list[str]:
-    method = str(cfg.get("method", "proper"))
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    method = cfg.method   # one of METHODS: the config schema refuses any other (shared/runtime/schema.py)
     evals = set(cfg.eval.stages)
     plan = ["eval:base"] if "base" in evals else []
     if method == "mta":
@@ -35,5 +33,5 @@ def stage_plan(cfg) -> list[str]:
 
 
 def uses_user_router(cfg) -> bool:
-    return str(cfg.get("method", "proper")) != "loramoe"
+    return cfg.method != "loramoe"
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from shared.data.encode import encode_example, encode_users, make_batches, n_batches
 from shared.method.model import ProperModel
+from shared.method.optim import make_optimizer
 from shared.runtime.precision import autocast
 from shared.runtime.progress import Progress
 
@@ -97,20 +98,16 @@ def optimizer_step(opt, loss: torch.Tensor, params, cfg):
     opt.step()
 
 
-def _optimizer(params, cfg):
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
-
-
 # ---------------------------------------------------------------- stage 1: population
 def train_population(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -> RoundResult:
     """Train the population LoRA (already loaded into `model`) on these users' histories."""
     model.set_stage("population", train=True)
     items = encode_users(tokenizer, users, cfg.max_len)
-    opt = _optimizer(model.trainable_parameters(), cfg)
+    opt = make_optimizer(model.trainable_parameters(), cfg)
     rng = random.Random(seed)
     losses, tokens, t0 = [], 0, time.time()
     progress = Progress("population", cfg.epochs * n_batches(items, cfg.batch_size))
-    for epoch in range(cfg.epochs):
+    for _ in range(cfg.epochs):
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
             with autocast(cfg):
                 loss = answer_loss(model.lm, ids, mask, labels)
@@ -131,13 +128,16 @@ def _train_metrics(losses, tokens, t0):
 # ---------------------------------------------------------------- stage 2: group
 def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg,
                 others: torch.Tensor | None = None, seed: int = 0,
-                user_router: bool = True) -> tuple[RoundResult, torch.Tensor]:
+                user_router: bool = True, return_user_mixtures: bool = False):
     """Train experts, W_h, W_u (shared) and the users' embeddings (private) for one round.
 
     embeddings: [U, d] e_u of `users` (updated copy returned); others: previous-round mixtures
     of other users, shuffled and without ids, for the constraint loss. user_router=False is the
     LoRAMoE baseline: tokens alone route, e_u is unused and there is no constraint loss.
-    Returns the round result (shared part, routing mass, this round's mixtures) and the new e_u.
+    Returns the round result (shared part, routing mass, this round's mixtures) and the new e_u;
+    with return_user_mixtures, also each user's mixture [U, L, k] in `users` order (NaN rows for a
+    user with no tokens). That one names users by position: it is for the caller's own disk
+    (group recovery studies) and must never go into a reply, unlike the result's shuffled mixtures.
     """
     if not model.merged:
         raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
@@ -145,7 +145,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     emb = torch.nn.Parameter(embeddings.detach().clone().float())
     items = encode_users(tokenizer, users, cfg.max_len)
     params = model.trainable_parameters() + ([emb] if user_router else [])
-    opt = _optimizer(params, cfg)
+    opt = make_optimizer(params, cfg)
     lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
     rng = random.Random(seed)
     n_layers = len(model.layer_names)
@@ -174,13 +174,40 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
                     mass += (pd * ntok.view(-1, 1, 1).float()).sum(0)
             ctx.betas.clear()
     model.set_stage("group")
+    by_user = mix_sum / mix_tok.view(-1, 1, 1)  # 0 / 0 = NaN for a user with no tokens
     seen = mix_tok > 0
-    mixtures = mix_sum[seen] / mix_tok[seen].view(-1, 1, 1)
-    mixtures = mixtures[torch.randperm(len(mixtures), generator=torch.Generator().manual_seed(seed))]
+    mixtures = by_user[seen][torch.randperm(int(seen.sum()), generator=torch.Generator().manual_seed(seed))]
     metrics = _train_metrics(losses, tokens, t0)
     metrics["constraint_loss"] = float(sum(cons[-10:]) / max(1, len(cons[-10:]))) if cons else math.nan
     result = RoundResult(len(items), metrics, model.part_state("group"), mass, mixtures)
+    if return_user_mixtures:
+        return result, emb.detach().clone(), by_user
     return result, emb.detach().clone()
+
+
+def initial_mixtures(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg, seed: int = 0):
+    """The users' mixtures p_u under the group part loaded in `model` (no training): what a client
+    sends before the first group round so that round's constraint loss has others to push from
+    (group.initial_pool). Forward passes only: about a third of a training pass's compute."""
+    if not model.merged:
+        raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
+    model.set_stage("group")
+    items = encode_users(tokenizer, users, cfg.max_len)
+    n_layers = len(model.layer_names)
+    mix_sum = torch.zeros(len(users), n_layers, model.k)
+    mix_tok = torch.zeros(len(users))
+    emb = embeddings.detach().float()
+    with torch.no_grad():
+        for ids, mask, _, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
+            with autocast(cfg), model.users(emb[uidx], record=True) as ctx:
+                model.lm.base_model(input_ids=ids, attention_mask=mask)
+            p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
+            mix_sum.index_add_(0, uniq, p.float() * ntok.view(-1, 1, 1).float())
+            mix_tok.index_add_(0, uniq, ntok.float())
+            ctx.betas.clear()
+    seen = mix_tok > 0
+    mixtures = mix_sum[seen] / mix_tok[seen].view(-1, 1, 1)
+    return mixtures[torch.randperm(len(mixtures), generator=torch.Generator().manual_seed(seed))]
 
 
 # ---------------------------------------------------------------- stage 3: user
@@ -189,7 +216,7 @@ def train_user(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg
     model.reset_part("user", seed=seed)
     model.set_stage("user", train=True)
     items = [encode_example(tokenizer, ex, 0, cfg.max_len) for ex in user.train]
-    opt = _optimizer(model.trainable_parameters(), cfg)
+    opt = make_optimizer(model.trainable_parameters(), cfg)
     rng = random.Random(seed)
     e = embedding.detach().float().view(1, -1)
     losses, tokens, t0 = [], 0, time.time()

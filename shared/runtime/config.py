@@ -1,33 +1,32 @@
-"""Configuration: omegaconf YAML under configs/, overridden by `key=value` pairs.
+"""Configuration: omegaconf YAML under configs/, overridden by `key=value` pairs, checked against
+the schema (shared/runtime/schema.py: every key, its default, the values it accepts).
 
-`load_config("configs/lamp2_sample.yaml", ["group.rounds=3"])` merges, in order: the defaults
-(configs/default.yaml), the named file, then the overrides. Relative data paths are resolved
-against the working directory first, then against the repository root, so the same config works
-from a clone and from an installed copy.
+`load_config("configs/lamp2_sample.yaml", ["group.rounds=3"])` merges, in order: the schema's
+defaults (configs/default.yaml lists the same), the named file, then the overrides. An unknown key
+or a refused value raises ConfigError, naming the key and the file or override it came from.
+Relative data paths are resolved against the working directory first, then against the repository
+root, so the same config works from a clone and from an installed copy.
+
+The result is a plain DictConfig holding every key (stage overrides only where set), so it reads
+the same as a run's config.yaml read back: `proper sim` writes it with to_yaml and the apps read
+it with read_config.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from shared.runtime.schema import SERVER_KEYS, ConfigError, resolve
+
+__all__ = ["ConfigError", "load_config", "read_config", "stage_cfg", "server_cfg", "to_yaml",
+           "resolve_config_path", "resolve_data_path"]
 
 ROOT = Path(__file__).resolve().parents[2]   # shared/runtime/config.py -> the repository
 CONFIG_DIR = ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def check(cfg: DictConfig) -> DictConfig:
-    """Refuse values the run would only trip over later, naming the key."""
-    bf16 = cfg.train.get("bf16", "auto")
-    if not (isinstance(bf16, bool) or str(bf16).lower() == "auto"):
-        raise ConfigError(f"train.bf16: expected true, false or auto, got {bf16!r}")
-    if "schedule" in cfg.federation:
-        raise ConfigError("federation.schedule is gone: federation.chains=1 is the sequential schedule, "
-                          "null (one chain per client) the parallel one")
-    return cfg
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -39,16 +38,59 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def load_config(name: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    cfg = OmegaConf.load(CONFIG_DIR / "default.yaml")
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    layers = []
     if name:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_config_path(name)))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        path = resolve_config_path(name)
+        layers.append((str(path), OmegaConf.load(path)))
+    # one layer per override, so that an error names the override that caused it
+    layers += [(f"override {o!r}", _dotlist(o)) for o in overrides]
+    cfg = resolve(layers)
     cfg.data.path = str(resolve_data_path(cfg.data.path))
-    return check(cfg)
+    return cfg
+
+
+def read_config(path: str | Path) -> DictConfig:
+    """A run's config.yaml (written by to_yaml), checked again: a run directory made by another
+    version of the code is refused here, naming the key, rather than midway through the run."""
+    text = Path(path).read_text()
+    # the apps read the config for every message: checking it costs ~50 ms, a copy ~4
+    if text not in _READ:
+        _READ.clear()
+        _READ[text] = resolve([(str(path), OmegaConf.create(text))])
+    return copy.deepcopy(_READ[text])
+
+
+_READ: dict[str, DictConfig] = {}   # the last config.yaml read, by its text
+
+
+def _dotlist(override: str) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist([override])
+    except (OmegaConfBaseException, yaml.YAMLError) as e:   # e.g. key=[1 (an unclosed list)
+        raise ConfigError(f"override {override!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def stage_cfg(cfg: DictConfig, stage: str) -> DictConfig:
+    """The training settings of one stage ("population", "group", "user", "mta.anchor", "mta.user"):
+    train.* overridden by the keys the stage sets. A null is "not set" (the schema's default for an
+    override), never a value to merge: merged as is it would erase train's value."""
+    own = _container(OmegaConf.select(cfg, stage))
+    return OmegaConf.create({**_container(cfg.train), **{k: v for k, v in own.items() if v is not None}})
+
+
+def _container(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def server_cfg(cfg: DictConfig, stage: str) -> DictConfig:
+    """The server optimizer of a federated stage (schema.SERVER_KEYS): federation.<key>, unless the
+    stage sets <stage>.<key> (non-null)."""
+    own = cfg.get(stage) or {}
+    return OmegaConf.create({k: cfg.federation[k] if own.get(k) is None else own[k] for k in SERVER_KEYS})
 
 
 def resolve_data_path(path: str) -> Path:

@@ -80,8 +80,7 @@ def _fmt(v) -> str:
 def eval_rows(spec, evals: dict) -> list[dict]:
     """evals: {stage: {split: {"stats": {name: list}, "user_scores": [float]}}} -> table rows,
     split by split, stages in PROPER's order, with a bootstrap CI over users of the first metric."""
-    from shared.evaluation.evaluate import stats_metrics
-    from shared.evaluation.metrics import bootstrap_ci
+    from shared.evaluation.metrics import bootstrap_ci, stats_metrics
     splits = list(dict.fromkeys(sp for by_split in evals.values() for sp in by_split))
     rows = []
     for split in splits:

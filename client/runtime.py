@@ -1,0 +1,100 @@
+"""What every ClientApp handler needs, PROPER's and MTA's alike: which users this node holds, its
+ClientTrainer (one per process at a time), record helpers and fault injection for tests.
+
+Which users a node holds: node_config "data-path" (a deployment: the LaMP files of this client's
+users) or, in simulation, partition-id / num-partitions over the run's data with
+federation.users_per_client users per node. Private state lives under node_config "state-dir"
+(default <run dir>/clients/<partition-id>). The backbone is loaded once per process.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.trainer import ClientTrainer, load_users
+from shared.runtime import protocol as P
+from shared.runtime.runconfig import run_config_from_context
+
+_TRAINERS: dict[tuple, ClientTrainer] = {}
+_DATA: dict[tuple, tuple] = {}
+
+
+def users_of_partition(users: list, partition: int, num_partitions: int, per_client: int) -> list:
+    """Contiguous blocks of `per_client` users, in file order; the last node may hold fewer."""
+    need = math.ceil(len(users) / per_client)
+    if num_partitions != need:
+        raise ValueError(f"{len(users)} users at {per_client} per client need {need} SuperNodes, "
+                         f"the federation has {num_partitions}")
+    return users[partition * per_client:(partition + 1) * per_client]
+
+
+def inject_faults(cfg, context: Context, stage: str):
+    """debug.fail_partitions / debug.slow_partitions (with *_stages): make a client raise or
+    stall in a stage, to test that the federation goes on without it."""
+    dbg = cfg.get("debug") or {}
+    part = int(context.node_config.get("partition-id", -1))
+    if part in list(dbg.get("fail_partitions") or []) and stage in list(dbg.get("fail_stages") or []):
+        raise RuntimeError(f"injected failure: partition {part}, stage {stage}")
+    if part in list(dbg.get("slow_partitions") or []) and stage in list(dbg.get("slow_stages") or []):
+        time.sleep(float(dbg.get("slow_seconds", 10)))
+
+
+def _all_users(cfg):
+    """The run's users, parsed once per process: a simulation process serves many SuperNodes, and
+    parsing every user's file for each of them made a round quadratic in users (bench/scale.py)."""
+    d = cfg.data
+    key = tuple(str(d.get(k)) for k in ("path", "task", "holdout", "max_users", "longest", "template"))
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_users(cfg)
+    return _DATA[key]
+
+
+def trainer_for(context: Context, stage: str) -> ClientTrainer:
+    cfg, run_dir = run_config_from_context(context)
+    inject_faults(cfg, context, stage)
+    nc = context.node_config
+    key = (str(run_dir), tuple(sorted((k, str(v)) for k, v in nc.items())))
+    if key not in _TRAINERS:
+        if "data-path" in nc:  # a real client: its own users' files
+            spec, users = load_users(cfg, str(nc["data-path"]))
+            # one subdirectory per run (named as the server's run dir, so a resumed run finds its
+            # state): a later run must not start from an earlier run's embeddings or user LoRAs
+            state_dir = (str(Path(str(nc["state-dir"])) / Path(run_dir).name) if nc.get("state-dir")
+                         else str(Path(run_dir) / "clients" / Path(str(nc["data-path"])).name))
+            client_seed = 0
+        else:
+            part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
+            spec, all_users = _all_users(cfg)
+            users = users_of_partition(all_users, part, n_parts, int(cfg.federation.users_per_client))
+            state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / f"{part:05d}")
+            client_seed = part
+        _TRAINERS.clear()  # one client's users at a time per process keeps memory flat at scale
+        _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed)
+    return _TRAINERS[key]
+
+
+def arrays_in(msg: Message, name: str) -> dict[str, torch.Tensor] | None:
+    rec = msg.content.array_records.get(name)
+    if rec is None or len(rec) == 0:
+        return None
+    return rec.to_torch_state_dict()
+
+
+def config_of(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(P.CONFIG, ConfigRecord())
+
+
+def server_round(msg: Message) -> int:
+    return int(config_of(msg).get(P.SERVER_ROUND, 1))
+
+
+def reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = None) -> Message:
+    content = RecordDict({P.METRICS: MetricRecord(dict(metrics))})
+    for name, rec in (arrays or {}).items():
+        content[name] = rec
+    return Message(content, reply_to=msg)

@@ -1,0 +1,136 @@
+"""The server's view of one run: its configuration, run directory, checkpoint, the shared parts
+learned so far, and the wire (send a step's messages, hear back, record who answered).
+
+Every stage's code (server/stages.py, server/evaluation.py, server/mta.py) talks to a Federation.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+from server.checkpoint import Checkpoint
+from shared.runtime import protocol as P
+from shared.runtime.config import to_yaml
+from shared.runtime.results import RunDir
+
+log = logging.getLogger("proper.server")
+
+
+def content_order(reply: Message) -> str:
+    """A key that orders replies by what they carry, not by when they arrived: FedAvg's float
+    sums depend on the order of the clients, and a last-bit difference in the population LoRA
+    became a visibly different group stage (Adam's first steps are about lr * sign(g)), so two
+    identical runs, or a resumed one, disagreed when replies came back in another order."""
+    h = hashlib.sha1()
+    for name in sorted(reply.content.array_records):
+        for key, array in reply.content.array_records[name].items():
+            h.update(key.encode())
+            h.update(array.data)
+    return h.hexdigest()
+
+
+class Federation:
+    def __init__(self, grid: Grid, cfg, run_dir):
+        self.grid, self.cfg = grid, cfg
+        self.run_dir = RunDir(run_dir)
+        if not (self.run_dir.path / "config.yaml").exists():
+            self.run_dir.write_config(to_yaml(cfg))
+        self.ckpt = Checkpoint(run_dir)
+        loaded = self.ckpt.load()
+        # parts: the shared state a later step needs (population LoRA, group part, the pool of
+        # mixtures, "opt.<stage>": the server optimizer's state), all of it checkpointed
+        self.parts: dict[str, dict[str, torch.Tensor] | torch.Tensor | None]
+        if loaded:
+            self.progress, self.parts = loaded
+            done = self.progress["done"]
+            log.info("resuming %s after %d steps (%s)", run_dir, len(done), done[-1] if done else "-")
+        else:
+            self.progress = {"done": [], "evals": {}, "participation": {}}
+            self.parts = {"population": None, "group": None, "mixtures": None}
+        self.timeout = float(cfg.federation.timeout_s)
+        self.strategies: dict = {}   # the server optimizer of each stage, kept across its rounds
+
+    @property
+    def method(self) -> str:
+        return str(self.cfg.method)
+
+    def arrays(self, part: str) -> ArrayRecord:
+        return ArrayRecord(self.parts[part]) if self.parts.get(part) else ArrayRecord()
+
+    def save(self, step: str):
+        self.progress["done"].append(step)
+        self.ckpt.save(self.progress, self.parts)
+
+    def wait_for_nodes(self, minimum: int, limit_s: float = 600):
+        deadline = time.time() + limit_s
+        while len(list(self.grid.get_node_ids())) < minimum:
+            if time.time() > deadline:
+                raise TimeoutError(f"fewer than {minimum} SuperNodes connected after {limit_s} s")
+            time.sleep(0.5)
+
+    def nodes(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    # ---- sending and hearing back
+    def send(self, step: str, message_type: str, content: RecordDict) -> list[Message]:
+        """The same content to every node."""
+        return self.collect(step, [Message(content, dst_node_id=n, message_type=message_type) for n in self.nodes()])
+
+    def collect(self, step: str, msgs: list[Message], accumulate: bool = False) -> list[Message]:
+        """Send, wait up to the timeout, record who answered; return the good replies in an order
+        fixed by their content. accumulate: add to the step's participation (a chained round sends
+        one step's messages in several waves) instead of replacing it."""
+        replies = self._exchange(step, msgs)
+        # message ids are assigned on sending; a SuperLink-made error carries src_node_id 1
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        ok = sorted((r for r in replies if not r.has_error()), key=content_order)
+        answered = {sent.get(r.metadata.reply_to_message_id) for r in replies}
+        silent = [n for n in sent.values() if n not in answered]
+        failed = 0
+        for r in replies:
+            if r.has_error():
+                failed += 1
+                reason = (r.error.reason or "").strip().splitlines()
+                log.warning("%s: a node failed: %s", step, reason[-1][:200] if reason else r.error.code)
+        if silent:
+            log.warning("%s: %d node(s) did not answer within %.0f s", step, len(silent), self.timeout)
+        users = int(sum(int(r.content[P.METRICS].get(P.NUM_USERS, 0)) for r in ok))
+        counts = {"sent": len(msgs), "ok": len(ok), "failed": failed, "silent": len(silent), "users": users}
+        seen = self.progress["participation"].get(step) if accumulate else None
+        self.progress["participation"][step] = {k: v + (seen or {}).get(k, 0) for k, v in counts.items()}
+        return ok
+
+    def _exchange(self, step: str, msgs: list[Message]) -> list[Message]:
+        """Flower's send_and_receive, written as push + pull so that long steps show progress
+        (clients answered / asked, elapsed): a bar on a terminal, a log line a minute otherwise."""
+        ids = set(self.grid.push_messages(msgs))
+        replies, deadline, t0, last = [], time.time() + self.timeout, time.time(), time.time()
+        bar = None
+        if sys.stderr.isatty() and len(ids) > 1:
+            bar = tqdm(total=len(ids), desc=step, unit="client", leave=False)
+        while ids and time.time() < deadline:
+            got = list(self.grid.pull_messages(ids))
+            ids.difference_update(r.metadata.reply_to_message_id for r in got)
+            replies += got
+            if bar is not None:
+                bar.update(len(got))
+            elif time.time() - last >= 60 and ids:
+                last = time.time()
+                log.info("%s: %d/%d clients answered (%.0f s)", step, len(replies), len(msgs), last - t0)
+            if ids and not got:
+                time.sleep(0.1)
+        if bar is not None:
+            bar.close()
+        return replies
+
+    def log_train(self, step: str, metrics: dict):
+        stage, _, rnd = step.partition(":")
+        self.run_dir.log({"kind": "train", "stage": stage, "round": int(rnd or 1), **metrics,
+                          **{f"nodes_{k}": v for k, v in self.progress["participation"].get(step, {}).items()}})

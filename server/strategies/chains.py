@@ -1,0 +1,116 @@
+"""The chained schedule (federation.chains = C): how a round's clients are visited.
+
+A round samples its clients (federation.clients_per_round or fraction_train, seeded by the run's
+seed, the stage and the round), shuffles them in a seeded order and splits them into C chains.
+Chains run in parallel; inside a chain each client trains what the one before it returned. The C
+chain results then go through the stage's strategy (average + server optimizer) as if each were
+one client's reply, weighted by the examples the whole chain trained on (and, in the group stage,
+by the routing mass of the whole chain).
+
+  C = number of sampled clients (the default, chains: null): every chain is one client, and this is
+      FedAvg's parallel round, message for message;
+  C = 1: one chain through every sampled client: the sequential (cyclic) schedule;
+  between: a round's wall time is about (clients / C) client-times in a deployment, against one
+      client-time for FedAvg, while each chain makes (clients / C) sequential moves.
+A client that fails or stays silent is passed over: its chain goes on from what it had.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from server.federation import content_order
+from server.strategies.population import mean_scalar_metrics
+from shared.runtime import protocol as P
+
+log = logging.getLogger("proper.server")
+
+
+class NodesView:
+    """A grid that shows only some nodes: a strategy's configure_train samples all of them."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def sampled_nodes(nodes, cfg, stage: str, server_round: int) -> list[int]:
+    """The round's clients in the order the chains visit them: a seeded shuffle, new every round
+    (as a centralized epoch reshuffles its batches), cut to clients_per_round or fraction_train."""
+    order = sorted(nodes)
+    random.Random(f"{int(cfg.seed)}:{stage}:{server_round}").shuffle(order)
+    fed = cfg.federation
+    n = fed.get("clients_per_round") or math.ceil(float(fed.get("fraction_train", 1.0)) * len(order))
+    return order[:max(1, min(int(n), len(order)))] if order else []
+
+
+def split_chains(nodes: list[int], chains: int | None) -> list[list[int]]:
+    """Contiguous chains whose lengths differ by at most one; None: one chain per node."""
+    c = len(nodes) if not chains else max(1, min(int(chains), len(nodes)))
+    size, extra = divmod(len(nodes), c)
+    out, i = [], 0
+    for j in range(c):
+        n = size + (j < extra)
+        out.append(nodes[i:i + n])
+        i += n
+    return out
+
+
+def _next_message(template: Message, arrays: ArrayRecord, node: int) -> Message:
+    content = RecordDict(dict(template.content.items()))
+    content[P.ARRAYS] = arrays
+    return Message(content, dst_node_id=node, message_type=template.metadata.message_type)
+
+
+def _chain_result(replies: list[Message]) -> Message:
+    """A chain's replies as one: its last parameters, weighted by everything the chain trained on."""
+    last = replies[-1]
+    if len(replies) == 1:
+        return last
+    contents = [r.content for r in replies]
+    last.content[P.METRICS] = MetricRecord({**mean_scalar_metrics(contents, P.NUM_EXAMPLES),
+                                            P.NUM_USERS: sum(int(c[P.METRICS].get(P.NUM_USERS, 0)) for c in contents)})
+    if P.ROUTING in last.content.array_records:
+        routing = [c[P.ROUTING].to_torch_state_dict() for c in contents]
+        last.content[P.ROUTING] = ArrayRecord({
+            "routing_mass": torch.stack([r["routing_mass"] for r in routing]).sum(0),
+            "mixtures": torch.cat([r["mixtures"] for r in routing])})
+    return last
+
+
+def chained_round(fed, step: str, stage: str, server_round: int, strategy, start: ArrayRecord):
+    """One round of `stage`: (arrays, metrics) from the strategy's aggregation, (None, None) when no
+    client succeeded."""
+    nodes = sampled_nodes(fed.nodes(), fed.cfg, stage, server_round)
+    chains = split_chains(nodes, fed.cfg.federation.get("chains"))
+    config = ConfigRecord({P.SERVER_ROUND: server_round})
+    first = {m.metadata.dst_node_id: m for m in
+             strategy.configure_train(server_round, start, config, NodesView(c[0] for c in chains))}
+    pending = {i: first[c[0]] for i, c in enumerate(chains)}
+    results: list[list[Message]] = [[] for _ in chains]
+    fed.progress["participation"].pop(step, None)
+    depth_total, t0 = max(len(c) for c in chains), time.time()
+    for depth in range(depth_total):
+        if depth_total > 1:
+            log.info("%s: chain step %d/%d, %d chains (%.0f s)", step, depth + 1, depth_total, len(pending),
+                     time.time() - t0)
+        replies = {r.metadata.src_node_id: r for r in fed.collect(step, list(pending.values()), accumulate=True)}
+        sent, pending = pending, {}
+        for i, chain in enumerate(chains):
+            if i in sent and chain[depth] in replies:
+                results[i].append(replies[chain[depth]])
+            if depth + 1 < len(chain):
+                arrays = results[i][-1].content[P.ARRAYS] if results[i] else sent[i].content[P.ARRAYS]
+                pending[i] = _next_message(sent[i], arrays, chain[depth + 1])
+    # in an order fixed by content, as Federation.collect orders a parallel round's replies
+    combined = sorted((_chain_result(rs) for rs in results if rs), key=content_order)
+    if not combined:
+        return None, None
+    return strategy.aggregate_train(server_round, combined)

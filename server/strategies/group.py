@@ -1,0 +1,67 @@
+"""Stage 2 on Flower's strategies, with one hook replaced: the average.
+
+Messages also carry the final population LoRA (clients merge it: W_p) and a pool of other users'
+mixtures, shuffled and without ids (the constraint loss pushes from them). Replies are averaged
+with each expert weighted by the routing mass the clients sent to it, routers by examples
+(shared/method/aggregate.py), and the pool for the next round is built from the replies' mixtures.
+Placed after FedAvgM / FedOpt in the method order, this aggregate is what their server step reads
+as the round's average (server/strategies/__init__.py).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.strategies.population import mean_scalar_metrics
+from shared.method.aggregate import aggregate_group
+from shared.runtime import protocol as P
+
+log = logging.getLogger("proper.server")
+
+
+def mixture_pool(mixtures: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """User mixtures from many replies, pooled and shuffled with `seed` so that no order links
+    them to clients: what the next round's clients get for the constraint loss."""
+    pool = torch.cat([m for m in mixtures if len(m)])
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+
+
+def group_average(states: list[dict], routings: list[dict], examples: list[int]) -> dict[str, torch.Tensor]:
+    layers = [k[: -len(".expert_A")] for k in states[0] if k.endswith(".expert_A")]
+    return aggregate_group(states, [r["routing_mass"] for r in routings], examples, layers)
+
+
+class GroupAggregation(FedAvg):
+    population: ArrayRecord = ArrayRecord()   # set by the server before each round
+    pool: torch.Tensor | None = None           # the shared mixtures; replaced by each aggregation
+    seed: int = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.sent_keys = list(arrays.keys())
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        others = ArrayRecord({"mixtures": self.pool}) if self.pool is not None else ArrayRecord()
+        for m in messages:
+            m.content[P.POPULATION] = self.population
+            m.content[P.OTHERS] = others
+            m.metadata.message_type = P.TRAIN_GROUP
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = [r for r in replies if not r.has_error()]
+        if not ok:
+            return None, None
+        contents = [r.content for r in ok]
+        routings = [c[P.ROUTING].to_torch_state_dict() for c in contents]
+        agg = group_average([c[P.ARRAYS].to_torch_state_dict() for c in contents], routings,
+                            [int(c[P.METRICS][P.NUM_EXAMPLES]) for c in contents])
+        self.pool = mixture_pool([r["mixtures"] for r in routings], seed=self.seed * 7919 + server_round)
+        # the key order of what was sent: FedAvgM zips the two as lists
+        keys = [k for k in getattr(self, "sent_keys", []) if k in agg] or list(agg)
+        return ArrayRecord({k: agg[k] for k in keys}), mean_scalar_metrics(contents, P.NUM_EXAMPLES)

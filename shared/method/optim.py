@@ -1,0 +1,44 @@
+"""The client optimizer and its learning rate across a stage's rounds (train.optimizer, lr_schedule).
+
+Why this matters in a federation: a client builds a fresh optimizer every round, and a
+cross-device client holds one user's ~8 items, so a round is a few local steps. A fresh AdamW's
+first steps are about lr * sign(g) whatever the gradient's size; SGD's are proportional to it, which
+is what FedAvg's analysis (and a server optimizer reading the averaged update as a pseudo-gradient)
+assumes. Both are offered; docs/results/federated.md measures them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = float(cfg.lr if lr is None else lr)
+    name = str(cfg.get("optimizer", "adamw"))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.0)),
+                               weight_decay=float(cfg.get("weight_decay", 0.0)))
+    raise ValueError(f"train.optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+
+
+def round_lr(cfg, server_round: int) -> float:
+    """The client lr of a stage's round `server_round` (1-based) of cfg.rounds: constant, or a cosine
+    from lr down to lr_min_ratio * lr at the last round (one round: lr)."""
+    lr = float(cfg.lr)
+    schedule = str(cfg.get("lr_schedule", "constant"))
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
+    rounds = int(cfg.get("rounds", 1) or 1)
+    if rounds <= 1:
+        return lr
+    floor = lr * float(cfg.get("lr_min_ratio", 0.1))
+    t = (min(max(server_round, 1), rounds) - 1) / (rounds - 1)
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))

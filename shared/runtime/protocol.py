@@ -1,0 +1,41 @@
+"""What crosses the wire between the server and the clients: message types and record keys, once.
+
+  message type        server sends                                  client replies
+  train.population    arrays (population LoRA; empty = seeded init)  arrays, metrics
+  train.group         arrays (experts + routers), population,        arrays, routing (routing_mass,
+                      others (a pool of user mixtures, no ids)       mixtures: shuffled, no ids), metrics
+  train.user          population, arrays (the final group part)     metrics only
+  query.init          config part, [population]                     arrays: the seeded starting point
+  query.mixtures      population, arrays (the group start)          routing (mixtures only), metrics
+  evaluate            population, arrays (or bank), config          metrics (sufficient statistics,
+                                                                    per-user scores without ids), info
+  query.mta_candidates / train.mta_anchor / train.mta_user: MTA (server/mta.py, client/mta.py)
+
+Every config record is named CONFIG and every metric record METRICS; "num-examples" weighs a
+reply in aggregation, "num-users" counts the users a reply covers.
+"""
+from __future__ import annotations
+
+# message types, one per stage and query
+TRAIN_POPULATION = "train.population"
+TRAIN_GROUP = "train.group"
+TRAIN_USER = "train.user"
+QUERY_INIT = "query.init"
+QUERY_MIXTURES = "query.mixtures"
+EVALUATE = "evaluate"
+TRAIN_TYPES = {"population": TRAIN_POPULATION, "group": TRAIN_GROUP}
+
+# record names
+ARRAYS = "arrays"          # the shared part a message is about (population LoRA or group part)
+POPULATION = "population"  # the final population LoRA (clients merge it: W_p)
+OTHERS = "others"          # {"mixtures": [V, L, k]} other users' mixtures for the constraint loss
+ROUTING = "routing"        # {"routing_mass": [L, k], "mixtures": [U, L, k]}
+BANK = "bank"              # MTA's meta-LoRA bank
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"              # {"task": name}: the server holds no data and learns the task from here
+
+# keys
+NUM_EXAMPLES = "num-examples"
+NUM_USERS = "num-users"
+SERVER_ROUND = "server-round"

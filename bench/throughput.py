@@ -33,8 +33,9 @@ import torch
 
 from shared.method.model import ProperModel
 from shared.method.stages import answer_loss, constraint_loss, user_mixtures
-from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.runtime.backbone import load_backbone
 from shared.runtime.precision import autocast
+from shared.runtime.targets import find_target_modules
 
 TARGET_RATIO = 0.85
 

@@ -24,9 +24,10 @@ from shared.method.model import ProperModel
 from shared.method.optim import round_lr
 from shared.method.plan import uses_user_router
 from shared.method.stages import RoundResult, initial_mixtures, train_group, train_population, train_user
-from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.runtime.backbone import load_backbone
 from shared.runtime.config import stage_cfg
 from shared.runtime.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
+from shared.runtime.targets import find_target_modules
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ import socket
 import torch
 
 from shared.method.model import ProperModel
-from shared.runtime.backbone import find_target_modules, load_backbone
+from shared.runtime.backbone import load_backbone
+from shared.runtime.targets import find_target_modules
 
 # ----------------------------------------------------------------------------- the tiny model
 

@@ -1,4 +1,4 @@
-"""Tests for shared/runtime/backbone.py: tiny model, LoRA target discovery, and the
+"""Tests for shared/runtime/backbone.py, model_cache.py and targets.py: tiny model, LoRA target discovery, and the
 embedded SmolLM2 GGUF -> safetensors cache."""
 
 import importlib.util
@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from shared.runtime import backbone
-from shared.runtime.backbone import cache_problem, find_target_modules, load_backbone, target_linears
+from shared.runtime.backbone import load_backbone
+from shared.runtime.model_cache import cache_problem
+from shared.runtime.targets import find_target_modules, target_linears
 
 HAS_WHEEL = importlib.util.find_spec(backbone.EMBEDDED_WHEEL) is not None
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from client.deploy import split_lamp
-from server.deploy import make_certs
+from server.certs import make_certs
 from shared.data.synthetic import write_synthetic_lamp
 from tests.helpers import free_port
 

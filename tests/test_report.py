@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from shared.data.lamp import Example, User
 from shared.runtime.config import load_config
 from sim.local import run_local
-from sim.report import Run, _other_users_labels, majority_rows
+from sim.report_refs import _other_users_labels, majority_rows
+from sim.report_run import Run
 
 
 @pytest.fixture(scope="module")

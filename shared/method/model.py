@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from shared.method.adapters import STAGES, ProperLinear, RoutingContext
-from shared.runtime.backbone import target_linears
+from shared.runtime.targets import target_linears
 
 
 class ProperModel(nn.Module):

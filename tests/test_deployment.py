@@ -183,7 +183,8 @@ def test_three_stage_federation_over_tls_with_authentication(federation):
         assert title in table
     assert "| stage 3: user" in fed.procs.log("submit-main")  # the table came back through `flwr log`
     participation = fed.progress("main")["participation"]
-    assert len(participation) == 7
+    # 7 steps, and before group round 1 the query for the constraint loss's first pool of mixtures
+    assert len(participation) == 8 and "group:1/pool" in participation
     for step, p in participation.items():
         assert p == {"sent": CLIENTS, "ok": CLIENTS, "failed": 0, "silent": 0, "users": USERS}, (step, p)
     # the private state stayed with each client, in a directory of this run; the server holds no data
@@ -209,7 +210,7 @@ def test_late_join_dropout_rejoin_and_server_restart_resume(federation):
     first = fed.submit("faults", *overrides, "debug.crash_after=group:1", name="submit-faults-1")
 
     def receiving(i: int) -> int:
-        return fed.procs.log(f"client-{i}").count("Receiving: train message")
+        return fed.procs.log(f"client-{i}").count("Receiving: train.population message")
 
     before_1, before_2 = receiving(1), receiving(2)
     wait_for("population:1 under way", lambda: receiving(1) > before_1, 180)

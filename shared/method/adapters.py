@@ -1,7 +1,7 @@
 """The three progressive adapters of PROPER, owned by one layer class.
 
 Every target FFN linear layer of the backbone is replaced by a `ProperLinear` that keeps the
-frozen base layer and adds, stage by stage (DESIGN.md section 2):
+frozen base layer and adds, stage by stage (docs/decisions.md, "The method"):
 
   population  h = W x + s_p B_p A_p x                          (one LoRA, r=8; merged after stage 1)
   group       h = W_p x + sum_e beta_e s_g B_e A_e x           (k expert LoRAs, r=4)

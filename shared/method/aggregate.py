@@ -1,4 +1,4 @@
-"""Server-side aggregation of the shared parts (DESIGN.md section 3).
+"""Server-side aggregation of the shared parts (docs/decisions.md, "The federation").
 
 population  FedAvg weighted by each client's number of training examples.
 group       expert e of layer l: average weighted by the routing mass each client sent to that

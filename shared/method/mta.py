@@ -1,4 +1,4 @@
-"""MTA (Merge-then-Adapt), the other seed system (DESIGN.md section 4): the algorithms.
+"""MTA (Merge-then-Adapt), the other seed system (docs/decisions.md, "MTA"): the algorithms.
 
   profile embedding  mean-pooled last hidden states of the bare backbone over a user's profile
                      items (prompt + answer, training split only), averaged over the items

@@ -5,7 +5,7 @@
   oppu        OPPU-style: a per-user LoRA trained on top of the population LoRA, no group stage
               (the experts stay at their initial B = 0, so they add nothing)
   loramoe     LoRAMoE: group experts with a token-only router (no user embedding, no constraint loss)
-  mta         MTA (Merge-then-Adapt, DESIGN.md section 4): a bank of anchor-user LoRAs, retrieval and
+  mta         MTA (Merge-then-Adapt, docs/decisions.md "MTA"): a bank of anchor-user LoRAs, retrieval and
               fusion per user, a stacked small LoRA per user (shared/method/mta.py); no population stage.
               Evaluated as "mta_merge" (merged anchors only) and "mta" (merged + stacked LoRA)
 

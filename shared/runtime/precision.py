@@ -14,8 +14,8 @@ def cpu_has_bf16() -> bool:
 def use_bf16(value) -> bool:
     """train.bf16: true, false, or "auto" (the default): bf16 where the CPU computes it natively.
     Why auto: bf16 autocast was 1.6x faster than float32 on a machine with native bf16
-    (docs/results/bench_throughput.md) but 20x slower on an AVX2-only one (124 s against 6 s for one SmolLM2 step of 8 LaMP-2 items), where
-    every bf16 matmul is emulated."""
+    (docs/results/bench_throughput.md) but 20x slower on an AVX2-only one (124 s against 6 s for
+    one SmolLM2 step of 8 LaMP-2 items), where every bf16 matmul is emulated."""
     check_value("train.bf16", value)   # the schema's rule: a value may come from outside a config
     return cpu_has_bf16() if value == "auto" else value
 

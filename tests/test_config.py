@@ -97,10 +97,10 @@ def test_a_stage_overrides_train_keys_and_null_leaves_trains_value():
     cfg = load_config("lamp2_quick", ["train.max_len=128", "group.max_len=96", "population.batch_size=null"])
     user, group, pop = (stage_cfg(cfg, s) for s in ("user", "group", "population"))
     assert (user.batch_size, user.max_len, user.lr, user.epochs) == (4, 128, 3.0e-3, 1)
-    assert (group.batch_size, group.max_len, group.constraint_weight, group.rounds) == (8, 96, 0.1, 1)
+    assert (group.batch_size, group.max_len, group.constraint_weight, group.rounds) == (2, 96, 0.1, 1)  # the config's
     assert pop.batch_size == 8   # null: not overridden, train's value stays
     # the resolved config leaves unset overrides out, so even a plain merge of train with a stage is right
-    assert "batch_size" not in cfg.population and "server_lr" not in cfg.group
+    assert "batch_size" not in cfg.population and "server_momentum" not in cfg.group
     assert OmegaConf.merge(cfg.train, cfg.population) == pop
     anchor = stage_cfg(load_config("tiny", ["mta.anchor.batch_size=2"]), "mta.anchor")
     assert (anchor.batch_size, anchor.epochs, anchor.lr, anchor.max_len) == (2, 8, 1.0e-3, 96)

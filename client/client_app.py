@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import mta
+from client.privacy import dp_clip_mod
 from client.runtime import arrays_in, config_of, reply, server_round, trainer_for
 from shared.runtime import protocol as P
 from shared.runtime.runconfig import run_config_from_context
@@ -35,12 +36,14 @@ def reply_audit_mod(msg: Message, context: Context, call_next) -> Message:
     return out
 
 
-app = ClientApp(mods=[reply_audit_mod])
+# the audit is outermost: it records the reply as it leaves, after privacy.dp's client-side clipping
+app = ClientApp(mods=[reply_audit_mod, dp_clip_mod])
 mta.register(app)
 
 
 def _counts(t, num_examples: int) -> dict:
-    return {P.NUM_EXAMPLES: num_examples, P.NUM_USERS: len(t.users)}
+    """A training reply covers the users with a history: the others are skipped in training."""
+    return {P.NUM_EXAMPLES: num_examples, P.NUM_USERS: len(t.trained)}
 
 
 @app.train("population")
@@ -65,7 +68,7 @@ def group(msg: Message, context: Context) -> Message:
 def user(msg: Message, context: Context) -> Message:
     t = trainer_for(context, "user")
     m = t.user(arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS))
-    return reply(msg, {**_counts(t, sum(len(u.train) for u in t.users)), **m})
+    return reply(msg, {**_counts(t, sum(len(u.train) for u in t.trained)), **m})
 
 
 @app.query("init")
@@ -92,15 +95,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = config_of(msg)
     t = trainer_for(context, "eval")
     stage = str(cfg.get("stage", "base"))
+    mean = arrays_in(msg, P.MEAN_MIXTURE)  # the server's mean mixture, for users with no history
     metrics, examples = {}, 0
     for split in str(cfg.get("splits", "test")).split(","):
         r = mta.evaluate_message(t, stage, msg, split) if stage.startswith("mta") else \
-            t.evaluate(stage, arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS), split=split)
+            t.evaluate(stage, arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS), split=split,
+                       mean_mixture=None if mean is None else mean["mixture"])
         scores = list(r.user_scores.values())
         order = torch.randperm(len(scores)).tolist()  # no ids, and no order that could stand for one
         metrics[f"{split}.user-scores"] = [float(scores[i]) for i in order]
         metrics.update({f"{split}.stat.{k}": [float(x) for x in v] for k, v in r.stats.items()})
         examples += r.num_examples
-    out = reply(msg, {**_counts(t, examples), **metrics})
+    counts = {P.NUM_EXAMPLES: examples, P.NUM_USERS: len(t.users)}  # every user is evaluated
+    if t.no_history:  # absent where 0: a reply from a client whose users all have a history is unchanged
+        counts[P.NUM_NO_HISTORY] = len(t.no_history)
+    out = reply(msg, {**counts, **metrics})
     out.content[P.INFO] = ConfigRecord({"task": t.spec.name})
     return out

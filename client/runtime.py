@@ -66,15 +66,15 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
             # state): a later run must not start from an earlier run's embeddings or user LoRAs
             state_dir = (str(Path(str(nc["state-dir"])) / Path(run_dir).name) if nc.get("state-dir")
                          else str(Path(run_dir) / "clients" / Path(str(nc["data-path"])).name))
-            client_seed = 0
+            client_seed, keep_shared = 0, True
         else:
             part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
             spec, all_users = _all_users(cfg)
             users = users_of_partition(all_users, part, n_parts, int(cfg.federation.users_per_client))
             state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / f"{part:05d}")
-            client_seed = part
+            client_seed, keep_shared = part, False  # the run directory gets one copy (sim/run.py)
         _TRAINERS.clear()  # one client's users at a time per process keeps memory flat at scale
-        _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed)
+        _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed, keep_shared=keep_shared)
     return _TRAINERS[key]
 
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,11 +26,13 @@ from shared.method.optim import round_lr
 from shared.method.plan import uses_user_router
 from shared.method.stages import RoundResult, initial_mixtures, train_group, train_population, train_user
 from shared.runtime.backbone import load_backbone
-from shared.runtime.config import stage_cfg
+from shared.runtime.config import stage_cfg, to_yaml
 from shared.runtime.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
 from shared.runtime.targets import find_target_modules
 
 log = logging.getLogger(__name__)
+
+USERS_PER_PASS = 64   # users whose stage-3 parts one evaluation pass stacks (ClientTrainer._predict_each)
 
 # One backbone per process, whatever number of messages or (simulated) clients it serves.
 _MODELS: dict[str, tuple[ProperModel, object]] = {}
@@ -56,6 +59,11 @@ def user_seed(seed: int, user_id: str) -> int:
     return int(hashlib.sha1(f"{seed}:{user_id}".encode()).hexdigest()[:8], 16)
 
 
+def initial_embedding(seed: int, user_id: str, d_user: int) -> torch.Tensor:
+    """A user's first e_u, seeded by (run seed, user id): the same wherever it is created."""
+    return torch.randn(d_user, generator=torch.Generator().manual_seed(user_seed(seed, user_id)))
+
+
 def load_users(cfg: DictConfig, path: str | None = None):
     spec, users = load_lamp(path or cfg.data.path, task=cfg.data.task, holdout=cfg.data.holdout,
                             max_users=cfg.data.max_users, longest=cfg.data.longest)
@@ -67,6 +75,38 @@ def load_users(cfg: DictConfig, path: str | None = None):
     return spec, users
 
 
+def save_user_adapter(model: ProperModel, store: UserStore, user_id: str, backbone: str):
+    """The model's user LoRA as a PEFT adapter directory, and the LoRA-aware router beside it."""
+    d = store.path(user_id, "user").with_suffix("")
+    export_peft_adapter(model, "user", d, base_model=f"{backbone} + population LoRA")
+    router = {k: v for k, v in model.part_state("user").items() if ".router_g" in k}
+    store.save(user_id, "router", router)
+
+
+def load_user_adapter(model: ProperModel, store: UserStore, user_id: str):
+    """A user's LoRA and LoRA-aware router from the store into the model's user part."""
+    import_peft_adapter(model, "user", store.path(user_id, "user").with_suffix(""))
+    router = store.load(user_id, "router")
+    if router is None:
+        raise FileNotFoundError(f"no LoRA-aware router stored for user {user_id!r} in {store.root}")
+    state = model.part_state("user")
+    state.update(router)
+    model.load_part_state("user", state, source=str(store.path(user_id, "router")))
+
+
+def export_shared_parts(model: ProperModel, out_dir: Path, with_group: bool, backbone: str,
+                        config_yaml: str | None = None):
+    """The run's shared parts as the model holds them, in the files `proper local` writes (docs/formats.md):
+    population_lora/ (PEFT) and group.safetensors, with config.yaml when given. What serving and
+    enrollment (client/serving.py) load on a machine that has them."""
+    from shared.runtime.persist import atomic_write_text, save_group
+    export_peft_adapter(model, "population", out_dir / "population_lora", base_model=backbone)
+    if with_group:
+        save_group(model, out_dir / "group.safetensors")
+    if config_yaml is not None:
+        atomic_write_text(out_dir / "config.yaml", config_yaml)
+
+
 @dataclass
 class EvalResult:
     stats: dict[str, np.ndarray]           # sufficient statistics, summed over users
@@ -75,11 +115,21 @@ class EvalResult:
 
 
 class ClientTrainer:
-    def __init__(self, cfg: DictConfig, spec, users, state_dir: str, client_seed: int = 0):
+    def __init__(self, cfg: DictConfig, spec, users, state_dir: str, client_seed: int = 0, keep_shared: bool = False):
         if not users:
             raise ValueError("a client needs at least one user")
         self.cfg, self.spec, self.users = cfg, spec, users
+        # users with a history train; one with none (an empty profile) is only evaluated
+        self.trained = [u for u in users if u.train]
+        self.no_history = [u for u in users if not u.train]
+        if self.no_history:
+            log.warning("%d user(s) with no history (%s%s): skipped in training, evaluated with the population "
+                        "and group stages and the population's mean mixture", len(self.no_history),
+                        ", ".join(u.user_id for u in self.no_history[:3]), ", ..." if len(self.no_history) > 3 else "")
         self.store = UserStore(state_dir)
+        # a deployed client keeps the run's final shared parts beside its users' state, to serve them
+        # and enroll new users later (client/serving.py); simulated clients share the run's copy
+        self.keep_shared = keep_shared
         self.seed = cfg.seed * 1_000_003 + client_seed
         self.model, self.tokenizer = get_model(cfg)
 
@@ -110,8 +160,7 @@ class ClientTrainer:
             if for_round is not None and int(saved["round"]) >= for_round:
                 return saved["e_u_before"]
             return saved["e_u"]
-        g = torch.Generator().manual_seed(user_seed(self.cfg.seed, user.user_id))
-        return torch.randn(self.model.d_user, generator=g)
+        return initial_embedding(self.cfg.seed, user.user_id, self.model.d_user)
 
     def initial(self, part: str, population: dict | None = None) -> dict[str, torch.Tensor]:
         """The starting point of a server-coordinated part, as every client would build it (seeded
@@ -119,25 +168,40 @@ class ClientTrainer:
         self._prepare("population" if part == "population" else "group", population)
         return self.model.part_state(part)
 
+    def _untrained(self, part: str) -> RoundResult:
+        """A round on a client none of whose users has a history: the part comes back as it came,
+        with zero examples, so it weighs nothing in the average and a chain passes it on unchanged.
+        The metrics are zeros, not NaN: weighted by zero examples they must add nothing."""
+        metrics = {"train_loss": 0.0, "train_tokens": 0.0, "train_seconds": 0.0, "tokens_per_s": 0.0}
+        if part == "population":
+            return RoundResult(0, metrics, self.model.part_state("population"))
+        shape = (len(self.model.layer_names), self.model.k)
+        return RoundResult(0, {**metrics, "constraint_loss": 0.0}, self.model.part_state("group"),
+                           torch.zeros(shape), torch.zeros(0, *shape))
+
     # ---- stage 1
     def population(self, population: dict | None, server_round: int) -> RoundResult:
         self._prepare("population", population)
-        return train_population(self.model, self.tokenizer, self.users, round_cfg(self.cfg, "population", server_round),
-                                seed=self.seed + server_round)
+        if not self.trained:
+            return self._untrained("population")
+        return train_population(self.model, self.tokenizer, self.trained,
+                                round_cfg(self.cfg, "population", server_round), seed=self.seed + server_round)
 
     # ---- stage 2
     def group(self, population: dict, group: dict | None, others: torch.Tensor | None,
               server_round: int) -> RoundResult:
         self._prepare("group", population, group)
+        if not self.trained:
+            return self._untrained("group")
         if others is not None and len(others):
             others = self._drop_own(others, server_round)
-        before = torch.stack([self._embedding(u, server_round) for u in self.users])
-        result, emb, by_user = train_group(self.model, self.tokenizer, self.users, before,
+        before = torch.stack([self._embedding(u, server_round) for u in self.trained])
+        result, emb, by_user = train_group(self.model, self.tokenizer, self.trained, before,
                                            round_cfg(self.cfg, "group", server_round),
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True)
         rnd = torch.tensor([server_round])
-        for u, e, b in zip(self.users, emb, before):
+        for u, e, b in zip(self.trained, emb, before):
             self.store.save(u.user_id, "embedding", {"e_u": e, "e_u_before": b, "round": rnd})
         sent = self._own_mixtures(server_round)
         save_tensors(self.store.root / "sent_mixtures.safetensors",
@@ -150,14 +214,16 @@ class ClientTrainer:
         """Each user's mixture and dominant expert, on this client's disk only: what group recovery
         (shared/evaluation/groups.py) compares with known groups after the run."""
         from shared.evaluation.groups import write_user_mixtures
-        write_user_mixtures(self.store.root, [u.user_id for u in self.users], by_user.numpy(), server_round)
+        write_user_mixtures(self.store.root, [u.user_id for u in self.trained], by_user.numpy(), server_round)
 
     def initial_mixtures(self, population: dict, group: dict | None) -> torch.Tensor:
         """The users' mixtures under the group part round 1 starts from, with their starting e_u
         (shuffled, no ids): the first pool for the constraint loss. Nothing is trained or stored."""
         self._prepare("group", population, group)
-        emb = torch.stack([self._embedding(u, 1) for u in self.users])
-        mixtures = initial_mixtures(self.model, self.tokenizer, self.users, emb, stage_cfg(self.cfg, "group"),
+        if not self.trained:
+            return torch.zeros(0, len(self.model.layer_names), self.model.k)
+        emb = torch.stack([self._embedding(u, 1) for u in self.trained])
+        mixtures = initial_mixtures(self.model, self.tokenizer, self.trained, emb, stage_cfg(self.cfg, "group"),
                                     seed=self.seed)
         # remembered as "sent before round 1", so round 1 drops them from the pool it gets back
         save_tensors(self.store.root / "sent_mixtures.safetensors",
@@ -185,61 +251,96 @@ class ClientTrainer:
     # ---- stage 3
     def user(self, population: dict, group: dict | None) -> dict[str, float]:
         self._prepare("user", population, group)
+        if self.keep_shared:  # the final shared parts: train.user is the last message that carries them
+            export_shared_parts(self.model, self.store.root, group is not None, self.cfg.model.name,
+                                to_yaml(self.cfg))
         cfg = stage_cfg(self.cfg, "user")
         losses, seconds, t0, last = [], 0.0, time.time(), time.time()
-        for i, u in enumerate(self.users, 1):
+        for i, u in enumerate(self.trained, 1):
             m = train_user(self.model, self.tokenizer, u, self._embedding(u), cfg,
                            seed=user_seed(self.cfg.seed, u.user_id))
             self.save_user_adapter(u.user_id)
             losses.append(m["train_loss"])
             seconds += m["train_seconds"]
-            if time.time() - last > 60 and i < len(self.users):
+            if time.time() - last > 60 and i < len(self.trained):
                 last = time.time()
-                log.info("user stage: %d/%d users trained (%.0f s)", i, len(self.users), last - t0)
-        return {"train_loss": float(np.nanmean(losses)), "train_seconds": seconds,
-                "num_users": float(len(self.users))}
+                log.info("user stage: %d/%d users trained (%.0f s)", i, len(self.trained), last - t0)
+        loss = {"train_loss": float(np.nanmean(losses))} if losses else {}  # none without a trained user
+        return {**loss, "train_seconds": seconds, "num_users": float(len(self.trained))}
 
     def save_user_adapter(self, user_id: str):
-        """The user LoRA as a PEFT adapter directory, and the LoRA-aware router beside it."""
-        d = self.store.path(user_id, "user").with_suffix("")
-        export_peft_adapter(self.model, "user", d, base_model=f"{self.cfg.model.name} + population LoRA")
-        router = {k: v for k, v in self.model.part_state("user").items() if ".router_g" in k}
-        self.store.save(user_id, "router", router)
+        save_user_adapter(self.model, self.store, user_id, self.cfg.model.name)
 
     def load_user_adapter(self, user_id: str):
-        import_peft_adapter(self.model, "user", self.store.path(user_id, "user").with_suffix(""))
-        router = self.store.load(user_id, "router")
-        if router is None:
-            raise FileNotFoundError(f"no LoRA-aware router stored for user {user_id!r} in {self.store.root}")
-        state = self.model.part_state("user")
-        state.update(router)
-        self.model.load_part_state("user", state, source=str(self.store.path(user_id, "router")))
+        load_user_adapter(self.model, self.store, user_id)
 
     # ---- evaluation of any stage on these users
     def evaluate(self, stage: str, population: dict | None = None, group: dict | None = None,
-                 split: str = "test") -> EvalResult:
+                 split: str = "test", mean_mixture: torch.Tensor | None = None) -> EvalResult:
+        """Every user with `split` items, at `stage`. A user with no history has no e_u and no user
+        LoRA: in the group and user stages it is served by the group-stage model with the
+        population's mean mixture (`mean_mixture` [L, k], the mean of the trained users' mixtures)."""
         self._prepare(stage, population, group)
-        self.model.set_stage(stage)
-        stats, n, user_scores = None, 0, {}
         users = [u for u in self.users if getattr(u, split)]
-        if stage == "user":  # each user has its own adapter: one user at a time
-            per_user = []
-            for u in users:
-                self.load_user_adapter(u.user_id)
-                emb = self._embedding(u).view(1, -1).expand(len(getattr(u, split)), -1)
-                per_user.append(predict(self.model, self.tokenizer, self.spec, getattr(u, split), self.cfg,
-                                        user_emb=emb))
-        else:  # one batched pass over everyone, routed per row in the group stage
-            exs = [ex for u in users for ex in getattr(u, split)]
-            emb = None
-            if stage == "group" and uses_user_router(self.cfg):
-                emb = torch.stack([self._embedding(u) for u in users for _ in getattr(u, split)])
-            preds = predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb)
-            bounds = np.cumsum([0] + [len(getattr(u, split)) for u in users])
-            per_user = [preds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        for u, preds in zip(users, per_user):
+        routed = stage in ("group", "user") and uses_user_router(self.cfg)
+        cold = [u for u in users if routed and not u.train]   # routed by the mean mixture, not an e_u
+        warm = [u for u in users if u not in cold]
+        preds = self._predict_each(warm, split) if stage == "user" else self._predict_batched(stage, warm, split)
+        preds.update(self._predict_no_history(cold, split, mean_mixture))
+        stats, n, user_scores = None, 0, {}
+        for u in users:  # in the users' order, whatever order they were predicted in
             golds = [ex.output for ex in getattr(u, split)]
-            stats = add_stats(stats, example_stats(self.spec, preds, golds))
-            user_scores[u.user_id] = float(np.mean(per_example_scores(self.spec, preds, golds)))
+            stats = add_stats(stats, example_stats(self.spec, preds[u.user_id], golds))
+            user_scores[u.user_id] = float(np.mean(per_example_scores(self.spec, preds[u.user_id], golds)))
             n += len(golds)
         return EvalResult(stats or {}, user_scores, n)
+
+    def _predict_each(self, users, split: str) -> dict[str, list[str]]:
+        """Stage 3: every user with its own user LoRA, LoRA-aware router and e_u, yet many users per
+        batch: each row computes with its user's part (ProperModel.user_parts), so the evaluation
+        batches as stage 2's does instead of going user by user. USERS_PER_PASS bounds the
+        stacked parts held at once (~3 MB a user for SmolLM2)."""
+        self.model.set_stage("user")
+        out = {}
+        for s in range(0, len(users), USERS_PER_PASS):
+            chunk = users[s:s + USERS_PER_PASS]
+            parts = []
+            for u in chunk:
+                self.load_user_adapter(u.user_id)
+                parts.append(self.model.part_state("user"))
+            exs = [ex for u in chunk for ex in getattr(u, split)]
+            emb = torch.stack([self._embedding(u) for u in chunk for _ in getattr(u, split)])
+            rows = torch.tensor([i for i, u in enumerate(chunk) for _ in getattr(u, split)])
+            with self.model.user_parts(parts):
+                preds = predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb, user_rows=rows)
+            out.update(_by_user(chunk, split, preds))
+        return out
+
+    def _predict_batched(self, stage: str, users, split: str) -> dict[str, list[str]]:
+        """One batched pass over everyone, routed per row in the group stage."""
+        if not users:
+            return {}
+        self.model.set_stage(stage)
+        exs = [ex for u in users for ex in getattr(u, split)]
+        emb = None
+        if stage == "group" and uses_user_router(self.cfg):
+            emb = torch.stack([self._embedding(u) for u in users for _ in getattr(u, split)])
+        return _by_user(users, split, predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb))
+
+    def _predict_no_history(self, users, split: str, mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
+        """Users with no history, at the group stage with the population's mean mixture. Without one
+        (no group stage ran: its experts are no-ops) the router reads the users' seeded e_u."""
+        if not users:
+            return {}
+        if mean_mixture is None:
+            return self._predict_batched("group", users, split)
+        self.model.set_stage("group")
+        exs = [ex for u in users for ex in getattr(u, split)]
+        with self.model.fixed_mixture(mean_mixture.float()):
+            return _by_user(users, split, predict(self.model, self.tokenizer, self.spec, exs, self.cfg))
+
+
+def _by_user(users, split: str, preds: list[str]) -> dict[str, list[str]]:
+    """Predictions made for every user's `split` examples in order, cut back into each user's."""
+    bounds = np.cumsum([0] + [len(getattr(u, split)) for u in users])
+    return {u.user_id: preds[a:b] for u, a, b in zip(users, bounds[:-1], bounds[1:])}

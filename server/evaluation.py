@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from server.federation import Federation
+from server.privacy import privacy_note
 from server.stages import model_content
 from shared.data.lamp import task_spec
 from shared.runtime import protocol as P
-from shared.runtime.results import STAGE_TITLES, eval_rows, plot_mixtures, plot_stages
+from shared.runtime.results import STAGE_TITLES, eval_rows, no_history_note, plot_mixtures, plot_stages
 
 log = logging.getLogger("proper.server")
 
@@ -20,7 +21,13 @@ def evaluate(fed: Federation, step: str, stage: str):
     splits = list(fed.cfg.eval.splits)
     content = RecordDict() if stage == "base" else model_content(fed)
     content[P.CONFIG] = ConfigRecord({"stage": stage, "splits": ",".join(splits)})
+    if stage in ("group", "user") and fed.parts.get("mixtures") is not None:
+        # users with no history are served with the mean of the trained users' mixtures: the mean of
+        # the pool every group round's clients already receive, so nothing new leaves the server
+        content[P.MEAN_MIXTURE] = ArrayRecord({"mixture": fed.parts["mixtures"].float().mean(0)})
     ok = fed.send(step, P.EVALUATE, content)
+    no_history = sum(int(r.content[P.METRICS].get(P.NUM_NO_HISTORY, 0)) for r in ok)
+    fed.progress["no_history"] = max(no_history, int(fed.progress.get("no_history", 0)))
     by_split = {sp: {"stats": {}, "user_scores": []} for sp in splits}
     for r in ok:
         if P.INFO in r.content.config_records:
@@ -83,10 +90,13 @@ def finish(fed: Federation, seconds: float):
              f"{max((p['users'] for p in participation.values()), default=0)} users; {schedule_note(fed)}; "
              f"server wall time {seconds:.0f} s",
              f"client compute in passes over the training data (users trained x epochs): {client_compute(fed)}"]
+    if fed.progress.get("no_history"):
+        notes.append(no_history_note(int(fed.progress["no_history"])))
     failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}
     if failures:
         notes.append("steps with failed or silent nodes: " + "; ".join(
             f"{s}: {p['failed']} failed, {p['silent']} silent" for s, p in failures.items()))
+    notes.append(privacy_note(fed))   # also written to rounds.jsonl (server/privacy.py)
     table = fed.run_dir.write_table(rows, spec.metrics, notes)
     plot_stages(fed.run_dir, rows, spec.metrics[0])
     if fed.parts["mixtures"] is not None:

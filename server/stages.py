@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from server.federation import Federation
 from server.mta import bank_record
+from server.privacy import note_release
 from server.strategies import load_state, make_strategy, needs_start, state_tensors
 from server.strategies.chains import chained_round, sampled_nodes
 from server.strategies.group import mixture_pool
@@ -70,7 +71,7 @@ def train_round(fed: Federation, step: str, stage: str, rnd: int):
         strategy.population, strategy.pool = fed.arrays("population"), fed.parts["mixtures"]
         strategy.seed = int(fed.cfg.seed)
     start = fed.parts[stage]
-    arrays, metrics = chained_round(fed, step, stage, rnd, strategy, fed.arrays(stage))
+    arrays, metrics = chained_round(fed, step, stage, rnd, TrainedReplies(strategy), fed.arrays(stage))
     if arrays is None:
         log.warning("%s: no client succeeded; the %s parameters stay as they were", step, stage)
         return
@@ -80,9 +81,30 @@ def train_round(fed: Federation, step: str, stage: str, rnd: int):
     if stage == "group":
         fed.parts["mixtures"] = strategy.pool
     fed.parts[f"opt.{stage}"] = state_tensors(strategy) or None
+    if getattr(strategy, "dp", None) is not None:   # privacy.dp: a noised release, for the accountant
+        note_release(fed, stage, rnd, strategy.dp.num_sampled_clients)
     m = dict(metrics or {})
     fed.log_train(step, m)
     log.info("%s: loss %.4f over %d examples", step, m.get("train_loss", float("nan")), m.get(P.NUM_EXAMPLES, 0))
+
+
+class TrainedReplies:
+    """A stage's strategy that aggregates only the replies that trained on something. A client whose
+    users all have no history replies with zero examples (client/trainer.py): it weighs nothing in
+    the average anyway, and a round where only such clients answered keeps the parameters as they
+    were, as a round where every client failed does, where Flower's average would divide by zero."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def configure_train(self, *args):
+        return self.strategy.configure_train(*args)
+
+    def aggregate_train(self, server_round: int, replies):
+        trained = [r for r in replies if r.has_error() or float(r.content[P.METRICS].get(P.NUM_EXAMPLES, 1)) > 0]
+        if not trained:
+            return None, None
+        return self.strategy.aggregate_train(server_round, trained)
 
 
 def model_content(fed: Federation) -> RecordDict:
@@ -95,5 +117,6 @@ def user_stage(fed: Federation, step: str):
     content = model_content(fed)
     content[P.CONFIG] = ConfigRecord({"stage": "user"})
     ok = fed.send(step, P.TRAIN_USER, content)
-    losses = [float(r.content[P.METRICS]["train_loss"]) for r in ok]
+    # a client whose users all have no history trains none of them and sends no loss
+    losses = [float(r.content[P.METRICS]["train_loss"]) for r in ok if "train_loss" in r.content[P.METRICS]]
     fed.log_train(step, {"train_loss": float(np.mean(losses)) if losses else None})

@@ -3,6 +3,8 @@
   proper local  [--config C] [key=value ...]   all three stages in one process (centralized reference)
   proper sim    [--config C] [key=value ...]   the federation on Flower's Ray simulation engine
   proper synth  --out DIR [--users N ...]      synthetic users in LaMP's file format
+  proper generate PLACE --user U [--prompt T]   generate with users' personalized models (sim/serve.py)
+  proper enroll PLACE --data DIR [--user U]     personalize users who join after a run, no server round
   proper report RUN [RUN ...] --out DIR         compare runs: methods x metrics, bytes, wall time, figures
   proper certs | keygen | server | register | client | submit | split
                                                the deployed federation (docs/deployment.md)
@@ -28,6 +30,7 @@ USER_ERRORS = (
     ("shared.data.synthetic", "SyntheticArgumentError"),  # proper synth / data.synthetic values
     ("shared.runtime.config", "ConfigError"),           # bad config, override or run directory
     ("shared.runtime.persist", "StateFileError"),       # a corrupt or foreign state file
+    ("client.serving", "ServingError"),                 # generate / enroll: a missing run part or user state
     ("shared.runtime.backbone", "MissingWheelError"),   # the embedded model's wheel is not installed
     ("omegaconf.errors", "GrammarParseError"),          # an override omegaconf cannot parse
     ("yaml", "YAMLError"),                              # a config file that is not YAML
@@ -97,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size-law", default="pareto", choices=("pareto", "uniform"),
                    help="history sizes: heavy-tailed or uniform")
     s.add_argument("--quirk-prob", type=float, default=0.2, help="chance a user departs from its group on a topic")
+    from sim.serve import add_parsers as add_serve_parsers
+    add_serve_parsers(sub)
     from client.deploy import add_parser as add_client_parser
     from server.deploy import add_parsers as add_deploy_parsers
     add_deploy_parsers(sub)
@@ -130,6 +135,11 @@ def _dispatch(args) -> int:
         print("\n".join(map(str, split_lamp(args.data, args.clients, args.out))))
         return 0
 
+    if args.cmd in ("generate", "enroll"):
+        _setup_logging(False)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sim.serve import enroll_main, generate_main
+        return generate_main(args) if args.cmd == "generate" else enroll_main(args)
     if args.cmd == "report":
         from sim.report import main as report_main
         return report_main(args)

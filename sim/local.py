@@ -13,13 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from client.trainer import ClientTrainer, load_users
+from shared.data.lamp import LampDataError
 from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures
 from shared.evaluation.metrics import stats_metrics
 from shared.method.plan import stage_plan
 from shared.runtime.config import to_yaml
 from shared.runtime.persist import export_peft_adapter, save_group
 from shared.runtime.precision import use_bf16
-from shared.runtime.results import RunDir, eval_rows, plot_mixtures, plot_stages
+from shared.runtime.results import RunDir, eval_rows, no_history_note, plot_mixtures, plot_stages
 
 log = logging.getLogger("proper.local")
 
@@ -45,6 +46,8 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     run.write_config(to_yaml(cfg))
     spec, users = load_users(cfg)
     log.info("%d users, task %s; loading backbone %s", len(users), spec.name, cfg.model.name)
+    if not any(u.train for u in users):  # users with no history are served, but someone must train
+        raise LampDataError(f"{cfg.data.path}: every user's profile is empty, nothing to train on")
     client = ClientTrainer(cfg, spec, users, str(run.path / "client_state"))
     mta = bank = None
     if cfg.method == "mta":  # Merge-then-Adapt: client/mta.py
@@ -58,8 +61,10 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     def evaluate(stage, pop=None, group=None):
         for split in splits:
             t = time.time()
+            # users with no history are served with the mean of the trained users' mixtures
+            mean = None if mixtures is None else mixtures.float().mean(0)
             r = mta.evaluate(stage, bank, split) if stage.startswith("mta") else \
-                client.evaluate(stage, pop, group, split=split)
+                client.evaluate(stage, pop, group, split=split, mean_mixture=mean)
             evals.setdefault(stage, {})[split] = {"stats": {k: v.tolist() for k, v in r.stats.items()},
                                                   "user_scores": list(r.user_scores.values())}
             for uid, score in r.user_scores.items():
@@ -104,6 +109,8 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
              f"wall time {time.time() - t0:.1f} s, one client holding all {len(users)} users (proper local); "
              f"{'bfloat16 autocast' if use_bf16(cfg.train.bf16) else 'float32'} (train.bf16={cfg.train.bf16})"]
+    if client.no_history:
+        notes.append(no_history_note(len(client.no_history)))
     if recovery is not None:
         notes.append(_recovery_note(recovery))
     table = run.write_table(rows, spec.metrics, notes)

@@ -25,7 +25,11 @@ def _count_users(cfg) -> int:
     """The run's users, read as the clients will read them: a malformed file is refused here, in one
     line naming the file and record, before any SuperNode starts."""
     from client.trainer import load_users
-    return len(load_users(cfg)[1])
+    from shared.data.lamp import LampDataError
+    users = load_users(cfg)[1]
+    if not any(u.train for u in users):  # users with no history are served, but someone must train
+        raise LampDataError(f"{cfg.data.path}: every user's profile is empty, nothing to train on")
+    return len(users)
 
 
 def prepare_run(config: str | None, overrides: list[str], resume: str | None) -> Path:
@@ -112,6 +116,7 @@ def _finished(run_dir: Path, simulate) -> int:
         log.error("the run ended without a results table; see the log above. Resume with: "
                   "proper sim --resume %s", run_dir)
         return 1
+    export_shared_parts(run_dir)
     from shared.evaluation.groups import run_group_recovery
     from shared.runtime.results import RunDir
     rec = run_group_recovery(run_dir)  # synthetic users only: None without groups.json or a group stage
@@ -121,6 +126,28 @@ def _finished(run_dir: Path, simulate) -> int:
                  rec["round"], rec["ari"], rec["purity"], rec["users"])
     log.info("done in %.0f s; results in %s", time.time() - t0, run_dir)
     return 0
+
+
+def export_shared_parts(run_dir: Path):
+    """The final shared parts from the server's checkpoint as the files `proper local` writes:
+    population_lora/ and group.safetensors in the run directory. The simulated clients share this
+    one copy (a deployed client keeps its own, client/trainer.py) for serving and enrollment
+    (client/serving.py). Loads the backbone once more, in this process."""
+    from client.trainer import export_shared_parts as export
+    from client.trainer import get_model
+    from server.checkpoint import Checkpoint
+    cfg = read_config(run_dir / "config.yaml")
+    loaded = Checkpoint(run_dir).load()
+    parts = loaded[1] if loaded else {}
+    if not parts.get("population"):  # MTA and runs that never finished a population round
+        return
+    model, _ = get_model(cfg)
+    if model.merged:  # the in-process engine's model: W comes back exactly (adapters.py)
+        model.unmerge_population()
+    model.load_part_state("population", parts["population"], source=f"{run_dir}/checkpoint")
+    if parts.get("group"):
+        model.load_part_state("group", parts["group"], source=f"{run_dir}/checkpoint")
+    export(model, run_dir, bool(parts.get("group")), cfg.model.name)
 
 
 def _connect_ray_cluster(address: str, run_dir: Path):

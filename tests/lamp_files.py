@@ -24,7 +24,6 @@ BAD_LAMP = {
     "malformed": r"questions\.json: malformed JSON at line 3, column",
     "no_gold": r"questions\.json: question #1 \(id='b'\): no gold",
     "gold_without_question": r"outputs\.json: gold #1 \(id='zz'\): no question",
-    "empty_profile": r"questions\.json: question #1 \(id='b'\): empty profile",
     "missing_field": r"questions\.json: question #0 \(id='a'\): profile item #1 \(id='a-1'\): missing field 'tag'",
     "missing_input": r"questions\.json: question #1 \(id='b'\): missing or empty field 'input'",
     "unknown_task": r"outputs\.json: unknown LaMP task 'LaMP_9'; known: .*LaMP_2N",
@@ -51,8 +50,6 @@ def write_bad_lamp(case: str, d: Path) -> Path:
         golds = golds[:1]
     elif case == "gold_without_question":
         golds = [golds[0], {"id": "zz", "output": "comedy"}, golds[1]]
-    elif case == "empty_profile":
-        qs[1]["profile"] = []
     elif case == "missing_field":
         del qs[0]["profile"][1]["tag"]
     elif case == "missing_input":

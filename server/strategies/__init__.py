@@ -5,7 +5,8 @@
   group       the same Flower classes with one hook replaced, the average: experts weighted by
               routing mass, routers by examples (group.py); FedAdam's or FedYogi's step then acts
               on the group part's pseudo-gradient exactly as on the population LoRA's;
-  chains      not a strategy but a schedule: how a round's clients are visited (chains.py).
+  chains      not a strategy but a schedule: how a round's clients are visited (chains.py);
+  privacy.dp  Flower's DP wrapper placed between the average and the server step (privacy.py).
 
 federation.server_opt picks the class (a stage may override it and its settings in its own section,
 e.g. population.server_lr); fedavg with server_lr 1 is plain FedAvg. The optimizer's state (FedAvgM's
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
 from server.strategies.group import GroupAggregation
 from server.strategies.population import PopulationMessages, mean_scalar_metrics
+from server.strategies.privacy import DP_WEIGHT, DPAverage, add_privacy, dp_metrics, dp_settings
 from shared.runtime.config import server_cfg, stage_cfg
 
 SERVER_OPTS = {"fedavg": FedAvgM, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
@@ -35,21 +37,28 @@ def needs_start(cfg, stage: str) -> bool:
     FedAvg): the server then asks one client for the seeded initial ones (query.init)."""
     s = server_settings(cfg, stage)
     return s["server_opt"] in ("fedadam", "fedyogi") or float(s["server_lr"]) != 1.0 or \
-        (s["server_opt"] == "fedavgm" and float(s["server_momentum"]) != 0.0)
+        (s["server_opt"] == "fedavgm" and float(s["server_momentum"]) != 0.0) or \
+        dp_settings(cfg) is not None   # DP clips each update against the round's start
 
 
 def make_strategy(cfg, stage: str):
     s = server_settings(cfg, stage)
     base = SERVER_OPTS[s["server_opt"]]
     mixin = PopulationMessages if stage == "population" else GroupAggregation
-    cls = type(f"{mixin.__name__}{base.__name__}", (base, mixin), {})   # MRO: base, its parents, mixin, FedAvg
+    private = dp_settings(cfg) is not None
+    # MRO: base, its parents, [DPAverage: Flower's DP wrapper between the average and the server step], mixin, FedAvg
+    bases = (base, DPAverage, mixin) if private else (base, mixin)
+    cls = type(f"{'DP' if private else ''}{mixin.__name__}{base.__name__}", bases, {})
     kw = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
-              weighted_by_key="num-examples", train_metrics_aggr_fn=mean_scalar_metrics)
+              weighted_by_key=DP_WEIGHT if private else "num-examples",
+              train_metrics_aggr_fn=dp_metrics if private else mean_scalar_metrics)
     if base is FedAvgM:
         momentum = float(s["server_momentum"]) if s["server_opt"] == "fedavgm" else 0.0
-        return cls(server_learning_rate=float(s["server_lr"]), server_momentum=momentum, **kw)
-    return cls(eta=float(s["server_lr"]), eta_l=float(stage_cfg(cfg, stage).lr),
-               beta_1=float(s["beta_1"]), beta_2=float(s["beta_2"]), tau=float(s["tau"]), **kw)
+        strategy = cls(server_learning_rate=float(s["server_lr"]), server_momentum=momentum, **kw)
+    else:
+        strategy = cls(eta=float(s["server_lr"]), eta_l=float(stage_cfg(cfg, stage).lr),
+                       beta_1=float(s["beta_1"]), beta_2=float(s["beta_2"]), tau=float(s["tau"]), **kw)
+    return add_privacy(strategy, cfg, stage) if private else strategy
 
 
 # ---- the server optimizer's state in the checkpoint

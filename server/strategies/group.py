@@ -40,6 +40,7 @@ class GroupAggregation(FedAvg):
     population: ArrayRecord = ArrayRecord()   # set by the server before each round
     pool: torch.Tensor | None = None           # the shared mixtures; replaced by each aggregation
     seed: int = 0
+    uniform_weights: bool = False             # privacy.dp: every reply weighs the same (privacy.py)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -59,8 +60,12 @@ class GroupAggregation(FedAvg):
             return None, None
         contents = [r.content for r in ok]
         routings = [c[P.ROUTING].to_torch_state_dict() for c in contents]
-        agg = group_average([c[P.ARRAYS].to_torch_state_dict() for c in contents], routings,
-                            [int(c[P.METRICS][P.NUM_EXAMPLES]) for c in contents])
+        examples = [int(c[P.METRICS][P.NUM_EXAMPLES]) for c in contents]
+        weights = routings
+        if self.uniform_weights:  # a weighted average's sensitivity to one reply is its weight share
+            weights = [{"routing_mass": torch.ones_like(r["routing_mass"])} for r in routings]
+            examples = [1] * len(contents)
+        agg = group_average([c[P.ARRAYS].to_torch_state_dict() for c in contents], weights, examples)
         self.pool = mixture_pool([r["mixtures"] for r in routings], seed=self.seed * 7919 + server_round)
         # the key order of what was sent: FedAvgM zips the two as lists
         keys = [k for k in getattr(self, "sent_keys", []) if k in agg] or list(agg)

@@ -217,7 +217,9 @@ def load_lamp(path, task=None, holdout: int = 0, max_users=None, longest: bool =
 
     `path` is the directory holding both files, or questions.json itself. Each user trains on
     its profile in file order; the last `holdout` items become `val` (always leaving at least
-    one to train on), and its question with the gold output is `test`. `max_users` keeps the
+    one to train on), and its question with the gold output is `test`. A user with an empty
+    profile has no history: no training or val items, only its question (the stages skip it in
+    training and serve it with the population's mean mixture, client/trainer.py). `max_users` keeps the
     first users in file order, or with `longest` the ones with the longest profiles (the
     published per-user baselines use the 100 longest histories), ties kept in file order.
     """
@@ -278,15 +280,13 @@ def load_lamp(path, task=None, holdout: int = 0, max_users=None, longest: bool =
         profile = q.get("profile")
         if not isinstance(profile, list):
             raise LampDataError(f"{qpath}: {where}: missing field 'profile' (a list)")
-        if not profile:
-            raise LampDataError(f"{qpath}: {where}: empty profile, nothing to train on")
         if qid not in golds:
             raise LampDataError(f"{qpath}: {where}: no gold output for this id in {opath}")
         try:
             items = [profile_to_example(spec, it, uid, j) for j, it in enumerate(profile)]
         except LampDataError as e:
             raise LampDataError(f"{qpath}: {where}: {e}") from None
-        n_val = min(holdout, len(items) - 1)
+        n_val = min(holdout, max(0, len(items) - 1))
         cut = len(items) - n_val
         test = [Example(id=qid, user=uid, input=q["input"].strip(), output=golds[qid])]
         users.append(User(user_id=uid, train=items[:cut], val=items[cut:], test=test))

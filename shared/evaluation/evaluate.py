@@ -19,10 +19,23 @@ MAX_NEW_TOKENS = {"label": 8, "rating": 3, "generation": 32}   # eval.max_new_to
 
 
 # ---------------------------------------------------------------- predictions
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor | None,
-             max_new_tokens: int, batch_size: int = 16, bf16: bool = True) -> list[str]:
-    """Greedy generation, left-padded batches; user_emb [N, d] routes row i for user i."""
+             max_new_tokens: int, batch_size: int = 16, bf16: bool = True,
+             user_rows: torch.Tensor | None = None) -> list[str]:
+    """Greedy generation, left-padded batches; user_emb [N, d] routes row i for user i; user_rows [N]:
+    in stage 3, prompt i's user among the parts given to model.user_parts (multi-user batches)."""
+    tokens = generate_tokens(model, tokenizer, prompts, user_emb, max_new_tokens, batch_size, bf16,
+                             user_rows=user_rows)
+    return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor | None,
+                    max_new_tokens: int, batch_size: int = 16, bf16: bool = True, streamer=None,
+                    user_rows: torch.Tensor | None = None) -> list[list[int]]:
+    """The generated token ids of each prompt (end and padding included), as `generate` decodes them:
+    the one generation loop evaluation and serving (client/serving.py) share. streamer: HF's
+    put/end interface, batch_size 1."""
     out = []
     pad = tokenizer.pad_token_id
     for s in range(0, len(prompts), batch_size):
@@ -34,16 +47,18 @@ def generate(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor 
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         emb = None if user_emb is None else user_emb[s:s + len(chunk)]
-        with autocast({"bf16": bf16}), model.users(emb):
+        rows = None if user_rows is None else user_rows[s:s + len(chunk)]
+        with autocast({"bf16": bf16}), model.users(emb, rows=rows):
             gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    return [o.strip() for o in out]
+                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                    streamer=streamer)
+        out += gen[:, width:].tolist()
+    return out
 
 
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str], user_emb: torch.Tensor | None,
-                   bf16: bool = True, batch_size: int = 8) -> torch.Tensor:
+                   bf16: bool = True, batch_size: int = 8, user_rows: torch.Tensor | None = None) -> torch.Tensor:
     """[N, L] log-probability of each label's tokens (and the end of the answer) after each prompt.
 
     A batch of prompts runs once (left-padded, explicit positions); its KV cache is then shared
@@ -73,15 +88,19 @@ def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str]
             mask[i, plen - len(p):] = 1
         lengths = mask.sum(1)
         emb = None if user_emb is None else user_emb[idx]
-        with autocast({"bf16": bf16}), model.users(emb):
+        who = None if user_rows is None else user_rows[idx]      # each prompt's user (multi-user batch)
+        with autocast({"bf16": bf16}), model.users(emb, rows=who):
+            # only the last position's logits are read: projecting every prompt position onto the
+            # 49k-token vocabulary was ~20 % of the prompt forward's FLOPs
             first = model.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)
         cache = first.past_key_values
         cache.batch_repeat_interleave(n)                      # row i*n + j: prompt i, label j
         rows = cont.repeat(b, 1)
         rows_mask = torch.cat([mask.repeat_interleave(n, 0), cont_mask.repeat(b, 1)], 1)
         pos = lengths.repeat_interleave(n).view(-1, 1) + torch.arange(width)
-        with autocast({"bf16": bf16}), model.users(None if emb is None else emb.repeat_interleave(n, 0)):
+        with autocast({"bf16": bf16}), model.users(None if emb is None else emb.repeat_interleave(n, 0),
+                                                   rows=None if who is None else who.repeat_interleave(n)):
             rest = model.lm(input_ids=rows, attention_mask=rows_mask, position_ids=pos, past_key_values=cache,
                             use_cache=True)
         # label token j is predicted by the prompt's last position (j = 0) or by label token j-1
@@ -97,21 +116,24 @@ def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str]
 
 
 def score_labels(model, tokenizer, prompts, labels: list[str], user_emb, bf16: bool = True,
-                 batch_size: int = 8) -> list[str]:
+                 batch_size: int = 8, user_rows: torch.Tensor | None = None) -> list[str]:
     """The most likely label after each prompt."""
-    lp = label_logprobs(model, tokenizer, prompts, labels, user_emb, bf16, batch_size)
+    lp = label_logprobs(model, tokenizer, prompts, labels, user_emb, bf16, batch_size, user_rows)
     return [labels[i] for i in lp.argmax(1).tolist()]
 
 
-def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None = None) -> list[str]:
-    """Predictions for `examples` (all routed with user_emb rows, if given), post-processed."""
+def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None = None,
+            user_rows: torch.Tensor | None = None) -> list[str]:
+    """Predictions for `examples` (all routed with user_emb rows, if given; in stage 3 with each
+    example's user part, user_rows, among those given to model.user_parts), post-processed."""
     max_len = cfg.train.max_len
     prompts = [encode_prompt(tokenizer, ex.input, max_len) for ex in examples]
     bf16 = use_bf16(cfg.train.bf16)
     if spec.kind == "label" and cfg.eval.mode == "score":
-        return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size))
+        return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size),
+                            user_rows)
     n_new = cfg.eval.max_new_tokens or MAX_NEW_TOKENS[spec.kind]
-    texts = generate(model, tokenizer, prompts, user_emb, n_new, cfg.eval.batch_size, bf16)
+    texts = generate(model, tokenizer, prompts, user_emb, n_new, cfg.eval.batch_size, bf16, user_rows)
     if spec.kind == "label":
         return [M.match_label(t, spec.labels) or t for t in texts]
     if spec.kind == "rating":

@@ -34,9 +34,17 @@ class RoutingContext:
 
     user_emb: [B, d] embeddings of the batch's users (stages group and user).
     record:   when True every layer appends its routing weights [B, T, k] to `betas`.
+    mixture:  [L, k] fixed expert weights of layer l for every row and token, in place of the
+              router: how a user with no history is served (the population's mean mixture).
+    user_stack: per layer, the user parts of several users stacked (A_u [U, r, in], B_u [U, out, r],
+              W_g [U, k, r], b_g [U, k]); with user_index [B] (row -> user), stage 3 computes each
+              row of a batch with its own user's LoRA and LoRA-aware router (multi-user batches).
     """
     user_emb: torch.Tensor | None = None
     record: bool = False
+    mixture: torch.Tensor | None = None
+    user_stack: list | None = None
+    user_index: torch.Tensor | None = None
     betas: list = field(default_factory=list)
 
 
@@ -52,7 +60,7 @@ def _in_out(base: nn.Module) -> tuple[int, int, bool]:
 class ProperLinear(nn.Module):
     def __init__(self, base: nn.Module, ctx: RoutingContext, *, k: int = 5, r_population: int = 8,
                  alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
-                 r_user: int = 4, alpha_user: float = 8, d_user: int = 128,
+                 r_user: int = 4, alpha_user: float = 8, d_user: int = 128, router_u_init: float = 0.02,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
@@ -71,6 +79,7 @@ class ProperLinear(nn.Module):
         self.expert_scaling = alpha_group / r_group
         self.router_h = nn.Parameter(torch.empty(k, n_in))      # W_h
         self.router_u = nn.Parameter(torch.empty(k, d_user))    # W_u
+        self.router_u_init = router_u_init                      # std of W_u at init (adapters.router_u_init)
         # Stage 3: the user's LoRA and the LoRA-aware router (W_g, b_g) reading z = A_u x.
         self.user_A = nn.Parameter(torch.empty(r_user, n_in))
         self.user_B = nn.Parameter(torch.zeros(n_out, r_user))
@@ -79,6 +88,7 @@ class ProperLinear(nn.Module):
         self.router_g_bias = nn.Parameter(torch.zeros(k))       # b_g
 
         self.stage = "base"
+        self.index = 0  # position among the model's target layers: its row of ctx.mixture
         self.merged = False  # True once the population LoRA is folded into base.weight (W_p)
         self.unmerged_weight: torch.Tensor | None = None  # W while merged
         self.reset_population(generator)
@@ -100,7 +110,8 @@ class ProperLinear(nn.Module):
         self.expert_B.zero_()
         # Small random routers break the symmetry between experts; B = 0 keeps h = W_p x at start.
         self.router_h.normal_(0.0, 0.02, generator=g) if g is not None else self.router_h.normal_(0.0, 0.02)
-        self.router_u.normal_(0.0, 0.02, generator=g) if g is not None else self.router_u.normal_(0.0, 0.02)
+        std_u = self.router_u_init
+        self.router_u.normal_(0.0, std_u, generator=g) if g is not None else self.router_u.normal_(0.0, std_u)
 
     @torch.no_grad()
     def reset_user(self, g=None):
@@ -170,6 +181,19 @@ class ProperLinear(nn.Module):
         b = self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)      # [out, k*r]
         return F.linear(xa, b.to(dtype))
 
+    def _user_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_g z_t + b_g, s_u B_u z_t) with z_t = A_u x_t: of the loaded user, or, in a batch of
+        several users (ctx.user_index), of each row's own user: per-row weights, batched matmuls."""
+        dt = x.dtype
+        if self.ctx.user_index is None:
+            z = F.linear(x, self.user_A.to(dt))                                   # z_t = A_u x_t
+            return (F.linear(z, self.router_g.to(dt), self.router_g_bias.to(dt)),
+                    F.linear(z * self.user_scaling, self.user_B.to(dt)))
+        a, b, g, g_bias = (t[self.ctx.user_index].to(dt) for t in self.ctx.user_stack[self.index])
+        z = torch.einsum("bti,bri->btr", x, a)                                    # [B, T, r]
+        return (torch.einsum("btr,bkr->btk", z, g) + g_bias.unsqueeze(1),
+                torch.einsum("btr,bor->bto", z * self.user_scaling, b))
+
     def mix_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_g B_e A_e x, all experts in two matmuls."""
         xa = F.linear(x, self.expert_A.reshape(self.k * self.r_group, -1).to(x.dtype))
@@ -190,10 +214,13 @@ class ProperLinear(nn.Module):
         if stage == "user":
             # Stage 2's computation, untouched (A_u is not folded into its matmul), plus terms
             # that are exactly zero at initialisation: stage 3 starts bit for bit at stage 2.
-            z = F.linear(x, self.user_A.to(x.dtype))                             # z_t = A_u x_t
-            logits = logits + F.linear(z, self.router_g.to(x.dtype), self.router_g_bias.to(x.dtype))
-            h = h + F.linear(z * self.user_scaling, self.user_B.to(x.dtype))
-        weights = torch.softmax(logits.float(), dim=-1)
+            router_terms, user_out = self._user_terms(x)
+            logits = logits + router_terms
+            h = h + user_out
+        if self.ctx.mixture is None:
+            weights = torch.softmax(logits.float(), dim=-1)
+        else:  # a user with no history: no e_u was learned, the population's mean mixture routes
+            weights = self.ctx.mixture[self.index].float().expand(logits.shape)
         if self.ctx.record:
             self.ctx.betas.append(weights)
         return h + self._expert_sum(xa, weights, x.dtype)

@@ -22,7 +22,8 @@ from shared.runtime.targets import target_linears
 class ProperModel(nn.Module):
     def __init__(self, lm: nn.Module, targets: list[str], *, k: int = 5, r_population: int = 8,
                  alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
-                 r_user: int = 4, alpha_user: float = 8, d_user: int = 128, seed: int = 0):
+                 r_user: int = 4, alpha_user: float = 8, d_user: int = 128, router_u_init: float = 0.02,
+                 seed: int = 0):
         super().__init__()
         self.lm = lm
         self.targets = list(targets)
@@ -36,7 +37,8 @@ class ProperModel(nn.Module):
             layer = ProperLinear(module, self.ctx, k=k, r_population=r_population,
                                  alpha_population=alpha_population, r_group=r_group,
                                  alpha_group=alpha_group, r_user=r_user, alpha_user=alpha_user,
-                                 d_user=d_user, generator=g)
+                                 d_user=d_user, router_u_init=router_u_init, generator=g)
+            layer.index = len(self.layer_names)
             setattr(parent, child, layer)
             self.layer_names.append(name)
         if not self.layer_names:
@@ -131,13 +133,42 @@ class ProperModel(nn.Module):
 
     # ---- forward with users
     @contextmanager
-    def users(self, user_emb: torch.Tensor | None, record: bool = False):
-        """Route this forward pass for these users ([B, d] embeddings); optionally record betas."""
-        self.ctx.user_emb, self.ctx.record, self.ctx.betas = user_emb, record, []
+    def users(self, user_emb: torch.Tensor | None, record: bool = False, rows: torch.Tensor | None = None):
+        """Route this forward pass for these users ([B, d] embeddings); optionally record betas.
+        rows [B]: in stage 3, row b uses user rows[b] of the parts given to `user_parts`."""
+        if rows is not None and self.ctx.user_stack is None:
+            raise RuntimeError("rows name users of a multi-user batch: give their parts with user_parts()")
+        self.ctx.user_emb, self.ctx.record, self.ctx.betas, self.ctx.user_index = user_emb, record, [], rows
         try:
             yield self.ctx
         finally:
-            self.ctx.user_emb, self.ctx.record = None, False
+            self.ctx.user_emb, self.ctx.record, self.ctx.user_index = None, False, None
+
+    @contextmanager
+    def user_parts(self, states: list[dict[str, torch.Tensor]]):
+        """Within: the user parts (part_state("user") of several users) that `users(..., rows=)`
+        picks from per row, stacked once per layer, so one batch serves many users' stage-3 models
+        (what multi-LoRA serving systems do, for ProperLinear's user LoRA and LoRA-aware router)."""
+        names = ProperLinear.PARTS["user"]
+        self.ctx.user_stack = [tuple(torch.stack([s[f"{layer}.{p}"] for s in states]) for p in names)
+                               for layer in self.layer_names]
+        try:
+            yield self.ctx
+        finally:
+            self.ctx.user_stack = None
+
+    @contextmanager
+    def fixed_mixture(self, mixture: torch.Tensor | None):
+        """Within: every layer mixes its experts with mixture[l] ([L, k]) instead of its router, for
+        every row and token (a user with no history, served with the population's mean mixture)."""
+        if mixture is not None and tuple(mixture.shape) != (len(self.layer_names), self.k):
+            raise ValueError(f"a mixture for this model is [{len(self.layer_names)}, {self.k}], "
+                             f"got {list(mixture.shape)}")
+        self.ctx.mixture = mixture
+        try:
+            yield self.ctx
+        finally:
+            self.ctx.mixture = None
 
     def forward(self, input_ids, attention_mask=None, user_emb=None, **kw):
         with self.users(user_emb):

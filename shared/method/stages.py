@@ -145,7 +145,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     emb = torch.nn.Parameter(embeddings.detach().clone().float())
     items = encode_users(tokenizer, users, cfg.max_len)
     params = model.trainable_parameters() + ([emb] if user_router else [])
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(_group_param_groups(model, emb, user_router, cfg), cfg)
     lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
     rng = random.Random(seed)
     n_layers = len(model.layer_names)
@@ -183,6 +183,20 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     if return_user_mixtures:
         return result, emb.detach().clone(), by_user
     return result, emb.detach().clone()
+
+
+def _group_param_groups(model: ProperModel, emb: torch.Tensor, user_router: bool, cfg) -> list[dict]:
+    """The group stage's optimizer groups: the user part of the user-aware router (W_u of every layer)
+    and the users' e_u at group.user_lr_scale x lr, the rest at lr. Why a separate rate: a user's
+    e_u is stepped only in the batches holding that user's items (a few per epoch), and the mixtures
+    stay near uniform when W_u e_u cannot outgrow the token part (docs/decisions.md)."""
+    scale = float(cfg.get("user_lr_scale", 1.0))
+    if scale == 1.0:  # one group, in the order the stage always used
+        return [{"params": model.trainable_parameters() + ([emb] if user_router else [])}]
+    user_part = [layer.router_u for _, layer in model.layers()] + ([emb] if user_router else [])
+    ids = {id(p) for p in user_part}
+    rest = [p for p in model.trainable_parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": user_part, "lr": float(cfg.lr) * scale}]
 
 
 def initial_mixtures(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg, seed: int = 0):

@@ -7,12 +7,14 @@
   train.user          population, arrays (the final group part)     metrics only
   query.init          config part, [population]                     arrays: the seeded starting point
   query.mixtures      population, arrays (the group start)          routing (mixtures only), metrics
-  evaluate            population, arrays (or bank), config          metrics (sufficient statistics,
-                                                                    per-user scores without ids), info
+  evaluate            population, arrays (or bank), config,         metrics (sufficient statistics,
+                      [mean-mixture]                                per-user scores without ids), info
   query.mta_candidates / train.mta_anchor / train.mta_user: MTA (server/mta.py, client/mta.py)
 
 Every config record is named CONFIG and every metric record METRICS; "num-examples" weighs a
-reply in aggregation, "num-users" counts the users a reply covers.
+reply in aggregation, "num-users" counts the users a reply covers (in training: the users with a
+history, the only ones trained), "num-users-no-history" (evaluate replies, only where > 0) the users
+with an empty history, which the server's table counts.
 """
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ ROUTING = "routing"        # {"routing_mass": [L, k], "mixtures": [U, L, k]}
 BANK = "bank"              # MTA's meta-LoRA bank
 CONFIG = "config"
 METRICS = "metrics"
+MEAN_MIXTURE = "mean-mixture"  # {"mixture": [L, k]}: the mean of the pool, for users with no history
 INFO = "info"              # {"task": name}: the server holds no data and learns the task from here
 
 # keys
 NUM_EXAMPLES = "num-examples"
 NUM_USERS = "num-users"
+NUM_NO_HISTORY = "num-users-no-history"
 SERVER_ROUND = "server-round"

@@ -98,6 +98,12 @@ def eval_rows(spec, evals: dict) -> list[dict]:
     return rows
 
 
+def no_history_note(n: int) -> str:
+    """The table's line for users whose profile was empty (client/trainer.py)."""
+    return (f"users with no history: {n} (skipped in training; evaluated in every stage, served by the "
+            "population and group stages with the population's mean mixture, no user LoRA)")
+
+
 def format_table(rows: list[dict], metric_names: list[str], notes=()) -> str:
     """rows: {stage, split, metrics: {name: value}, users, examples, [ci], [nodes]}; one table per split."""
     text = ""

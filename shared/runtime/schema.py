@@ -24,6 +24,7 @@ from shared.runtime.rules import (
     DECAY,
     FRACTION,
     POSITIVE,
+    ConfigError,
     Rule,
     at_least,
     check,
@@ -80,7 +81,7 @@ class Data:
 
 
 @rules(**{k: at_least(1) for k in ("k", "r_population", "alpha_population", "r_group", "alpha_group",
-                                   "r_user", "alpha_user", "d_user")})
+                                   "r_user", "alpha_user", "d_user")}, router_u_init=at_least(0))
 @dataclass
 class Adapters:
     """The published PROPER defaults."""
@@ -92,6 +93,7 @@ class Adapters:
     r_user: int = 4                        # rank of each user's LoRA
     alpha_user: int = 8
     d_user: int = 128                      # user embedding size (the routers' e_u)
+    router_u_init: float = 0.02            # std of the user-aware router's user part W_u at init
 
 
 @rules(batch_size=at_least(1), max_len=at_least(1), bf16=BF16, grad_clip=POSITIVE, weight_decay=at_least(0),
@@ -151,7 +153,7 @@ class Population:
 
 
 @overrides(Train, (Federation, SERVER_KEYS))
-@rules(**STAGE_RULES, constraint_weight=at_least(0))
+@rules(**STAGE_RULES, constraint_weight=at_least(0), user_lr_scale=POSITIVE)
 @dataclass
 class Group:
     """Stage 2; may override any train.* key and the federation's server optimizer (null = theirs)."""
@@ -159,6 +161,7 @@ class Group:
     epochs: int = 1
     lr: float = 5.0e-4
     constraint_weight: float = 0.1         # weight of the constraint loss pushing users' expert mixtures apart
+    user_lr_scale: float = 1.0             # e_u and W_u (the router's user part) learn at this multiple of lr
     # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),
     # so that the constraint loss acts in round 1 too (docs/decisions.md)
     initial_pool: bool = True
@@ -200,6 +203,24 @@ class MtaUser:
     """mta.user: the stacked LoRA (r = adapters.r_user) per user; may override any train.* key."""
     epochs: int = 4
     lr: float = 2.0e-3
+
+
+@rules(noise_multiplier=at_least(0), clip=POSITIVE, clipping=one_of("server", "client"),
+       delta=Rule(lambda v: 0 < v < 1, "in (0, 1)"))
+@dataclass
+class Dp:
+    """privacy.dp: client-level differential privacy of the shared stages (server/strategies/privacy.py,
+    docs/decisions.md "Privacy"). Off while noise_multiplier is null."""
+    noise_multiplier: Optional[float] = None  # z: noise std z * clip / (updates averaged); null = no DP
+    clip: Optional[float] = None           # C: L2 norm each client's (a chain's) update is clipped to
+    clipping: str = "server"               # server: the server clips each reply | client: Flower's fixedclipping_mod
+    delta: Optional[float] = None          # the accountant's delta; null = 1 / number of users
+    seed: Optional[int] = None             # seeds the noise (reproducible studies, tests); null = fresh noise
+
+
+@dataclass
+class Privacy:
+    dp: Dp = field(default_factory=Dp)
 
 
 @rules(anchors=at_least(1), top_k=at_least(1), weighting=one_of("softmax", "linear"), temperature=POSITIVE,
@@ -261,6 +282,7 @@ class Config:
     user: User = field(default_factory=User)
     eval: Eval = field(default_factory=Eval)
     federation: Federation = field(default_factory=Federation)
+    privacy: Privacy = field(default_factory=Privacy)
     mta: Mta = field(default_factory=Mta)
     output: Output = field(default_factory=Output)
     debug: Debug = field(default_factory=Debug)
@@ -276,7 +298,24 @@ GONE = {"federation.schedule": "federation.chains=1 is the sequential schedule, 
 def resolve(layers: list[tuple[str, Any]]) -> DictConfig:
     """Merge `layers` ((where it came from, its config), in order) onto the schema's defaults and
     check every value. Returns a plain DictConfig without the unset stage overrides (see above)."""
-    return merge(Config, layers, GONE)
+    cfg = merge(Config, layers, GONE)
+    check_privacy(cfg)
+    return cfg
+
+
+def check_privacy(cfg: DictConfig) -> None:
+    """What privacy.dp needs from the rest of the config (docs/decisions.md "Privacy")."""
+    dp = cfg.privacy.dp
+    if dp.noise_multiplier is None:
+        return
+    if dp.clip is None:
+        raise ConfigError("privacy.dp.clip: differential privacy (privacy.dp.noise_multiplier set) needs a "
+                          "clipping norm")
+    if dp.clipping == "client" and cfg.federation.chains is not None:
+        raise ConfigError("privacy.dp.clipping: client clips each client's own step, but with federation.chains "
+                          "a chain's total update is what must be clipped: use privacy.dp.clipping=server")
+    if cfg.method == "mta":
+        raise ConfigError("privacy.dp: covers the population and group stages; method=mta has neither")
 
 
 def defaults() -> dict:

@@ -1,0 +1,115 @@
+"""Group-stage ablations in one process: does the group stage find the users' groups?
+
+    python -m bench.group_ablation -c lamp2_sample --data <proper synth dir> --out <dir> \
+        --variant base= --variant init0.5=adapters.router_u_init=0.5 ...
+
+The population stage is trained once (centralized, as `proper local` trains it) and cached in
+<out>/population.safetensors; every variant then runs the group stage's rounds from that same
+population LoRA through the same ClientTrainer calls as `proper local`, so a variant here is the
+group stage of the `proper local` run with that override. Per variant it records the group
+recovery (ARI, purity of each user's dominant expert against the data's groups.json), how peaked
+the users' mixtures are (mean weight of the dominant expert; 1/k is uniform), the group stage's
+val (and test) score and the training losses; a table goes to <out>/group_ablation.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client.trainer import ClientTrainer, load_users
+from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures
+from shared.evaluation.metrics import stats_metrics
+from shared.runtime.config import load_config
+from shared.runtime.persist import atomic_write_text, load_tensors, save_tensors
+
+log = logging.getLogger("bench.group_ablation")
+
+
+def population_state(cfg, spec, users, out: Path) -> dict:
+    """The centralized population LoRA for this config and data, trained once and cached."""
+    path = out / "population.safetensors"
+    if path.exists():
+        return load_tensors(path)[0]
+    with tempfile.TemporaryDirectory() as state:
+        client = ClientTrainer(cfg, spec, users, state)
+        pop = client.population(None, 1).shared
+    save_tensors(path, pop)
+    return pop
+
+
+def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str]) -> dict:
+    """The group stage's rounds from `pop`, then recovery, peakedness and scores."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as state:
+        client = ClientTrainer(cfg, spec, users, state)
+        group = others = None
+        losses = []
+        for rnd in range(1, int(cfg.group.rounds) + 1):
+            res = client.group(pop, group, others, rnd)
+            group, others = res.shared, res.mixtures
+            losses.append((res.metrics["train_loss"], res.metrics["constraint_loss"]))
+        mixtures = read_user_mixtures(Path(state) / MIXTURES_FILE)
+        scores = {}
+        for split in splits:
+            r = client.evaluate("group", pop, group, split=split)
+            scores[split] = stats_metrics(spec, r.stats)[spec.metrics[0]]
+    rec = group_recovery({u: m["expert"] for u, m in mixtures.items()}, groups)
+    peak = float(np.mean([max(m["mixture"]) for m in mixtures.values()]))
+    return {**rec, "dominant_weight": peak, "scores": scores, "train_loss": losses[-1][0],
+            "constraint_loss": losses[-1][1], "seconds": time.time() - t0}
+
+
+def table(rows: list[dict], k: int, splits: list[str]) -> str:
+    head = ["variant", "ARI", "purity", "experts used", f"dominant weight (1/k = {1 / k:.2f})",
+            *[f"group {s}" for s in splits], "loss", "constraint", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], f"{r['ari']:.3f}", f"{r['purity']:.3f}", str(r["experts_used"]),
+                 f"{r['dominant_weight']:.3f}", *[f"{100 * r['scores'][s]:.1f}" for s in splits],
+                 f"{r['train_loss']:.3f}", f"{r['constraint_loss']:.3f}", f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--config", default="lamp2_sample")
+    ap.add_argument("--data", required=True, help="a `proper synth` directory (with groups.json)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="name=override[,override...] (empty after '=' for the config as it is)")
+    ap.add_argument("--splits", default="val")
+    ap.add_argument("overrides", nargs="*", help="key=value for every variant")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = [f"data.path={args.data}", *args.overrides]
+    cfg = load_config(args.config, base)
+    groups = read_groups(cfg.data.path)
+    if groups is None:
+        raise SystemExit(f"error: {args.data} has no groups.json (make one with `proper synth`)")
+    spec, users = load_users(cfg)
+    pop = population_state(cfg, spec, users, out)
+    splits = args.splits.split(",")
+    rows = []
+    for v in args.variant or ["base="]:
+        name, _, extra = v.partition("=")
+        vcfg = load_config(args.config, base + [o for o in extra.split(",") if o])
+        log.info("variant %s: %s", name, extra or "(config as is)")
+        rows.append({"variant": name, "overrides": extra, **run_variant(vcfg, spec, users, pop, groups, splits)})
+        log.info("variant %s: ARI %.3f, dominant weight %.3f, scores %s", name, rows[-1]["ari"],
+                 rows[-1]["dominant_weight"], rows[-1]["scores"])
+        atomic_write_text(out / "group_ablation.json", json.dumps(rows, indent=1))
+        atomic_write_text(out / "group_ablation.md", table(rows, int(cfg.adapters.k), splits))
+    print(table(rows, int(cfg.adapters.k), splits))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Using a finished run where it is kept: a user's full stage-3 model for generation (`proper
+generate`), and personalization of users who join after the run (`proper enroll`). No server round.
+
+    from client.serving import Serving
+    s = Serving("runs/<run>")                  # or a client's state directory
+    s.generate("u0001", ["<prompt>"])          # -> ["<text>"]
+    s.enroll(read_users(s.cfg, "data/new"))    # -> the private files written per user
+
+Where a run's parts are (docs/formats.md):
+  a local run directory       config.yaml, population_lora/, group.safetensors; the users' private
+                              state in client_state/
+  a simulated run directory   the same shared files (exported from the server's checkpoint when the
+                              run ends); the users' private state in clients/<n>/, one per SuperNode
+  a client's state directory  its users' private state; a deployed client also keeps the run's
+                              config.yaml and final shared parts there (written on train.user), a
+                              simulated one (<run>/clients/<n>/) uses its run directory's
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from client.trainer import get_model, initial_embedding, load_user_adapter, save_user_adapter, user_seed
+from shared.data.encode import encode_prompt
+from shared.data.lamp import apply_template, load_lamp
+from shared.evaluation.evaluate import MAX_NEW_TOKENS, generate_tokens
+from shared.method.model import fingerprint
+from shared.method.serving import train_embedding
+from shared.method.stages import train_user
+from shared.runtime.config import read_config, stage_cfg
+from shared.runtime.persist import UserStore, import_peft_adapter, load_group
+from shared.runtime.precision import use_bf16
+
+# a user's private state, by UserStore kind (the user LoRA is a PEFT directory beside the others)
+PRIVATE = {"embedding": "its user embedding e_u (stage 2)", "user": "its user LoRA (stage 3)",
+           "router": "its LoRA-aware router (stage 3)"}
+SERVED_METHODS = ("proper", "oppu")   # the methods that train a user stage
+
+
+class ServingError(ValueError):
+    """What serving needs is not there (a run's shared parts, a user's private state, a user in the
+    data), or a request it refuses; the message names the directory, file or user."""
+
+
+@dataclass
+class RunPlace:
+    cfg: DictConfig
+    shared: Path                 # config.yaml, population_lora/, group.safetensors
+    stores: list[UserStore]      # where users' private state is, searched in order
+    home: UserStore | None       # where an enrolled user's private state goes (None: name a client)
+
+
+def locate(path: str | Path) -> RunPlace:
+    """The run's parts seen from a local or simulated run directory, or a client's state directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ServingError(f"{p}: no such run or state directory")
+    if (p / "client_state").is_dir():           # proper local: one client holding every user
+        shared, stores, home = p, [p / "client_state"], p / "client_state"
+    elif (p / "clients").is_dir():              # proper sim: each SuperNode's users in their own directory
+        shared, stores, home = p, sorted(d for d in (p / "clients").iterdir() if d.is_dir()), None
+    else:                                       # a client's state directory: a deployed client's, or <run>/clients/<n>
+        shared = p if (p / "population_lora").is_dir() else p.parent.parent
+        stores, home = [p], p
+    for need in ("config.yaml", "population_lora"):
+        if not (shared / need).exists():
+            raise ServingError(f"{p}: no {need} in {shared}: not a finished run's directory or a client's state "
+                               "directory (a deployed client keeps the shared parts from the run's user stage on)")
+    cfg = read_config(shared / "config.yaml")
+    if cfg.method not in SERVED_METHODS:
+        raise ServingError(f"{shared}: method {cfg.method} trains no user stage; serving and enrollment need "
+                           f"one of {', '.join(SERVED_METHODS)}")
+    return RunPlace(cfg, shared, [UserStore(s) for s in stores], UserStore(home) if home else None)
+
+
+def private_path(store: UserStore, user_id: str, kind: str) -> Path:
+    """Where the store keeps one kind of a user's private state (the user LoRA: a PEFT directory)."""
+    path = store.path(user_id, kind)
+    return path.with_suffix("") if kind == "user" else path
+
+
+def _has(store: UserStore, user_id: str, kind: str) -> bool:
+    path = private_path(store, user_id, kind)
+    return (path / "adapter_config.json").is_file() if kind == "user" else path.is_file()
+
+
+def read_users(cfg: DictConfig, data_path: str | Path, user_ids: list[str] | None = None):
+    """Users from LaMP files, read as the run read its own (task, held-out items, prompt template)."""
+    spec, users = load_lamp(data_path, task=cfg.data.task, holdout=cfg.data.holdout)
+    users = apply_template(users, spec.name, cfg.data.template)
+    if not user_ids:
+        return users
+    by_id = {u.user_id: u for u in users}
+    unknown = [uid for uid in user_ids if uid not in by_id]
+    if unknown:
+        raise ServingError(f"{data_path}: no user {', '.join(map(repr, unknown))} in these files")
+    return [by_id[uid] for uid in user_ids]
+
+
+class Serving:
+    """A finished run's shared parts, loaded once (on first use), and its users' models on top."""
+
+    def __init__(self, path: str | Path):
+        self.place = locate(path)
+        self.cfg = self.place.cfg
+        self._model = self._tokenizer = None
+
+    # ---- the shared parts: population merged, experts and user-aware router loaded
+    def _loaded(self):
+        """(model, tokenizer), the backbone loaded and the shared parts put in on first use: a refusal
+        (a missing run part or user state) comes before that cost."""
+        if self._model is None:
+            self._model, self._tokenizer = get_model(self.cfg)
+            self._load_shared()
+        return self._model, self._tokenizer
+
+    @property
+    def model(self):
+        return self._loaded()[0]
+
+    @property
+    def tokenizer(self):
+        return self._loaded()[1]
+
+    def _load_shared(self):
+        m, shared = self._model, self.place.shared
+        import_peft_adapter(m, "population", shared / "population_lora")
+        m.merge_population(m.part_state("population"))  # undoes a merge of another population LoRA first
+        if (shared / "group.safetensors").is_file():
+            load_group(m, shared / "group.safetensors")
+        else:  # OPPU: no group stage, the experts stay the seeded no-ops its run had
+            m.reset_part("group", seed=self.cfg.seed)
+        self._shared_fp = self._fingerprints()
+
+    def _fingerprints(self) -> tuple:
+        return self._model.population_fingerprint, fingerprint(self._model.part_state("group"))
+
+    def _check_shared(self):
+        """The process holds one backbone (client/trainer.py:get_model): whatever else used it since
+        (a client's training, another run's Serving), put this run's shared parts back."""
+        if self._fingerprints() != self._shared_fp:
+            self._load_shared()
+
+    @property
+    def has_group(self) -> bool:
+        return (self.place.shared / "group.safetensors").is_file()
+
+    # ---- users' private state
+    def store_of(self, user_id: str) -> UserStore:
+        """The store holding this user's complete private state; refuses, naming what is missing."""
+        for store in self.place.stores:
+            if any(_has(store, user_id, kind) for kind in PRIVATE):
+                missing = [f"{what} ({private_path(store, user_id, kind)})"
+                           for kind, what in PRIVATE.items() if not _has(store, user_id, kind)]
+                if missing:
+                    raise ServingError(f"user {user_id!r}: private state incomplete, missing {'; '.join(missing)}")
+                return store
+        where = ", ".join(str(s.root) for s in self.place.stores) or str(self.place.shared / "clients")
+        raise ServingError(f"user {user_id!r}: no private state in {where} (missing {', '.join(PRIVATE.values())}): "
+                           "not a user held here; a new user is personalized with `proper enroll`")
+
+    def load_user(self, user_id: str) -> torch.Tensor:
+        """Put the user's stage-3 model in place (user LoRA, LoRA-aware router); its e_u [d]."""
+        store = self.store_of(user_id)
+        model = self.model
+        self._check_shared()
+        load_user_adapter(model, store, user_id)
+        model.set_stage("user")
+        return store.load(user_id, "embedding")["e_u"].float()
+
+    # ---- generation, by the loop the evaluation uses (shared/evaluation/evaluate.py)
+    def generate_tokens(self, user_id: str, prompts: list[str], max_new_tokens: int | None = None,
+                        streamer=None) -> list[list[int]]:
+        """The generated ids per prompt (end and padding included), greedy, in the run's prompt format
+        (`<prompt>\\nAnswer:`); a streamer (HF's put/end) needs one prompt at a time."""
+        e_u = self.load_user(user_id)
+        return self._generate(prompts, e_u.view(1, -1).expand(len(prompts), -1), max_new_tokens, streamer=streamer)
+
+    def _generate(self, prompts: list[str], emb: torch.Tensor, max_new_tokens: int | None, **kw) -> list[list[int]]:
+        ids = [encode_prompt(self.tokenizer, text, self.cfg.train.max_len) for text in prompts]
+        n_new = max_new_tokens or self.cfg.eval.max_new_tokens or MAX_NEW_TOKENS["generation"]
+        return generate_tokens(self.model, self.tokenizer, ids, emb, n_new, int(self.cfg.eval.batch_size),
+                               use_bf16(self.cfg.train.bf16), **kw)
+
+    def _decode(self, tokens: list[list[int]]) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def generate(self, user_id: str, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+        """The user's answers, decoded and stripped as the evaluation's are."""
+        return self._decode(self.generate_tokens(user_id, prompts, max_new_tokens))
+
+    def generate_many(self, user_ids: list[str], prompts: list[str],
+                      max_new_tokens: int | None = None) -> dict[str, list[str]]:
+        """Every user's answers to every prompt, with several users' rows in each batch: each row
+        computes with its own user's LoRA, LoRA-aware router and e_u (ProperModel.user_parts)."""
+        parts, embs = [], []
+        for uid in user_ids:
+            embs.append(self.load_user(uid))
+            parts.append(self.model.part_state("user"))
+        rows = torch.arange(len(user_ids)).repeat_interleave(len(prompts))
+        with self.model.user_parts(parts):
+            tokens = self._generate(prompts * len(user_ids), torch.stack(embs)[rows], max_new_tokens, user_rows=rows)
+        texts = self._decode(tokens)
+        return {uid: texts[i * len(prompts):(i + 1) * len(prompts)] for i, uid in enumerate(user_ids)}
+
+    # ---- users who join after the run
+    def enroll(self, users) -> dict[str, list[Path]]:
+        """Personalize new users on the frozen shared parts: each one's e_u, then its user LoRA and
+        LoRA-aware router (shared/method/serving.py), written beside the run's other users' private
+        state and nowhere else. Returns the files written per user."""
+        home = self.place.home
+        if home is None:
+            raise ServingError(f"{self.place.shared}: a simulated run keeps each SuperNode's users in clients/<n>/; "
+                               "name the client directory the new user joins")
+        for u in users:
+            if not u.train:
+                raise ServingError(f"user {u.user_id!r}: no history to personalize on (an empty profile)")
+            held = [str(s.root) for s in self.place.stores if any(_has(s, u.user_id, k) for k in PRIVATE)]
+            if held:
+                raise ServingError(f"user {u.user_id!r}: already has private state in {held[0]}; "
+                                   "enroll is for new users")
+        self._loaded()
+        self._check_shared()
+        cfg, written = self.cfg, {}
+        group_cfg, user_cfg = stage_cfg(cfg, "group"), stage_cfg(cfg, "user")
+        passes = int(cfg.group.rounds) * int(group_cfg.epochs)  # what a user's e_u got in the run
+        for u in users:
+            seed = user_seed(cfg.seed, u.user_id)
+            start = initial_embedding(cfg.seed, u.user_id, self.model.d_user)
+            # without a group stage the experts are no-ops and e_u routes nothing: it stays as it starts
+            e_u = train_embedding(self.model, self.tokenizer, u, start, group_cfg, passes, seed) \
+                if self.has_group else start
+            home.save(u.user_id, "embedding", {"e_u": e_u, "e_u_before": start, "round": torch.tensor([0])},
+                      {"enrolled": "true"})
+            train_user(self.model, self.tokenizer, u, e_u, user_cfg, seed=seed)
+            save_user_adapter(self.model, home, u.user_id, cfg.model.name)
+            written[u.user_id] = [private_path(home, u.user_id, kind) for kind in PRIVATE]
+        return written

@@ -1,0 +1,111 @@
+"""What a run's privacy.dp guarantees: (epsilon, delta) per stage and composed over the run, from
+Flower's RDP accountant (flwr.supercore.privacy_accounting, on Google's dp-accounting), written to
+rounds.jsonl ({"kind": "privacy"}) and as a note under the per-stage table.
+
+Each population or group round under DP is one Gaussian release (server/strategies/privacy.py):
+the clipped updates averaged, noise of std z * C / n. The server records each release
+(note_release, into the checkpointed progress); privacy_note composes them at the end.
+
+- Unit: a clipped update that holds one user's data alone (one user per SuperNode, no chains longer
+  than one client) protects that user against adding or removing its data: noise multiplier z.
+  When it holds others' data too (users_per_client > 1, or a chain whose clients trained one after
+  another), one user's data changes it within the ball of radius C, but it stays in the sum: that
+  is replacing the user's data, sensitivity 2C, so the user's epsilon is counted at z / 2 (the same
+  Gaussian mechanism for adding or removing at half the noise multiplier).
+- Sampling: the round's clients are a seeded shuffle (server/strategies/chains.py), reproducible by
+  anyone who knows the run's seed, so no amplification by sampling is claimed: every round counts
+  as a full release, for every user (an upper bound: a user not sampled in a round risks nothing
+  there).
+- delta: privacy.dp.delta, else 1 / (number of users), the users the evaluations counted.
+"""
+from __future__ import annotations
+
+import math
+
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from server.strategies.chains import sampled_nodes, split_chains
+from server.strategies.privacy import dp_settings
+
+STAGES = ("population", "group")
+
+
+def epsilon(releases: list[tuple[float, int]], delta: float, orders: tuple[float, ...] | None = None) -> float:
+    """epsilon at delta of the composition of Gaussian releases [(noise multiplier, how many)], with
+    no amplification by sampling. inf where any noise multiplier is 0 (clipping without noise)."""
+    if not releases:
+        return 0.0
+    if any(z <= 0 for z, _ in releases):
+        return math.inf
+    config = PrivacyConfig(target_delta=delta, population_size=1,
+                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                           sampling_method=SamplingMethod.NO_AMPLIFICATION)
+    acc = RdpAccountant(config, orders=orders)
+    for z, count in releases:
+        acc.compose(GaussianPrivacyEvent(noise_multiplier=float(z), sample_size=1, population_size=1), int(count))
+    return float(acc.get_epsilon(delta))
+
+
+def note_release(fed, stage: str, server_round: int, updates: int):
+    """Record one noised release of `stage` (a round that aggregated `updates` clipped updates)."""
+    cfg = fed.cfg
+    nodes = sampled_nodes(fed.nodes(), cfg, stage, server_round)
+    longest_chain = max((len(c) for c in split_chains(nodes, cfg.federation.get("chains"))), default=1)
+    shared = int(cfg.federation.users_per_client) > 1 or longest_chain > 1
+    rounds = fed.progress.setdefault("privacy", {}).setdefault(stage, [])
+    rounds[:] = [r for r in rounds if r["round"] != server_round]   # a redone round counts once
+    rounds.append({"round": server_round, "updates": int(updates), "shared": bool(shared)})
+
+
+def users_counted(fed) -> int:
+    participation = fed.progress.get("participation", {})
+    evals = [p["users"] for s, p in participation.items() if s.startswith("eval:")]
+    return max(evals or [p["users"] for p in participation.values()] or [0])
+
+
+def privacy_summary(fed) -> dict:
+    """{"dp": False} or the DP settings, delta, and epsilon per stage and composed."""
+    dp = dp_settings(fed.cfg)
+    if dp is None:
+        return {"dp": False}
+    z, recorded = float(dp.noise_multiplier), fed.progress.get("privacy", {})
+    delta = float(dp.delta) if dp.get("delta") is not None else 1.0 / max(2, users_counted(fed))
+    out = {"dp": True, "noise_multiplier": z, "clip": float(dp.clip), "clipping": str(dp.clipping),
+           "delta": delta, "stages": {}}
+    releases = []
+    for stage in STAGES:
+        rounds = recorded.get(stage, [])
+        if not rounds:
+            continue
+        shared = any(r["shared"] for r in rounds)
+        stage_releases = [(z / 2 if r["shared"] else z, 1) for r in rounds]
+        releases += stage_releases
+        out["stages"][stage] = {"rounds": len(rounds), "epsilon": epsilon(stage_releases, delta),
+                                "unit": "a user sharing a clipped update (replace-one: z / 2)" if shared
+                                else "one user per clipped update (add or remove: z)"}
+    out["epsilon"] = epsilon(releases, delta)
+    return out
+
+
+def _eps(value: float) -> str:
+    return "inf (clipping without noise)" if math.isinf(value) else f"{value:.3g}"
+
+
+def privacy_note(fed) -> str:
+    """The table's privacy line; also written to rounds.jsonl."""
+    summary = privacy_summary(fed)
+    fed.run_dir.log({"kind": "privacy", "stage": "run", **summary})
+    if not summary["dp"]:
+        return "privacy: no formal DP (privacy.dp off): the shared parameters are released as trained"
+    stages = ", ".join(f"epsilon {_eps(s['epsilon'])} ({name}, {s['rounds']} round(s); {s['unit']})"
+                       for name, s in summary["stages"].items())
+    return (f"privacy: client-level DP, clip {summary['clip']:g} ({summary['clipping']} side), noise multiplier "
+            f"{summary['noise_multiplier']:g}, RDP accountant, no amplification by sampling: {stages or 'no release'}; "
+            f"composed epsilon {_eps(summary['epsilon'])} at delta {summary['delta']:.3g}. Not covered: the shared "
+            "mixtures of the group stage, training metrics and evaluation statistics")

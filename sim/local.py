@@ -113,6 +113,7 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
         notes.append(no_history_note(len(client.no_history)))
     if recovery is not None:
         notes.append(_recovery_note(recovery))
+    notes.append("privacy: no formal DP (proper local is centralized: privacy.dp applies to federated runs)")
     table = run.write_table(rows, spec.metrics, notes)
     columns = list(dict.fromkeys(k for scores in per_user.values() for k in scores))
     # the scores per stage first, then the dominant expert (present with known groups only)

@@ -27,6 +27,10 @@ SENT_TYPES = {"base": set(), "population": {"train.population"},
 STAGE_OF_TYPE = {"train.population": "population", "train.group": "group", "query.mixtures": "group",
                  "train.user": "user",
                  "query.mta_candidates": "mta_bank", "train.mta_anchor": "mta_bank", "train.mta_user": "mta_user"}
+def _eps(value) -> str:
+    return f"{value:.3g}" if value != float("inf") else "inf"
+
+
 USER_FILE = re.compile(r"^(?P<user>.+-[0-9a-f]{8})\.(?P<kind>[^.]+)")
 
 
@@ -47,6 +51,14 @@ class Run:
     def records(self) -> list[dict]:
         p = self.path / "rounds.jsonl"
         return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+    # ---- privacy (server/privacy.py writes the record; runs made before it have none)
+    def privacy(self) -> str:
+        rec = next((r for r in reversed(self.records()) if r.get("kind") == "privacy"), None)
+        if rec is None or not rec.get("dp"):   # centralized runs, and runs made before privacy.dp, had none
+            return "no formal DP"
+        stages = ", ".join(f"{_eps(s['epsilon'])} ({name})" for name, s in rec.get("stages", {}).items())
+        return f"DP: epsilon {stages}; composed {_eps(rec['epsilon'])} at delta {rec['delta']:.3g}"
 
     # ---- wall time
     def wall_seconds(self) -> float | None:

@@ -57,7 +57,7 @@ def markdown_tables(rows, metrics, splits, runs, command) -> str:
             f"{label}: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(ks.items()))
             for label, ks in kinds.items()) + "\n"
     for run in runs:
-        text += f"- {run.label}: `{run.path}`\n"
+        text += f"- {run.label}: `{run.path}`; privacy: {run.privacy()}\n"
     return text
 
 

@@ -173,6 +173,8 @@ def test_noise_on_the_aggregate_of_a_tiny_federation_has_the_configured_std(tmp_
     table = (tmp_path / "z2" / "table.md").read_text()
     assert "composed epsilon" in table and "at delta 0.25" in table
     assert "clipping without noise" in (tmp_path / "z0" / "table.md").read_text()
+    from sim.report_run import Run  # proper report's line for each run
+    assert Run(tmp_path / "z2").privacy().startswith("DP: epsilon") and "composed inf" in Run(tmp_path / "z0").privacy()
 
 
 # ---------------------------------------------------------------- accounting

@@ -15,6 +15,8 @@ Every config record is named CONFIG and every metric record METRICS; "num-exampl
 reply in aggregation, "num-users" counts the users a reply covers (in training: the users with a
 history, the only ones trained), "num-users-no-history" (evaluate replies, only where > 0) the users
 with an empty history, which the server's table counts.
+With privacy.dp.clipping=client the config record of train.population / train.group also carries
+Flower's "clipping_norm": the client clips its update to it (client/privacy.py).
 """
 from __future__ import annotations
 

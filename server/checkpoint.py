@@ -1,6 +1,7 @@
 """The server's checkpoint: written after every step (round or evaluation), read by --resume.
 
-<run dir>/checkpoint/progress.json           steps done, evaluation results, participation
+<run dir>/checkpoint/progress.json           steps done, evaluation results, participation, each
+                                             part's key order
 <run dir>/checkpoint/state-<n>.safetensors   the shared parts after step n: population LoRA, group
                                              part, the pool of mixtures, each stage's server
                                              optimizer state ("opt.<stage>": moments, momentum)
@@ -37,6 +38,9 @@ class Checkpoint:
                 parts[part][name] = value
             else:       # one tensor (the pool of mixtures)
                 parts[part] = value
+        for part, names in progress.get("order", {}).items():
+            if isinstance(parts.get(part), dict) and set(names) == set(parts[part]):
+                parts[part] = {k: parts[part][k] for k in names}
         return progress, parts
 
     def save(self, progress: dict, parts: dict):
@@ -51,7 +55,10 @@ class Checkpoint:
         name = f"state-{n:04d}.safetensors" if flat else None
         if flat:
             save_tensors(self.dir / name, flat)
-        progress = {**progress, "tensors": name}
+        # safetensors reads keys back sorted; a part's own order is kept, because FedAvgM's momentum
+        # is a list that follows the order of the arrays it was computed on
+        order = {part: list(v) for part, v in parts.items() if isinstance(v, dict)}
+        progress = {**progress, "tensors": name, "order": order}
         atomic_write_text(self.dir / "progress.json", json.dumps(progress, indent=1))
         for old in self.dir.glob("state-*.safetensors"):
             if old.name != name:

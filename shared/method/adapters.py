@@ -91,6 +91,7 @@ class ProperLinear(nn.Module):
         self.index = 0  # position among the model's target layers: its row of ctx.mixture
         self.merged = False  # True once the population LoRA is folded into base.weight (W_p)
         self.unmerged_weight: torch.Tensor | None = None  # W while merged
+        self._frozen_cache: dict = {}  # inference-only copies of derived weights (see _frozen)
         self.reset_population(generator)
         self.reset_group(generator)
         self.reset_user(generator)
@@ -155,21 +156,56 @@ class ProperLinear(nn.Module):
     # and the LoRA scalings and routing weights are applied to the small rank-sized
     # projections, never to the [tokens, out] outputs (exact for the default power-of-two
     # scalings, equal up to rounding otherwise).
+    # ---- derived weights, built once while serving (no gradient recorded)
+    # Decoding calls every layer once per token with the same adapter weights, and each call used to
+    # re-build the concatenated router + expert A weights, the permuted expert B and their bfloat16
+    # copies. With gradients off these are kept, keyed on the identity, version counter and storage of
+    # every tensor they are built from: an in-place change (load_part_state, an optimizer step, a
+    # merge, copy_) bumps the version, `.data =` moves the storage, so a changed weight is never
+    # served from the cache, whoever changed it. With gradients on (training) nothing is kept.
+    def _frozen(self, name: str, build, sources: tuple, dtype: torch.dtype):
+        if torch.is_grad_enabled():
+            return build(dtype)
+        dev = sources[0].device.type
+        key = tuple((t._version, t.data_ptr()) for t in sources) + (dtype, torch.is_autocast_enabled(dev))
+        hit = self._frozen_cache.get(name)
+        if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], sources)):
+            return hit[2]
+        value = build(dtype)
+        self._frozen_cache[name] = (sources, key, value)  # the sources held: no id is reused meanwhile
+        return value
+
+    def clear_cache(self):
+        """Drop the kept derived weights (memory only: a stale entry is never served anyway)."""
+        self._frozen_cache.clear()
+
+    def _weight_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype F.linear computes in: under autocast it casts its weights to the autocast dtype on
+        every call, so a cached weight is kept already cast (the same rounding, done once)."""
+        dev = x.device.type
+        if not torch.is_grad_enabled() and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return x.dtype
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """W_h x_t + W_u e_u: [B, T, k]."""
         return self._add_user_logits(F.linear(x, self.router_h.to(x.dtype)), x.dtype)
 
     def _add_user_logits(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """logits + W_u e_u, the user's part of the user-aware router, per row of the batch."""
-        if self.ctx.user_emb is None:
+        emb = self.ctx.user_emb
+        if emb is None:
             return logits
-        u = F.linear(self.ctx.user_emb.to(dtype), self.router_u.to(dtype))  # [B, k]
+        # W_u e_u is the same at every token of a batch: kept for the batch's decoding steps
+        u = self._frozen("user_logits", lambda dt: F.linear(emb.to(dt), self.router_u.to(dt)),
+                         (emb, self.router_u), dtype)                               # [B, k]
         return logits + u.view(u.shape[0], *([1] * (logits.dim() - 2)), self.k)
 
     def _route_and_project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(router_logits(x), every expert's A_e x as [..., k*r]) from one matmul over x."""
         k = self.k
-        w = torch.cat([self.router_h, self.expert_A.reshape(k * self.r_group, -1)]).to(x.dtype)
+        w = self._frozen("route_A", lambda dt: torch.cat([self.router_h, self.expert_A.reshape(k * self.r_group, -1)])
+                         .to(dt), (self.router_h, self.expert_A), self._weight_dtype(x))
         both = F.linear(x, w)                                                     # [..., k + k*r]
         return self._add_user_logits(both[..., :k], x.dtype), both[..., k:]
 
@@ -178,18 +214,24 @@ class ProperLinear(nn.Module):
         k, r = self.k, self.r_group
         w = weights.to(dtype) * self.expert_scaling                               # [..., k], small
         xa = (xa.unflatten(-1, (k, r)) * w.unsqueeze(-1)).flatten(-2)             # weight each rank block
-        b = self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)      # [out, k*r]
-        return F.linear(xa, b.to(dtype))
+        b = self._frozen("expert_B", lambda dt: self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)
+                         .to(dt), (self.expert_B,), dtype if torch.is_grad_enabled() else self._weight_dtype(xa))
+        return F.linear(xa, b)                                                    # b: [out, k*r]
 
     def _user_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_g z_t + b_g, s_u B_u z_t) with z_t = A_u x_t: of the loaded user, or, in a batch of
         several users (ctx.user_index), of each row's own user: per-row weights, batched matmuls."""
         dt = x.dtype
         if self.ctx.user_index is None:
-            z = F.linear(x, self.user_A.to(dt))                                   # z_t = A_u x_t
-            return (F.linear(z, self.router_g.to(dt), self.router_g_bias.to(dt)),
-                    F.linear(z * self.user_scaling, self.user_B.to(dt)))
-        a, b, g, g_bias = (t[self.ctx.user_index].to(dt) for t in self.ctx.user_stack[self.index])
+            names = ProperLinear.PARTS["user"]
+            a, b, g, g_bias = self._frozen("user", lambda d: tuple(getattr(self, n).to(d) for n in names),
+                                           tuple(getattr(self, n) for n in names), self._weight_dtype(x))
+            z = F.linear(x, a)                                                    # z_t = A_u x_t
+            return F.linear(z, g, g_bias), F.linear(z * self.user_scaling, b)
+        stack, rows = self.ctx.user_stack[self.index], self.ctx.user_index
+        # each row's user parts, gathered once for the batch's decoding steps (einsum: no autocast cast)
+        a, b, g, g_bias = self._frozen("user_rows", lambda d: tuple(t[rows].to(d) for t in stack),
+                                       (*stack, rows), dt)
         z = torch.einsum("bti,bri->btr", x, a)                                    # [B, T, r]
         return (torch.einsum("btr,bkr->btk", z, g) + g_bias.unsqueeze(1),
                 torch.einsum("btr,bor->bto", z * self.user_scaling, b))

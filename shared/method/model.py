@@ -61,6 +61,7 @@ class ProperModel(nn.Module):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self.stage = stage
+        self.clear_cache()
         for p in self.parameters():
             p.requires_grad_(False)
         for _, layer in self.layers():
@@ -70,6 +71,13 @@ class ProperModel(nn.Module):
                     getattr(layer, pname).requires_grad_(True)
         self.train(train)
         return self
+
+    def clear_cache(self):
+        """Drop every layer's kept inference weights (ProperLinear._frozen). Called wherever parameters
+        are loaded or the stage changes, to free them: correctness does not depend on it, since an
+        entry is keyed on the version and storage of the weights it was built from."""
+        for _, layer in self.layers():
+            layer.clear_cache()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -97,12 +105,14 @@ class ProperModel(nn.Module):
                 raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
                                  f"this model expects {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
+        self.clear_cache()
 
     @torch.no_grad()
     def reset_part(self, part: str, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         for _, layer in self.layers():
             getattr(layer, f"reset_{part}")(g)
+        self.clear_cache()
 
     # ---- the population merge, idempotent per population LoRA
     @torch.no_grad()
@@ -123,12 +133,14 @@ class ProperModel(nn.Module):
             return
         for _, layer in self.layers():
             layer.merge_population()
+        self.clear_cache()
         self.population_fingerprint = fingerprint(self.part_state("population"))
 
     @torch.no_grad()
     def unmerge_population(self):
         for _, layer in self.layers():
             layer.unmerge_population()
+        self.clear_cache()
         self.population_fingerprint = None
 
     # ---- forward with users
@@ -156,6 +168,7 @@ class ProperModel(nn.Module):
             yield self.ctx
         finally:
             self.ctx.user_stack = None
+            self.clear_cache()  # the layers' gathered rows hold the stacks: let them go
 
     @contextmanager
     def fixed_mixture(self, mixture: torch.Tensor | None):

@@ -23,11 +23,18 @@ from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
 from shared.method.model import ProperModel
 from shared.method.optim import round_lr
-from shared.method.plan import uses_user_router
+from shared.method.plan import BASE_CHAT, uses_user_router
 from shared.method.stages import RoundResult, initial_mixtures, train_group, train_population, train_user
 from shared.runtime.backbone import load_backbone
 from shared.runtime.config import stage_cfg, to_yaml
-from shared.runtime.persist import UserStore, export_peft_adapter, import_peft_adapter, load_tensors, save_tensors
+from shared.runtime.persist import (
+    UserStore,
+    export_peft_adapter,
+    import_peft_adapter,
+    load_tensors,
+    read_peft_adapter,
+    save_tensors,
+)
 from shared.runtime.targets import find_target_modules
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,20 @@ def load_user_adapter(model: ProperModel, store: UserStore, user_id: str):
     state = model.part_state("user")
     state.update(router)
     model.load_part_state("user", state, source=str(store.path(user_id, "router")))
+
+
+def read_user_adapter(model: ProperModel, store: UserStore, user_id: str) -> dict[str, torch.Tensor]:
+    """A user's LoRA and LoRA-aware router as a user-part state (what part_state("user") gives once
+    load_user_adapter put them in), read from the store without loading them into the model, checked
+    against it: the parts a multi-user batch stacks (ProperModel.user_parts)."""
+    path = store.path(user_id, "user").with_suffix("")
+    state = read_peft_adapter(model, "user", path)
+    router = store.load(user_id, "router")
+    if router is None:
+        raise FileNotFoundError(f"no LoRA-aware router stored for user {user_id!r} in {store.root}")
+    state.update(router)
+    model.check_part_state("user", state, source=str(path))
+    return state
 
 
 def export_shared_parts(model: ProperModel, out_dir: Path, with_group: bool, backbone: str,
@@ -279,13 +300,17 @@ class ClientTrainer:
                  split: str = "test", mean_mixture: torch.Tensor | None = None) -> EvalResult:
         """Every user with `split` items, at `stage`. A user with no history has no e_u and no user
         LoRA: in the group and user stages it is served by the group-stage model with the
-        population's mean mixture (`mean_mixture` [L, k], the mean of the trained users' mixtures)."""
+        population's mean mixture (`mean_mixture` [L, k], the mean of the trained users' mixtures).
+        Stage base-chat: the bare backbone asked through its chat template (plan.BASE_CHAT)."""
+        chat = stage == BASE_CHAT
+        stage = "base" if chat else stage
         self._prepare(stage, population, group)
         users = [u for u in self.users if getattr(u, split)]
         routed = stage in ("group", "user") and uses_user_router(self.cfg)
         cold = [u for u in users if routed and not u.train]   # routed by the mean mixture, not an e_u
         warm = [u for u in users if u not in cold]
-        preds = self._predict_each(warm, split) if stage == "user" else self._predict_batched(stage, warm, split)
+        preds = self._predict_each(warm, split) if stage == "user" else \
+            self._predict_batched(stage, warm, split, chat=chat)
         preds.update(self._predict_no_history(cold, split, mean_mixture))
         stats, n, user_scores = None, 0, {}
         for u in users:  # in the users' order, whatever order they were predicted in
@@ -304,10 +329,7 @@ class ClientTrainer:
         out = {}
         for s in range(0, len(users), USERS_PER_PASS):
             chunk = users[s:s + USERS_PER_PASS]
-            parts = []
-            for u in chunk:
-                self.load_user_adapter(u.user_id)
-                parts.append(self.model.part_state("user"))
+            parts = [read_user_adapter(self.model, self.store, u.user_id) for u in chunk]
             exs = [ex for u in chunk for ex in getattr(u, split)]
             emb = torch.stack([self._embedding(u) for u in chunk for _ in getattr(u, split)])
             rows = torch.tensor([i for i, u in enumerate(chunk) for _ in getattr(u, split)])
@@ -316,8 +338,9 @@ class ClientTrainer:
             out.update(_by_user(chunk, split, preds))
         return out
 
-    def _predict_batched(self, stage: str, users, split: str) -> dict[str, list[str]]:
-        """One batched pass over everyone, routed per row in the group stage."""
+    def _predict_batched(self, stage: str, users, split: str, chat: bool = False) -> dict[str, list[str]]:
+        """One batched pass over everyone, routed per row in the group stage; chat: the prompts in
+        the chat template (stage base-chat)."""
         if not users:
             return {}
         self.model.set_stage(stage)
@@ -325,7 +348,8 @@ class ClientTrainer:
         emb = None
         if stage == "group" and uses_user_router(self.cfg):
             emb = torch.stack([self._embedding(u) for u in users for _ in getattr(u, split)])
-        return _by_user(users, split, predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb))
+        return _by_user(users, split, predict(self.model, self.tokenizer, self.spec, exs, self.cfg, user_emb=emb,
+                                              chat=chat))
 
     def _predict_no_history(self, users, split: str, mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
         """Users with no history, at the group stage with the population's mean mixture. Without one

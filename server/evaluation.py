@@ -11,6 +11,7 @@ from server.federation import Federation
 from server.privacy import privacy_note
 from server.stages import model_content
 from shared.data.lamp import task_spec
+from shared.method.plan import BASE_CHAT
 from shared.runtime import protocol as P
 from shared.runtime.results import STAGE_TITLES, eval_rows, no_history_note, plot_mixtures, plot_stages
 
@@ -19,7 +20,8 @@ log = logging.getLogger("proper.server")
 
 def evaluate(fed: Federation, step: str, stage: str):
     splits = list(fed.cfg.eval.splits)
-    content = RecordDict() if stage == "base" else model_content(fed)
+    # the bare backbone (base, and base-chat: asked through its chat template) needs no parameters
+    content = RecordDict() if stage in ("base", BASE_CHAT) else model_content(fed)
     content[P.CONFIG] = ConfigRecord({"stage": stage, "splits": ",".join(splits)})
     if stage in ("group", "user") and fed.parts.get("mixtures") is not None:
         # users with no history are served with the mean of the trained users' mixtures: the mean of

@@ -42,7 +42,9 @@ from sim.report_refs import documented_rows, majority_rows
 from sim.report_run import Run
 from sim.report_write import csv_rows, markdown_tables, plot_metric
 
-STAGE_TITLES = {"base": "bare backbone", "population": "stage 1: population", "group": "stage 2: group",
+BARE = ("base", "base-chat")   # the bare backbone's rows: the same in every run, listed once
+STAGE_TITLES = {"base": "bare backbone", "base-chat": "bare backbone, chat template",
+                "population": "stage 1: population", "group": "stage 2: group",
                 "user": "stage 3: user", "mta_merge": "MTA: merged anchors", "mta": "MTA: merged + stacked LoRA"}
 
 
@@ -70,22 +72,23 @@ def build_report(run_paths: list[str], out: str | Path, labels: list[str] | None
             stored, stored_kinds = r.stored_per_user(row["stage"])
             sent_mean, sent_max, source = r.sent_per_round(row["stage"])
             split = row.get("split", "test")
-            if row["stage"] == "base":  # the bare backbone is the same in every run: list it once
-                key = (split, json.dumps(row["metrics"], sort_keys=True))
+            bare = row["stage"] in BARE
+            if bare:  # the bare backbone is the same in every run: list it once
+                key = (row["stage"], split, json.dumps(row["metrics"], sort_keys=True))
                 if key in seen_base:
                     continue
                 seen_base[key] = r.label
-            rows.append({"label": "bare backbone" if row["stage"] == "base" else
+            rows.append({"label": STAGE_TITLES[row["stage"]] if bare else
                          f"{r.label}: {STAGE_TITLES.get(row['stage'], row['stage'])}",
                          "method": r.method, "stage": row["stage"], "split": split, "run": str(r.path),
                          "metrics": row["metrics"], "ci": row.get("ci") or {}, "users": row.get("users"),
                          "examples": row.get("examples"),
-                         "stored": None if row["stage"] == "base" else stored,
-                         "stored_kinds": {} if row["stage"] == "base" else stored_kinds,
-                         "sent_mean": None if row["stage"] == "base" else sent_mean,
-                         "sent_max": None if row["stage"] == "base" else sent_max,
-                         "sent_source": "" if row["stage"] == "base" else source,
-                         "wall": None if row["stage"] == "base" else wall})
+                         "stored": None if bare else stored,
+                         "stored_kinds": {} if bare else stored_kinds,
+                         "sent_mean": None if bare else sent_mean,
+                         "sent_max": None if bare else sent_max,
+                         "sent_source": "" if bare else source,
+                         "wall": None if bare else wall})
     refs = []
     if runs and "path" in (runs[0].cfg.get("data") or {}):
         try:

@@ -24,6 +24,26 @@ def encode_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
     return body[: max(1, max_prompt - len(cue))] + cue
 
 
+def encode_chat_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
+    """Prompt ids in the instruct model's own format: `text` as the user's turn of the tokenizer's
+    chat template with the assistant's turn opened, no answer cue; the body cut when the whole is
+    longer than max_prompt (to about that length: the cut body is decoded and templated again)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the stage base-chat asks the bare backbone through its chat template, "
+                         "and this model's tokenizer has none")
+
+    def wrap(body: str) -> list[int]:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+    ids = wrap(text)
+    if len(ids) > max_prompt:
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = wrap(tokenizer.decode(body[: max(1, len(body) - (len(ids) - max_prompt))]))
+    return ids
+
+
 def encode_example(tokenizer, ex, user: int, max_len: int) -> Encoded:
     target = tokenizer(" " + ex.output.strip(), add_special_tokens=False)["input_ids"][: max_len // 2]
     target = target + [tokenizer.eos_token_id]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.data.encode import encode_prompt
+from shared.data.encode import encode_chat_prompt, encode_prompt
 from shared.evaluation import metrics as M
 from shared.evaluation.metrics import add_stats, example_stats, stats_metrics  # noqa: F401 (re-exported)
 from shared.runtime.precision import autocast, use_bf16
@@ -123,11 +123,14 @@ def score_labels(model, tokenizer, prompts, labels: list[str], user_emb, bf16: b
 
 
 def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None = None,
-            user_rows: torch.Tensor | None = None) -> list[str]:
+            user_rows: torch.Tensor | None = None, chat: bool = False) -> list[str]:
     """Predictions for `examples` (all routed with user_emb rows, if given; in stage 3 with each
-    example's user part, user_rows, among those given to model.user_parts), post-processed."""
+    example's user part, user_rows, among those given to model.user_parts), post-processed.
+    chat: the prompts in the tokenizer's chat template instead of the training format (the
+    zero-shot row of the bare instruct model, stage base-chat)."""
     max_len = cfg.train.max_len
-    prompts = [encode_prompt(tokenizer, ex.input, max_len) for ex in examples]
+    encode = encode_chat_prompt if chat else encode_prompt
+    prompts = [encode(tokenizer, ex.input, max_len) for ex in examples]
     bf16 = use_bf16(cfg.train.bf16)
     if spec.kind == "label" and cfg.eval.mode == "score":
         return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size),

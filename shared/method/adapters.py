@@ -58,6 +58,7 @@ def _in_out(base: nn.Module) -> tuple[int, int, bool]:
 
 
 class ProperLinear(nn.Module):
+    keep_weights = True   # serving (gradients off) keeps derived weights, see _serve; False: forward() as in training
     def __init__(self, base: nn.Module, ctx: RoutingContext, *, k: int = 5, r_population: int = 8,
                  alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
                  r_user: int = 4, alpha_user: float = 8, d_user: int = 128, router_u_init: float = 0.02,
@@ -91,7 +92,8 @@ class ProperLinear(nn.Module):
         self.index = 0  # position among the model's target layers: its row of ctx.mixture
         self.merged = False  # True once the population LoRA is folded into base.weight (W_p)
         self.unmerged_weight: torch.Tensor | None = None  # W while merged
-        self._frozen_cache: dict = {}  # inference-only copies of derived weights (see _frozen)
+        self._kept: dict = {}  # serving: weights derived from the parameters, kept (see _keep)
+        self._fold_g, self._fold_u = _folds(self.expert_scaling), _folds(self.user_scaling)
         self.reset_population(generator)
         self.reset_group(generator)
         self.reset_user(generator)
@@ -156,56 +158,21 @@ class ProperLinear(nn.Module):
     # and the LoRA scalings and routing weights are applied to the small rank-sized
     # projections, never to the [tokens, out] outputs (exact for the default power-of-two
     # scalings, equal up to rounding otherwise).
-    # ---- derived weights, built once while serving (no gradient recorded)
-    # Decoding calls every layer once per token with the same adapter weights, and each call used to
-    # re-build the concatenated router + expert A weights, the permuted expert B and their bfloat16
-    # copies. With gradients off these are kept, keyed on the identity, version counter and storage of
-    # every tensor they are built from: an in-place change (load_part_state, an optimizer step, a
-    # merge, copy_) bumps the version, `.data =` moves the storage, so a changed weight is never
-    # served from the cache, whoever changed it. With gradients on (training) nothing is kept.
-    def _frozen(self, name: str, build, sources: tuple, dtype: torch.dtype):
-        if torch.is_grad_enabled():
-            return build(dtype)
-        dev = sources[0].device.type
-        key = tuple((t._version, t.data_ptr()) for t in sources) + (dtype, torch.is_autocast_enabled(dev))
-        hit = self._frozen_cache.get(name)
-        if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], sources)):
-            return hit[2]
-        value = build(dtype)
-        self._frozen_cache[name] = (sources, key, value)  # the sources held: no id is reused meanwhile
-        return value
-
-    def clear_cache(self):
-        """Drop the kept derived weights (memory only: a stale entry is never served anyway)."""
-        self._frozen_cache.clear()
-
-    def _weight_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype F.linear computes in: under autocast it casts its weights to the autocast dtype on
-        every call, so a cached weight is kept already cast (the same rounding, done once)."""
-        dev = x.device.type
-        if not torch.is_grad_enabled() and torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return x.dtype
-
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """W_h x_t + W_u e_u: [B, T, k]."""
         return self._add_user_logits(F.linear(x, self.router_h.to(x.dtype)), x.dtype)
 
     def _add_user_logits(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """logits + W_u e_u, the user's part of the user-aware router, per row of the batch."""
-        emb = self.ctx.user_emb
-        if emb is None:
+        if self.ctx.user_emb is None:
             return logits
-        # W_u e_u is the same at every token of a batch: kept for the batch's decoding steps
-        u = self._frozen("user_logits", lambda dt: F.linear(emb.to(dt), self.router_u.to(dt)),
-                         (emb, self.router_u), dtype)                               # [B, k]
+        u = F.linear(self.ctx.user_emb.to(dtype), self.router_u.to(dtype))  # [B, k]
         return logits + u.view(u.shape[0], *([1] * (logits.dim() - 2)), self.k)
 
     def _route_and_project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(router_logits(x), every expert's A_e x as [..., k*r]) from one matmul over x."""
         k = self.k
-        w = self._frozen("route_A", lambda dt: torch.cat([self.router_h, self.expert_A.reshape(k * self.r_group, -1)])
-                         .to(dt), (self.router_h, self.expert_A), self._weight_dtype(x))
+        w = torch.cat([self.router_h, self.expert_A.reshape(k * self.r_group, -1)]).to(x.dtype)
         both = F.linear(x, w)                                                     # [..., k + k*r]
         return self._add_user_logits(both[..., :k], x.dtype), both[..., k:]
 
@@ -214,27 +181,95 @@ class ProperLinear(nn.Module):
         k, r = self.k, self.r_group
         w = weights.to(dtype) * self.expert_scaling                               # [..., k], small
         xa = (xa.unflatten(-1, (k, r)) * w.unsqueeze(-1)).flatten(-2)             # weight each rank block
-        b = self._frozen("expert_B", lambda dt: self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)
-                         .to(dt), (self.expert_B,), dtype if torch.is_grad_enabled() else self._weight_dtype(xa))
-        return F.linear(xa, b)                                                    # b: [out, k*r]
+        b = self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)      # [out, k*r]
+        return F.linear(xa, b.to(dtype))
 
     def _user_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_g z_t + b_g, s_u B_u z_t) with z_t = A_u x_t: of the loaded user, or, in a batch of
         several users (ctx.user_index), of each row's own user: per-row weights, batched matmuls."""
         dt = x.dtype
         if self.ctx.user_index is None:
-            names = ProperLinear.PARTS["user"]
-            a, b, g, g_bias = self._frozen("user", lambda d: tuple(getattr(self, n).to(d) for n in names),
-                                           tuple(getattr(self, n) for n in names), self._weight_dtype(x))
-            z = F.linear(x, a)                                                    # z_t = A_u x_t
-            return F.linear(z, g, g_bias), F.linear(z * self.user_scaling, b)
-        stack, rows = self.ctx.user_stack[self.index], self.ctx.user_index
-        # each row's user parts, gathered once for the batch's decoding steps (einsum: no autocast cast)
-        a, b, g, g_bias = self._frozen("user_rows", lambda d: tuple(t[rows].to(d) for t in stack),
-                                       (*stack, rows), dt)
+            z = F.linear(x, self.user_A.to(dt))                                   # z_t = A_u x_t
+            return (F.linear(z, self.router_g.to(dt), self.router_g_bias.to(dt)),
+                    F.linear(z * self.user_scaling, self.user_B.to(dt)))
+        return self._rows_terms(x, *(t[self.ctx.user_index].to(dt) for t in self.ctx.user_stack[self.index]))
+
+    def _rows_terms(self, x, a, b, g, g_bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """_user_terms with each row's own user parts (a [B, r, in], b [B, out, r], g [B, k, r], g_bias [B, k])."""
         z = torch.einsum("bti,bri->btr", x, a)                                    # [B, T, r]
         return (torch.einsum("btr,bkr->btk", z, g) + g_bias.unsqueeze(1),
                 torch.einsum("btr,bor->bto", z * self.user_scaling, b))
+
+    # ---- serving: forward() with gradients off, the derived weights kept
+    # Decoding calls every layer once per token with the same adapter weights, and each call re-built
+    # the concatenated router + expert A weights, the permuted expert B and, under autocast, their
+    # bfloat16 copies (F.linear casts its float32 operands on every call). With gradients off these
+    # are built once and kept, keyed on the identity, version counter and storage of every tensor
+    # they are built from: an in-place change (load_part_state, an optimizer step, a merge, copy_)
+    # bumps the version and `.data =` moves the storage, so a changed weight is never served from
+    # the cache, whoever changed it. Nothing else changes: the same operations on the same values in
+    # the same order as forward()'s, so the outputs are the same bit for bit (tested).
+    def _keep(self, name: str, build, sources: tuple, dtype: torch.dtype):
+        key = tuple((t._version, t.data_ptr()) for t in sources) + (dtype, torch.is_autocast_enabled(
+            sources[0].device.type))
+        hit = self._kept.get(name)
+        if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], sources)):
+            return hit[2]
+        value = build(dtype)
+        self._kept[name] = (sources, key, value)  # the sources held: no id is reused meanwhile
+        return value
+
+    def clear_cache(self):
+        """Drop the kept weights (frees memory; a stale entry is never served anyway)."""
+        self._kept.clear()
+
+    def _serving_weights(self, dtype: torch.dtype) -> tuple:
+        """(router + expert A [k + k*r, in], expert B [out, k*r], A_u, B_u, W_g, b_g) in the dtype the
+        matmuls compute in; a power-of-two scaling folded into B (see _folds)."""
+        k, r = self.k, self.r_group
+
+        def build(dt):
+            b_g = self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r)
+            return (torch.cat([self.router_h, self.expert_A.reshape(k * r, -1)]).to(dt),
+                    (b_g * self.expert_scaling if self._fold_g else b_g).to(dt), self.user_A.to(dt),
+                    (self.user_B * self.user_scaling if self._fold_u else self.user_B).to(dt),
+                    self.router_g.to(dt), self.router_g_bias.to(dt))
+        return self._keep("weights", build, (self.router_h, self.expert_A, self.expert_B, self.user_A,
+                                             self.user_B, self.router_g, self.router_g_bias), dtype)
+
+    def _serve(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        """forward() of stages group and user (population merged) with gradients off."""
+        k, r, dt, dev = self.k, self.r_group, x.dtype, x.device.type
+        # under autocast F.linear casts x and the weights to the autocast dtype on every call: x is
+        # cast once here and the kept weights are kept cast (the same rounding, done once)
+        wd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else dt
+        w_route, w_experts, user_a, user_b, g, g_bias = self._serving_weights(wd)
+        xm = x.to(wd)
+        h = self.base(xm)
+        both = F.linear(xm, w_route)                                              # [..., k + k*r]
+        logits, xa = both[..., :k], both[..., k:]
+        emb = self.ctx.user_emb
+        if emb is not None:   # W_u e_u: the same at every token of the batch, kept for its steps
+            u = self._keep("user_logits", lambda d: F.linear(emb.to(d), self.router_u.to(d)), (emb, self.router_u), dt)
+            logits = logits + u.view(u.shape[0], *([1] * (logits.dim() - 2)), k)
+        if stage == "user":
+            if self.ctx.user_index is None:
+                z = F.linear(xm, user_a)
+                logits = logits + F.linear(z, g, g_bias)
+                h = h + F.linear(z if self._fold_u else z * self.user_scaling, user_b)
+            else:
+                stack, rows = self.ctx.user_stack[self.index], self.ctx.user_index
+                # each row's user parts, gathered once for the batch's steps (as _user_terms gathers them)
+                parts = self._keep("user_rows", lambda d: tuple(t[rows].to(d) for t in stack), (*stack, rows), dt)
+                router_terms, user_out = self._rows_terms(x, *parts)
+                logits = logits + router_terms
+                h = h + user_out
+        weights = self._weights(logits)
+        w = weights.to(dt)
+        if not self._fold_g:
+            w = w * self.expert_scaling
+        xa = (xa.unflatten(-1, (k, r)) * w.unsqueeze(-1)).flatten(-2)
+        return h + F.linear(xa, w_experts)
 
     def mix_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_g B_e A_e x, all experts in two matmuls."""
@@ -242,8 +277,10 @@ class ProperLinear(nn.Module):
         return self._expert_sum(xa, weights, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base(x)
         stage = self.stage
+        if stage in ("group", "user") and self.merged and self.keep_weights and not torch.is_grad_enabled():
+            return self._serve(x, stage)
+        h = self.base(x)
         if stage == "base":
             if self.merged:
                 raise RuntimeError("the bare backbone is gone: the population LoRA is merged")
@@ -259,13 +296,17 @@ class ProperLinear(nn.Module):
             router_terms, user_out = self._user_terms(x)
             logits = logits + router_terms
             h = h + user_out
+        return h + self._expert_sum(xa, self._weights(logits), x.dtype)
+
+    def _weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The experts' weights from the router's logits (recorded when asked)."""
         if self.ctx.mixture is None:
             weights = torch.softmax(logits.float(), dim=-1)
         else:  # a user with no history: no e_u was learned, the population's mean mixture routes
             weights = self.ctx.mixture[self.index].float().expand(logits.shape)
         if self.ctx.record:
             self.ctx.betas.append(weights)
-        return h + self._expert_sum(xa, weights, x.dtype)
+        return weights
 
     # ---- which parameters belong to which stage
     PARTS = {
@@ -277,6 +318,15 @@ class ProperLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, k={self.k}, stage={self.stage}, "
                 f"merged={self.merged}")
+
+
+def _folds(scaling: float) -> bool:
+    """Whether serving may move a LoRA scaling from the activations onto the kept B without changing
+    a bit: a power of two >= 1 (the defaults: alpha / r = 2). Multiplying by 2^n, n >= 0, is exact in
+    binary floating point short of overflow and commutes with rounding to bfloat16, so (s z) B and
+    z (s B) are the same products, summed in the same order."""
+    m, e = math.frexp(scaling)
+    return m == 0.5 and e >= 1
 
 
 def _kaiming_(t: torch.Tensor, g: torch.Generator | None):

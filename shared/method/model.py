@@ -90,8 +90,8 @@ class ProperModel(nn.Module):
                 out[f"{name}.{pname}"] = getattr(layer, pname).detach().clone()
         return out
 
-    @torch.no_grad()
-    def load_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state"):
+    def check_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state") -> dict:
+        """{name: parameter} of `part`, once `state` is checked to hold exactly its names and shapes."""
         expected = {f"{n}.{p}": getattr(layer, p) for n, layer in self.layers() for p in ProperLinear.PARTS[part]}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -100,11 +100,16 @@ class ProperModel(nn.Module):
                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                              f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
         for key, param in expected.items():
-            value = torch.as_tensor(state[key])
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
                                  f"this model expects {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
+        return expected
+
+    @torch.no_grad()
+    def load_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state"):
+        state = {k: torch.as_tensor(v) for k, v in state.items()}
+        for key, param in self.check_part_state(part, state, source).items():
+            param.copy_(state[key].to(param.dtype))
         self.clear_cache()
 
     @torch.no_grad()

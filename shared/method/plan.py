@@ -9,17 +9,23 @@
               fusion per user, a stacked small LoRA per user (shared/method/mta.py); no population stage.
               Evaluated as "mta_merge" (merged anchors only) and "mta" (merged + stacked LoRA)
 
+The bare backbone is evaluated in the training format ("eval:base") and, with "base-chat" in
+eval.stages, asked through its own chat template ("eval:base-chat", the instruct model's zero-shot
+way of being asked: the fair bare row of generation tasks).
+
 Steps: "eval:<stage>", "population:<round>", "group:<round>", "user", "mta:bank", "mta:user".
 """
 from __future__ import annotations
 
 METHODS = ("proper", "population", "oppu", "loramoe", "mta")   # the choices of the config key `method`
+BASE_CHAT = "base-chat"   # the evaluation stage of the bare backbone asked through its chat template
 
 
 def stage_plan(cfg) -> list[str]:
     method = cfg.method   # one of METHODS: the config schema refuses any other (shared/runtime/schema.py)
     evals = set(cfg.eval.stages)
     plan = ["eval:base"] if "base" in evals else []
+    plan += [f"eval:{BASE_CHAT}"] if BASE_CHAT in evals else []
     if method == "mta":
         return plan + ["mta:bank", "mta:user", "eval:mta_merge", "eval:mta"]
     plan += [f"population:{r}" for r in range(1, cfg.population.rounds + 1)]

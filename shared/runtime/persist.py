@@ -120,8 +120,9 @@ def export_peft_adapter(model, part: str, out_dir: str | Path, base_model: str =
     return out_dir
 
 
-def import_peft_adapter(model, part: str, adapter_dir: str | Path):
-    """Load a PEFT adapter directory written by export_peft_adapter (or PEFT itself)."""
+def read_peft_adapter(model, part: str, adapter_dir: str | Path) -> dict:
+    """The LoRA tensors of a PEFT adapter directory (export_peft_adapter's, or PEFT's own), named as
+    the model's `part` names them ({layer}.lora_A / user_A, ...), without loading them into it."""
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
@@ -129,13 +130,19 @@ def import_peft_adapter(model, part: str, adapter_dir: str | Path):
     tensors, _ = load_tensors(adapter_dir / "adapter_model.safetensors")
     a, b = ("lora_A", "lora_B") if part == "population" else ("user_A", "user_B")
     state = {}
-    for name, _ in model.layers():
+    for name in model.layer_names:
         for src, dst in (("lora_A", a), ("lora_B", b)):
             key = next((k for k in (f"base_model.model.{name}.{src}.weight",
                                     f"base_model.model.{name}.{src}.default.weight") if k in tensors), None)
             if key is None:
                 raise StateFileError(f"{adapter_dir}: adapter has no {src} for layer {name}")
             state[f"{name}.{dst}"] = tensors[key]
+    return state
+
+
+def import_peft_adapter(model, part: str, adapter_dir: str | Path):
+    """Load a PEFT adapter directory written by export_peft_adapter (or PEFT itself)."""
+    state = read_peft_adapter(model, part, adapter_dir)
     if part == "user":  # the LoRA-aware router is not part of the PEFT adapter; keep the loaded one
         for k, v in model.part_state("user").items():
             state.setdefault(k, v)

@@ -21,7 +21,8 @@ import numpy as np
 
 from shared.runtime.persist import atomic_write_text
 
-STAGE_TITLES = {"base": "bare backbone", "population": "stage 1: population",
+STAGE_TITLES = {"base": "bare backbone", "base-chat": "bare backbone, chat template",
+                "population": "stage 1: population",
                 "group": "stage 2: group", "user": "stage 3: user",
                 "mta_merge": "MTA: merged anchors", "mta": "MTA: merged + stacked LoRA"}
 

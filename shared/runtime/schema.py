@@ -177,7 +177,7 @@ class User:
 
 
 @rules(batch_size=at_least(1), max_new_tokens=at_least(1), mode=one_of("generate", "score"),
-       splits=each_of("test", "val"), stages=each_of("base", "population", "group", "user"))
+       splits=each_of("test", "val"), stages=each_of("base", "base-chat", "population", "group", "user"))
 @dataclass
 class Eval:
     mode: str = "generate"                 # generate | score (label tasks: pick the most likely label)
@@ -185,6 +185,7 @@ class Eval:
     batch_size: int = 16
     max_new_tokens: Optional[int] = None   # null = per task kind (shared/evaluation/evaluate.py)
     stages: List[str] = _list("base", "population", "group", "user")   # which stages' models are evaluated
+    # (base-chat: the bare backbone asked through its chat template, beside base: a zero-shot row)
 
 
 @overrides(Train)

@@ -1,0 +1,134 @@
+"""Serving keeps derived adapter weights (ProperLinear._frozen): with gradients off, a layer's
+concatenated router + expert A weights, its permuted expert B, the user parts and W_u e_u are built
+once. The outputs must be exactly those of the uncached computation, and a changed parameter must
+never be served from the cache, whoever changed it and however."""
+import pytest
+import torch
+
+from shared.method.adapters import _folds
+from shared.method.model import ProperModel
+from shared.runtime.backbone import load_backbone
+from shared.runtime.targets import find_target_modules
+from tests.helpers import make_model, randomize
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3], [8, 9, 10, 11, 12, 13]])
+
+
+def stage3(model_and_tok=None, seed=0):
+    model, tok = model_and_tok or make_model(seed=seed)
+    randomize(model, "population", seed=1)
+    model.merge_population()
+    randomize(model, "group", seed=2)
+    randomize(model, "user", seed=3)
+    model.set_stage("user")
+    emb = torch.randn(2, model.d_user, generator=torch.Generator().manual_seed(4))
+    return model, emb
+
+
+def uncached(model, emb, bf16=False):
+    """The training path: gradients on, nothing kept (the parameters are frozen, so no graph either)."""
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(IDS, user_emb=emb).logits.detach()
+
+
+def cached(model, emb, bf16=False):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(IDS, user_emb=emb).logits
+
+
+def kept(model) -> int:
+    return sum(len(layer._kept) for _, layer in model.layers())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("stage", ["group", "user"])
+def test_a_cached_forward_equals_the_uncached_one_bit_for_bit(stage, bf16):
+    model, emb = stage3()
+    model.set_stage(stage)
+    want = uncached(model, emb, bf16)
+    assert kept(model) == 0
+    first = cached(model, emb, bf16)     # builds the kept weights
+    assert kept(model) > 0
+    second = cached(model, emb, bf16)    # served from them
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def test_multi_user_rows_cached_equal_uncached():
+    model, emb = stage3()
+    parts = []
+    for seed in (5, 6):
+        randomize(model, "user", seed=seed)
+        parts.append(model.part_state("user"))
+    rows = torch.tensor([1, 0])
+    with model.user_parts(parts):
+        with torch.enable_grad(), model.users(emb, rows=rows):
+            want = model.lm(input_ids=IDS).logits.detach()
+        with torch.no_grad(), model.users(emb, rows=rows):
+            model.lm(input_ids=IDS)
+            got = model.lm(input_ids=IDS).logits
+        assert kept(model) > 0
+    assert kept(model) == 0   # leaving user_parts lets the stacked parts go
+    assert torch.equal(got, want)
+
+
+def test_a_scaling_that_cannot_fold_stays_exact():
+    lm, tok = load_backbone("tiny", seed=0)
+    model = ProperModel(lm, find_target_modules(lm), d_user=16, alpha_user=6, alpha_group=3, seed=0)
+    model, emb = stage3((model, tok))
+    for bf16 in (False, True):
+        want = uncached(model, emb, bf16)
+        cached(model, emb, bf16)
+        assert torch.equal(cached(model, emb, bf16), want)
+
+
+def test_folds_only_powers_of_two_from_one():
+    assert _folds(1.0) and _folds(2.0) and _folds(8.0)
+    assert not _folds(0.5) and not _folds(1.5) and not _folds(3.0)
+
+
+def _change_by_load(model, _):
+    state = model.part_state("user")
+    model.load_part_state("user", {k: v * 1.5 for k, v in state.items()})
+
+
+def _change_in_place(model, _):
+    for _, layer in model.layers():          # behind the model's back: only the version counter knows
+        with torch.no_grad():
+            layer.expert_B.mul_(-1.0)
+
+
+def _change_storage(model, _):
+    for _, layer in model.layers():          # `.data =`: a new storage, a fresh version counter
+        layer.router_h.data = torch.randn_like(layer.router_h)
+
+
+def _change_by_optimizer(model, emb):
+    model.set_stage("user", train=True)
+    params = model.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=1.0)
+    model(IDS, user_emb=emb).logits.float().pow(2).mean().backward()
+    opt.step()
+    model.set_stage("user")
+
+
+def _change_embedding_in_place(_, emb):
+    emb.mul_(3.0)                            # the same tensor object, new values
+
+
+@pytest.mark.parametrize("change", [_change_by_load, _change_in_place, _change_storage, _change_by_optimizer,
+                                    _change_embedding_in_place])
+def test_changed_parameters_are_never_served_stale(change):
+    model, emb = stage3()
+    before = cached(model, emb)
+    assert kept(model) > 0
+    change(model, emb)
+    after = cached(model, emb)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, uncached(model, emb))
+
+
+def test_a_new_batch_of_users_is_routed_with_its_own_embeddings():
+    model, emb = stage3()
+    cached(model, emb)
+    other = emb.flip(0).clone()
+    assert torch.equal(cached(model, other), uncached(model, other))

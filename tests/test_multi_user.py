@@ -104,3 +104,27 @@ def test_stage3_evaluation_batches_users_and_predicts_what_each_users_model_does
         emb = t._embedding(u).view(1, -1).expand(len(u.val), -1)
         own = predict(t.model, t.tokenizer, spec, u.val, cfg, user_emb=emb)
         assert [got[e.id] for e in u.val] == own, u.user_id
+
+
+def test_a_users_parts_read_from_the_store_are_what_loading_them_gives(tmp_path):
+    """read_user_adapter (what the stage-3 evaluation stacks) reads a user's LoRA and LoRA-aware router
+    without loading them: the same tensors load_user_adapter puts in, and a file of another shape is refused."""
+    from client.trainer import load_user_adapter, read_user_adapter, save_user_adapter
+    from shared.runtime.persist import UserStore
+    model, _ = make_model()
+    store = UserStore(tmp_path)
+    randomize(model, "user", seed=11)
+    saved = model.part_state("user")
+    save_user_adapter(model, store, "u1", "tiny")
+    randomize(model, "user", seed=12)                  # something else in the model meanwhile
+    before = model.part_state("user")
+    read = read_user_adapter(model, store, "u1")
+    assert all(torch.equal(model.part_state("user")[k], before[k]) for k in before)   # the model untouched
+    load_user_adapter(model, store, "u1")
+    loaded = model.part_state("user")
+    assert read.keys() == loaded.keys() == saved.keys()
+    assert all(torch.equal(read[k], loaded[k]) and torch.equal(read[k], saved[k]) for k in saved)
+    router = store.load("u1", "router")
+    store.save("u1", "router", {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in router.items()})
+    with pytest.raises(ValueError, match="shape"):
+        read_user_adapter(model, store, "u1")

@@ -14,7 +14,8 @@ W_g = 0 and b_g = 0 at initialisation, so that a user's stage-3 model starts *ex
 stage-2 model, token by token (docs/decisions.md explains why this and not b_g = log p_u alone).
 
 The experts are stacked: one matmul computes every expert's A_e x and one computes the weighted
-sum of B_e, so there is no Python loop over experts.
+sum of B_e, so there is no Python loop over experts. With gradients off (generation, evaluation)
+the same computation keeps the weights it derives from the parameters between calls (_serve).
 """
 from __future__ import annotations
 

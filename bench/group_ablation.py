@@ -8,7 +8,9 @@ The population stage is trained once (centralized, as `proper local` trains it) 
 population LoRA through the same ClientTrainer calls as `proper local`, so a variant here is the
 group stage of the `proper local` run with that override. Per variant it records the group
 recovery (ARI, purity of each user's dominant expert against the data's groups.json), how peaked
-the users' mixtures are (mean weight of the dominant expert; 1/k is uniform), the group stage's
+the users' mixtures are (mean weight of the dominant expert; 1/k is uniform), the same read layer
+by layer and by k-means over the users' per-layer mixtures (each layer's router numbers its experts
+its own way: groups.py layer_recovery), the group stage's
 val (and test) score and the training losses; a table goes to <out>/group_ablation.md and .json.
 """
 from __future__ import annotations
@@ -21,11 +23,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.trainer import ClientTrainer, load_users
-from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures
+from shared.evaluation.groups import (
+    MIXTURES_FILE,
+    adjusted_rand_index,
+    group_recovery,
+    layer_recovery,
+    read_groups,
+    read_user_mixtures,
+)
 from shared.evaluation.metrics import stats_metrics
-from shared.runtime.config import load_config
+from shared.method.mta import kmeans
+from shared.method.stages import mixtures_by_user
+from shared.runtime.config import load_config, stage_cfg
 from shared.runtime.persist import atomic_write_text, load_tensors, save_tensors
 
 log = logging.getLogger("bench.group_ablation")
@@ -55,23 +67,39 @@ def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str]) ->
             group, others = res.shared, res.mixtures
             losses.append((res.metrics["train_loss"], res.metrics["constraint_loss"]))
         mixtures = read_user_mixtures(Path(state) / MIXTURES_FILE)
+        layered = _layered(client, cfg, groups)
         scores = {}
         for split in splits:
             r = client.evaluate("group", pop, group, split=split)
             scores[split] = stats_metrics(spec, r.stats)[spec.metrics[0]]
     rec = group_recovery({u: m["expert"] for u, m in mixtures.items()}, groups)
     peak = float(np.mean([max(m["mixture"]) for m in mixtures.values()]))
-    return {**rec, "dominant_weight": peak, "scores": scores, "train_loss": losses[-1][0],
+    return {**rec, **layered, "dominant_weight": peak, "scores": scores, "train_loss": losses[-1][0],
             "constraint_loss": losses[-1][1], "seconds": time.time() - t0}
 
 
+def _layered(client, cfg, groups: dict) -> dict:
+    """Recovery from each user's per-layer mixtures under the final group part: per layer
+    (shared/evaluation/groups.py layer_recovery) and by k-means over the flattened [L x k]
+    mixtures (k = adapters.k clusters, as many as experts: no knowledge of the true count)."""
+    users = [u for u in getattr(client, "trained", client.users) if u.user_id in groups]
+    emb = torch.stack([client._embedding(u) for u in users])
+    by_user, _ = mixtures_by_user(client.model, client.tokenizer, users, emb, stage_cfg(cfg, "group"))
+    true = [groups[u.user_id] for u in users]
+    clusters, _ = kmeans(by_user.flatten(1).numpy(), int(cfg.adapters.k), seed=int(cfg.seed))
+    return {**layer_recovery(by_user.numpy(), true), "ari_kmeans": adjusted_rand_index(clusters, true)}
+
+
 def table(rows: list[dict], k: int, splits: list[str]) -> str:
-    head = ["variant", "ARI", "purity", "experts used", f"dominant weight (1/k = {1 / k:.2f})",
+    head = ["variant", "ARI", "ARI per layer (mean / max)", "ARI k-means", "purity", "experts used",
+            f"dominant weight: layer-averaged / per layer (1/k = {1 / k:.2f})",
             *[f"group {s}" for s in splits], "loss", "constraint", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], f"{r['ari']:.3f}", f"{r['purity']:.3f}", str(r["experts_used"]),
-                 f"{r['dominant_weight']:.3f}", *[f"{100 * r['scores'][s]:.1f}" for s in splits],
+        cells = [r["variant"], f"{r['ari']:.3f}", f"{r['ari_layer_mean']:.3f} / {r['ari_layer_max']:.3f}",
+                 f"{r['ari_kmeans']:.3f}", f"{r['purity']:.3f}", str(r["experts_used"]),
+                 f"{r['dominant_weight']:.3f} / {r['peak_layer']:.3f}",
+                 *[f"{100 * r['scores'][s]:.1f}" for s in splits],
                  f"{r['train_loss']:.3f}", f"{r['constraint_loss']:.3f}", f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

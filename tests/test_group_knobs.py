@@ -64,3 +64,29 @@ def test_group_ablation_reports_recovery_and_peakedness(tmp_path):
     assert rows[0]["dominant_weight"] < 0.3 < rows[1]["dominant_weight"]
     assert (out / "population.safetensors").exists()
     assert "| peaked |" in (out / "group_ablation.md").read_text()
+
+
+def test_layer_recovery_sees_groups_that_layer_averaging_hides():
+    """Each layer routes the users by their group, but every layer numbers its experts its own way:
+    averaged over layers the mixtures look uniform and the dominant expert says nothing, while each
+    layer on its own recovers the groups exactly."""
+    import numpy as np
+
+    from shared.evaluation.groups import adjusted_rand_index, dominant_experts, layer_recovery
+    true = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    k, layers = 3, 6
+    m = np.zeros((len(true), layers, k))
+    for layer in range(layers):
+        perm = np.roll(np.arange(k), layer)               # layer l calls group g's expert perm[g]
+        for u, g in enumerate(true):
+            m[u, layer] = 0.1 / (k - 1)
+            m[u, layer, perm[g]] = 0.9
+    rec = layer_recovery(m, true)
+    assert rec["ari_layer_mean"] == rec["ari_layer_max"] == 1.0
+    assert abs(rec["peak_layer"] - 0.9) < 1e-9
+    assert np.allclose(m.mean(1), 1 / k)                  # layer-averaged: exactly uniform
+    assert adjusted_rand_index(dominant_experts(m), true) < 0.5
+    # one layer that does not separate the groups lowers the mean, not the max
+    m[:, 0] = 1 / k
+    rec = layer_recovery(m, true)
+    assert rec["ari_layer_max"] == 1.0 and rec["ari_layer_mean"] < 1.0

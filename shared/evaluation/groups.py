@@ -123,6 +123,20 @@ def group_recovery(experts: dict[str, int], groups: dict[str, int]) -> dict[str,
             "experts_used": len(set(pred))}
 
 
+def layer_recovery(mixtures, true) -> dict[str, float]:
+    """Group recovery read layer by layer, from [U, L, k] mixtures and the users' true groups [U].
+
+    Each layer has its own router, so "expert 2" of one layer and of another are unrelated: a user
+    whose every layer routes decisively, but to differently numbered experts, has a near-uniform
+    layer-averaged mixture and an arbitrary dominant expert. Per layer, the dominant expert is well
+    defined: ari_layer_mean / ari_layer_max are the ARI of those per-layer assignments; peak_layer
+    is the mean, over users and layers, of the dominant expert's weight (1/k is uniform)."""
+    m = np.asarray(mixtures, dtype=np.float64)
+    aris = [adjusted_rand_index(m[:, layer].argmax(1), true) for layer in range(m.shape[1])]
+    return {"ari_layer_mean": float(np.mean(aris)), "ari_layer_max": float(np.max(aris)),
+            "peak_layer": float(m.max(2).mean())}
+
+
 def state_dirs(run_dir) -> list[Path]:
     """The clients' state directories of a run: client_state/ (proper local), clients/*/ (proper sim)."""
     run = Path(run_dir)

@@ -203,6 +203,15 @@ def initial_mixtures(model: ProperModel, tokenizer, users, embeddings: torch.Ten
     """The users' mixtures p_u under the group part loaded in `model` (no training): what a client
     sends before the first group round so that round's constraint loss has others to push from
     (group.initial_pool). Forward passes only: about a third of a training pass's compute."""
+    by_user, seen = mixtures_by_user(model, tokenizer, users, embeddings, cfg)
+    mixtures = by_user[seen]
+    return mixtures[torch.randperm(len(mixtures), generator=torch.Generator().manual_seed(seed))]
+
+
+def mixtures_by_user(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg):
+    """([U, L, k] each user's mixture per layer, in `users` order; [U] which users had tokens), under
+    the group part loaded in `model`, without training. Names users by position: for the caller's
+    own disk or analysis, never for a reply."""
     if not model.merged:
         raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
     model.set_stage("group")
@@ -220,8 +229,7 @@ def initial_mixtures(model: ProperModel, tokenizer, users, embeddings: torch.Ten
             mix_tok.index_add_(0, uniq, ntok.float())
             ctx.betas.clear()
     seen = mix_tok > 0
-    mixtures = mix_sum[seen] / mix_tok[seen].view(-1, 1, 1)
-    return mixtures[torch.randperm(len(mixtures), generator=torch.Generator().manual_seed(seed))]
+    return mix_sum / mix_tok.clamp(min=1).view(-1, 1, 1), seen
 
 
 # ---------------------------------------------------------------- stage 3: user

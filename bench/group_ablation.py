@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from client.trainer import ClientTrainer, load_users
+from shared.data.encode import encode_users, make_batches
 from shared.evaluation.groups import (
     MIXTURES_FILE,
     adjusted_rand_index,
@@ -55,11 +56,43 @@ def population_state(cfg, spec, users, out: Path) -> dict:
     return pop
 
 
-def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str]) -> dict:
-    """The group stage's rounds from `pop`, then recovery, peakedness and scores."""
+def history_embeddings(client, pop: dict, d: int, seed: int) -> torch.Tensor:
+    """A data-derived start for every user's e_u (an experiment of this bench, not a config option):
+    the population model's last hidden state at the user's answer tokens, averaged over its history,
+    centred over the users, projected to d dims by a seeded Gaussian matrix and scaled to the norm of
+    the usual N(0, I) start. Users who answer alike start close. Centring uses every user's mean:
+    a federation would need a shared reference instead (a public prompt set, or a DP mean)."""
+    client._prepare("group", pop)
+    model, tok = client.model, client.tokenizer
+    model.set_stage("population")   # merged: W_p alone, the population model
+    users = list(getattr(client, "trained", client.users))
+    sums = torch.zeros(len(users), model.lm.config.hidden_size)
+    counts = torch.zeros(len(users))
+    with torch.no_grad():
+        for ids, mask, labels, uidx in make_batches(encode_users(tok, users, client.cfg.train.max_len),
+                                                    8, tok.pad_token_id, None):
+            hidden = model.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            keep = (labels != -100).float().unsqueeze(-1)
+            sums.index_add_(0, uidx, (hidden * keep).sum(1))
+            counts.index_add_(0, uidx, keep.sum((1, 2)))
+    means = sums / counts.clamp(min=1).view(-1, 1)
+    means = means - means.mean(0)
+    proj = torch.randn(means.shape[1], d, generator=torch.Generator().manual_seed(seed)) / means.shape[1] ** 0.5
+    e = means @ proj
+    return e / e.norm(dim=1, keepdim=True).clamp(min=1e-8) * d ** 0.5
+
+
+def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], start: str = "random") -> dict:
+    """The group stage's rounds from `pop`, then recovery, peakedness and scores. start="history":
+    the users' e_u start from history_embeddings instead of the seeded N(0, I)."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as state:
         client = ClientTrainer(cfg, spec, users, state)
+        if start == "history":
+            emb = history_embeddings(client, pop, int(cfg.adapters.d_user), int(cfg.seed))
+            for u, e in zip(getattr(client, "trained", client.users), emb):
+                client.store.save(u.user_id, "embedding", {"e_u": e.clone(), "e_u_before": e.clone(),
+                                                           "round": torch.tensor([0])})
         group = others = None
         losses = []
         for rnd in range(1, int(cfg.group.rounds) + 1):
@@ -111,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="a `proper synth` directory (with groups.json)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--variant", action="append", default=[],
-                    help="name=override[,override...] (empty after '=' for the config as it is)")
+                    help="name=override[,override...] (empty after '=' for the config as it is); "
+                         "start=history: e_u start from the users' histories (history_embeddings)")
     ap.add_argument("--splits", default="val")
     ap.add_argument("overrides", nargs="*", help="key=value for every variant")
     args = ap.parse_args(argv)
@@ -129,9 +163,12 @@ def main(argv=None):
     rows = []
     for v in args.variant or ["base="]:
         name, _, extra = v.partition("=")
-        vcfg = load_config(args.config, base + [o for o in extra.split(",") if o])
+        opts = [o for o in extra.split(",") if o]
+        start = next((o.partition("=")[2] for o in opts if o.startswith("start=")), "random")
+        vcfg = load_config(args.config, base + [o for o in opts if not o.startswith("start=")])
         log.info("variant %s: %s", name, extra or "(config as is)")
-        rows.append({"variant": name, "overrides": extra, **run_variant(vcfg, spec, users, pop, groups, splits)})
+        rows.append({"variant": name, "overrides": extra,
+                     **run_variant(vcfg, spec, users, pop, groups, splits, start)})
         log.info("variant %s: ARI %.3f, dominant weight %.3f, scores %s", name, rows[-1]["ari"],
                  rows[-1]["dominant_weight"], rows[-1]["scores"])
         atomic_write_text(out / "group_ablation.json", json.dumps(rows, indent=1))

@@ -55,9 +55,10 @@ def test_group_ablation_reports_recovery_and_peakedness(tmp_path):
     write_synthetic_lamp(data, n_users=6, n_groups=2, min_profile=4, max_profile=6, seed=0)
     out = tmp_path / "abl"
     main(["-c", "tiny", "--data", str(data), "--out", str(out), "--splits", "val",
-          "--variant", "base=", "--variant", "peaked=adapters.router_u_init=0.5", "data.holdout=1"])
+          "--variant", "base=", "--variant", "peaked=adapters.router_u_init=0.5",
+          "--variant", "history=start=history", "data.holdout=1"])
     rows = json.loads((out / "group_ablation.json").read_text())
-    assert [r["variant"] for r in rows] == ["base", "peaked"]
+    assert [r["variant"] for r in rows] == ["base", "peaked", "history"]
     for r in rows:
         assert r["users"] == 6 and -1.0 <= r["ari"] <= 1.0 and 0.0 <= r["scores"]["val"] <= 1.0
     # a large W_u at init routes each user mostly to one expert; the default starts near uniform
@@ -90,3 +91,25 @@ def test_layer_recovery_sees_groups_that_layer_averaging_hides():
     m[:, 0] = 1 / k
     rec = layer_recovery(m, true)
     assert rec["ari_layer_max"] == 1.0 and rec["ari_layer_mean"] < 1.0
+
+
+def test_history_embeddings_start_alike_users_alike(tmp_path):
+    """The bench's data-derived e_u: users with the same history get the same start, others not,
+    each at the norm of the usual N(0, I) start."""
+    import copy
+
+    from bench.group_ablation import history_embeddings
+    from client.trainer import ClientTrainer, load_users
+    from shared.runtime.config import load_config
+    data = tmp_path / "syn"
+    write_synthetic_lamp(data, n_users=3, n_groups=2, min_profile=4, max_profile=6, seed=0)
+    cfg = load_config("tiny", [f"data.path={data}"])
+    spec, users = load_users(cfg)
+    twin = copy.deepcopy(users[0])
+    twin.user_id = "twin"
+    client = ClientTrainer(cfg, spec, users + [twin], str(tmp_path / "state"))
+    pop = client.population(None, 1).shared
+    e = history_embeddings(client, pop, 16, seed=0)
+    assert e.shape == (4, 16)
+    assert torch.allclose(e.norm(dim=1), torch.full((4,), 4.0), atol=1e-4)
+    assert torch.allclose(e[0], e[3], atol=1e-5) and not torch.allclose(e[0], e[1], atol=1e-2)

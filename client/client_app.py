@@ -20,7 +20,8 @@ from flwr.clientapp import ClientApp
 
 from client import mta
 from client.privacy import dp_clip_mod
-from client.runtime import arrays_in, config_of, reply, server_round, trainer_for
+from client.runtime import arrays_in, arrays_to_evaluate, config_of, reply, server_round, trainer_for
+from client.virtual import virtual_clients_mod
 from shared.runtime import protocol as P
 from shared.runtime.runconfig import run_config_from_context
 
@@ -36,8 +37,9 @@ def reply_audit_mod(msg: Message, context: Context, call_next) -> Message:
     return out
 
 
-# the audit is outermost: it records the reply as it leaves, after privacy.dp's client-side clipping
-app = ClientApp(mods=[reply_audit_mod, dp_clip_mod])
+# the audit records the reply as it leaves, after privacy.dp's client-side clipping; a SuperNode
+# serving virtual clients runs both once per virtual client, inside its mod (client/virtual.py)
+app = ClientApp(mods=[virtual_clients_mod, reply_audit_mod, dp_clip_mod])
 mta.register(app)
 
 
@@ -95,11 +97,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = config_of(msg)
     t = trainer_for(context, "eval")
     stage = str(cfg.get("stage", "base"))
-    mean = arrays_in(msg, P.MEAN_MIXTURE)  # the server's mean mixture, for users with no history
+    mean = arrays_to_evaluate(msg, P.MEAN_MIXTURE)  # the server's mean mixture, for users with no history
     metrics, examples = {}, 0
     for split in str(cfg.get("splits", "test")).split(","):
         r = mta.evaluate_message(t, stage, msg, split) if stage.startswith("mta") else \
-            t.evaluate(stage, arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS), split=split,
+            t.evaluate(stage, arrays_to_evaluate(msg, P.POPULATION), arrays_to_evaluate(msg, P.ARRAYS), split=split,
                        mean_mixture=None if mean is None else mean["mixture"])
         scores = list(r.user_scores.values())
         order = torch.randperm(len(scores)).tolist()  # no ids, and no order that could stand for one

@@ -9,11 +9,13 @@ federation.users_per_client users per node. Private state lives under node_confi
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from omegaconf import OmegaConf
 
 from client.trainer import ClientTrainer, load_users
 from shared.runtime import protocol as P
@@ -36,6 +38,8 @@ def inject_faults(cfg, context: Context, stage: str):
     """debug.fail_partitions / debug.slow_partitions (with *_stages): make a client raise or
     stall in a stage, to test that the federation goes on without it."""
     dbg = cfg.get("debug") or {}
+    if not (dbg.get("fail_partitions") or dbg.get("slow_partitions")):
+        return
     part = int(context.node_config.get("partition-id", -1))
     if part in list(dbg.get("fail_partitions") or []) and stage in list(dbg.get("fail_stages") or []):
         raise RuntimeError(f"injected failure: partition {part}, stage {stage}")
@@ -43,20 +47,61 @@ def inject_faults(cfg, context: Context, stage: str):
         time.sleep(float(dbg.get("slow_seconds", 10)))
 
 
-def _all_users(cfg):
+def all_users(cfg):
     """The run's users, parsed once per process: a simulation process serves many SuperNodes, and
     parsing every user's file for each of them made a round quadratic in users (bench/scale.py)."""
+    if _DATA_OF and _DATA_OF[0] is cfg:   # the apps' shared read-only config: no key to build per client
+        return _DATA_OF[1]
     d = cfg.data
     key = tuple(str(d.get(k)) for k in ("path", "task", "holdout", "max_users", "longest", "template"))
     if key not in _DATA:
         _DATA.clear()
         _DATA[key] = load_users(cfg)
+    _DATA_OF[:] = [cfg, _DATA[key]] if OmegaConf.is_readonly(cfg) else []
     return _DATA[key]
+
+
+_DATA_OF: list = []   # [read-only config, its users]
+
+
+def arrays_to_evaluate(msg: Message, name: str) -> dict[str, torch.Tensor] | None:
+    """arrays_in for an evaluate message, converted once per record: the virtual clients of a bundle
+    share one record (client/virtual.py), and converting it for each of them cost about what
+    predicting a tiny model's query does. Evaluation only reads these tensors."""
+    rec = msg.content.array_records.get(name)
+    if rec is None or len(rec) == 0:
+        return None
+    hit = _EVAL_ARRAYS.get(name)
+    if hit is None or hit[0] is not rec:
+        _EVAL_ARRAYS[name] = hit = (rec, rec.to_torch_state_dict())
+    return hit[1]
+
+
+_EVAL_ARRAYS: dict[str, tuple] = {}   # record name -> (the last record converted, its tensors)
+
+
+def simulated_state_dir(node_config, run_dir, partition: int) -> str:
+    """A simulated client's private state: node_config "state-dir", else <run dir>/clients/<partition>."""
+    return str(node_config.get("state-dir") or Path(run_dir) / "clients" / f"{partition:05d}")
+
+
+def note_ray_node(cfg, run_dir, context: Context):
+    """debug.record_nodes: append "<Ray node id> <partition>" to <run dir>/ray_nodes/<pid>.txt, so a
+    test can tell on which nodes of a Ray cluster the clients ran (tests/test_ray_cluster.py)."""
+    if not (cfg.get("debug") or {}).get("record_nodes"):
+        return
+    import ray
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "no-ray"
+    out = Path(run_dir) / "ray_nodes"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{os.getpid()}.txt", "a") as f:
+        f.write(f"{node} {context.node_config.get('partition-id', '')}\n")
 
 
 def trainer_for(context: Context, stage: str) -> ClientTrainer:
     cfg, run_dir = run_config_from_context(context)
     inject_faults(cfg, context, stage)
+    note_ray_node(cfg, run_dir, context)
     nc = context.node_config
     key = (str(run_dir), tuple(sorted((k, str(v)) for k, v in nc.items())))
     if key not in _TRAINERS:
@@ -69,9 +114,9 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
             client_seed, keep_shared = 0, True
         else:
             part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
-            spec, all_users = _all_users(cfg)
-            users = users_of_partition(all_users, part, n_parts, int(cfg.federation.users_per_client))
-            state_dir = str(nc.get("state-dir") or Path(run_dir) / "clients" / f"{part:05d}")
+            spec, everyone = all_users(cfg)
+            users = users_of_partition(everyone, part, n_parts, int(cfg.federation.users_per_client))
+            state_dir = simulated_state_dir(nc, run_dir, part)
             client_seed, keep_shared = part, False  # the run directory gets one copy (sim/run.py)
         _TRAINERS.clear()  # one client's users at a time per process keeps memory flat at scale
         _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed, keep_shared=keep_shared)

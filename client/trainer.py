@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shared.data.canaries import run_canaries, with_canaries
 from shared.data.lamp import apply_template, exclude_eval_overlap, load_lamp
 from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
@@ -41,12 +43,32 @@ log = logging.getLogger(__name__)
 
 USERS_PER_PASS = 64   # users whose stage-3 parts one evaluation pass stacks (ClientTrainer._predict_each)
 
+# Predictions made ahead for the users of several virtual clients at once, {(stage, split): {user
+# id: predictions}}: each virtual client's evaluate then reads its users' (client/virtual.py).
+_PREFETCHED: dict[tuple[str, str], dict[str, list[str]]] = {}
+
+
+@contextmanager
+def prefetched(preds: dict[tuple[str, str], dict[str, list[str]]]):
+    _PREFETCHED.clear()
+    _PREFETCHED.update(preds)
+    try:
+        yield
+    finally:
+        _PREFETCHED.clear()
+
+
 # One backbone per process, whatever number of messages or (simulated) clients it serves.
 _MODELS: dict[str, tuple[ProperModel, object]] = {}
+_LAST_KEY: list = []   # [config, its model key], for a read-only config (shared/runtime/runconfig.py)
 
 
 def get_model(cfg: DictConfig) -> tuple[ProperModel, object]:
-    key = OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "adapters": cfg.adapters, "seed": cfg.seed}))
+    if _LAST_KEY and _LAST_KEY[0] is cfg:   # the apps' shared read-only config: its key once (6 ms)
+        key = _LAST_KEY[1]
+    else:
+        key = OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "adapters": cfg.adapters, "seed": cfg.seed}))
+        _LAST_KEY[:] = [cfg, key] if OmegaConf.is_readonly(cfg) else []
     if key not in _MODELS:
         lm, tok = load_backbone(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
         targets = find_target_modules(lm, list(cfg.model.targets) if cfg.model.targets else None)
@@ -139,6 +161,11 @@ class ClientTrainer:
     def __init__(self, cfg: DictConfig, spec, users, state_dir: str, client_seed: int = 0, keep_shared: bool = False):
         if not users:
             raise ValueError("a client needs at least one user")
+        # privacy.canaries: the canary items of this client's chosen users, added here, on the client
+        # that holds them (shared/data/canaries.py); nothing about them is sent
+        self.canaries = [c for c in run_canaries(cfg, users) if c.user in {u.user_id for u in users}]
+        if self.canaries:
+            users = with_canaries(users, self.canaries)
         self.cfg, self.spec, self.users = cfg, spec, users
         # users with a history train; one with none (an empty profile) is only evaluated
         self.trained = [u for u in users if u.train]
@@ -221,6 +248,7 @@ class ClientTrainer:
                                            round_cfg(self.cfg, "group", server_round),
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True)
+        result.mixtures = self._release_mixtures(result.mixtures, server_round)
         rnd = torch.tensor([server_round])
         for u, e, b in zip(self.trained, emb, before):
             self.store.save(u.user_id, "embedding", {"e_u": e, "e_u_before": b, "round": rnd})
@@ -244,11 +272,32 @@ class ClientTrainer:
         if not self.trained:
             return torch.zeros(0, len(self.model.layer_names), self.model.k)
         emb = torch.stack([self._embedding(u, 1) for u in self.trained])
+        if self.cfg.privacy.get("mixtures", "share") == "local":   # nothing to send: skip the forward pass
+            return torch.zeros(0, len(self.model.layer_names), self.model.k)
         mixtures = initial_mixtures(self.model, self.tokenizer, self.trained, emb, stage_cfg(self.cfg, "group"),
                                     seed=self.seed)
+        mixtures = self._release_mixtures(mixtures, 0)
         # remembered as "sent before round 1", so round 1 drops them from the pool it gets back
         save_tensors(self.store.root / "sent_mixtures.safetensors",
                      {"mixtures": mixtures, "previous": mixtures[:0], "round": torch.tensor([0])})
+        return mixtures
+
+    def _release_mixtures(self, mixtures: torch.Tensor, server_round: int) -> torch.Tensor:
+        """What the reply carries of the users' mixtures (privacy.mixtures): share: as computed; noise:
+        each value plus Gaussian noise of std privacy.mixture_noise (seeded by privacy.dp.seed where
+        set, else fresh); local: none (the constraint loss keeps to this client's own users)."""
+        how = self.cfg.privacy.get("mixtures", "share")
+        if how == "local":
+            return mixtures[:0]
+        if how == "noise" and len(mixtures):
+            seed = self.cfg.privacy.dp.get("seed")
+            gen = torch.Generator()
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(int(seed) * 1_000_003 + self.seed * 7919 + server_round)
+            std = float(self.cfg.privacy.mixture_noise)
+            return mixtures + std * torch.randn(mixtures.shape, generator=gen, dtype=mixtures.dtype)
         return mixtures
 
     def _own_mixtures(self, server_round: int) -> torch.Tensor | None:
@@ -302,6 +351,23 @@ class ClientTrainer:
         LoRA: in the group and user stages it is served by the group-stage model with the
         population's mean mixture (`mean_mixture` [L, k], the mean of the trained users' mixtures).
         Stage base-chat: the bare backbone asked through its chat template (plan.BASE_CHAT)."""
+        users = [u for u in self.users if getattr(u, split)]
+        known = _PREFETCHED.get((stage, split))
+        if known is not None and all(u.user_id in known for u in users):
+            preds = known   # predicted with other virtual clients' users in one batch (client/virtual.py)
+        else:
+            preds = self.predictions(stage, population, group, split, mean_mixture)
+        stats, n, user_scores = None, 0, {}
+        for u in users:  # in the users' order, whatever order they were predicted in
+            golds = [ex.output for ex in getattr(u, split)]
+            stats = add_stats(stats, example_stats(self.spec, preds[u.user_id], golds))
+            user_scores[u.user_id] = float(np.mean(per_example_scores(self.spec, preds[u.user_id], golds)))
+            n += len(golds)
+        return EvalResult(stats or {}, user_scores, n)
+
+    def predictions(self, stage: str, population: dict | None, group: dict | None, split: str,
+                    mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
+        """Every user's predictions for its `split` items at `stage`: {user id: predictions}."""
         chat = stage == BASE_CHAT
         stage = "base" if chat else stage
         self._prepare(stage, population, group)
@@ -312,13 +378,7 @@ class ClientTrainer:
         preds = self._predict_each(warm, split) if stage == "user" else \
             self._predict_batched(stage, warm, split, chat=chat)
         preds.update(self._predict_no_history(cold, split, mean_mixture))
-        stats, n, user_scores = None, 0, {}
-        for u in users:  # in the users' order, whatever order they were predicted in
-            golds = [ex.output for ex in getattr(u, split)]
-            stats = add_stats(stats, example_stats(self.spec, preds[u.user_id], golds))
-            user_scores[u.user_id] = float(np.mean(per_example_scores(self.spec, preds[u.user_id], golds)))
-            n += len(golds)
-        return EvalResult(stats or {}, user_scores, n)
+        return preds
 
     def _predict_each(self, users, split: str) -> dict[str, list[str]]:
         """Stage 3: every user with its own user LoRA, LoRA-aware router and e_u, yet many users per

@@ -88,7 +88,7 @@ def finish(fed: Federation, seconds: float):
              f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
              "users = users evaluated; nodes = SuperNodes that answered / asked; users covered by training "
              "(fewest over rounds): " + ", ".join(f"{STAGE_TITLES[s]} {n}" for s, n in trained.items()),
-             f"federated: {max((p['sent'] for p in participation.values()), default=0)} SuperNodes holding "
+             f"federated: {max((p['sent'] for p in participation.values()), default=0)} {hosts(fed)} holding "
              f"{max((p['users'] for p in participation.values()), default=0)} users; {schedule_note(fed)}; "
              f"server wall time {seconds:.0f} s",
              f"client compute in passes over the training data (users trained x epochs): {client_compute(fed)}"]
@@ -105,6 +105,12 @@ def finish(fed: Federation, seconds: float):
         plot_mixtures(fed.run_dir, fed.parts["mixtures"].numpy())
     log.info("results in %s", fed.run_dir.path)
     print(table, flush=True)
+
+
+def hosts(fed: Federation) -> str:
+    """What the clients were: SuperNodes, or virtual clients served by M SuperNodes."""
+    m = (fed.cfg.get("simulation") or {}).get("virtual_clients")
+    return f"virtual clients (on {m} SuperNodes)" if m else "SuperNodes"
 
 
 def schedule_note(fed: Federation) -> str:

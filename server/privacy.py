@@ -69,11 +69,38 @@ def users_counted(fed) -> int:
     return max(evals or [p["users"] for p in participation.values()] or [0])
 
 
+def mixture_releases(cfg, layers: int) -> dict:
+    """privacy.mixtures: what the group stage's shared mixtures cost.
+
+    share: sent as computed, no guarantee. local: never sent. noise: each sent [L, k] mixture has
+    Gaussian noise of std sigma (privacy.mixture_noise) on every value. A mixture is L probability
+    rows, each within L2 distance sqrt(2) of any other, so replacing a user's data moves its
+    mixture by at most sqrt(2 L) in L2: a Gaussian mechanism with noise multiplier sigma / sqrt(2 L)
+    for replacing one user, released once per group round and once more for the first pool
+    (group.initial_pool), counted for every user (no amplification, as for privacy.dp)."""
+    how = str(cfg.privacy.get("mixtures", "share"))
+    if how != "noise" or str(cfg.method) != "proper":
+        return {"mixtures": how}
+    sigma = float(cfg.privacy.mixture_noise)
+    releases = int(cfg.group.rounds) + (1 if cfg.group.get("initial_pool", True) else 0)
+    return {"mixtures": how, "std": sigma, "layers": int(layers), "sensitivity": math.sqrt(2 * layers),
+            "noise_multiplier": sigma / math.sqrt(2 * layers), "releases": releases}
+
+
 def privacy_summary(fed) -> dict:
-    """{"dp": False} or the DP settings, delta, and epsilon per stage and composed."""
+    """{"dp": False} or the DP settings, delta, and epsilon per stage and composed; with
+    privacy.mixtures=noise also the mixtures' epsilon (replace-one) and everything composed
+    under replace-one."""
     dp = dp_settings(fed.cfg)
-    if dp is None:
-        return {"dp": False}
+    pool = getattr(fed, "parts", {}).get("mixtures")
+    layers = int(pool.shape[1]) if pool is not None and pool.dim() == 3 else 0
+    mix = mixture_releases(fed.cfg, layers)
+    if "noise_multiplier" in mix:
+        delta = float(dp.delta) if dp is not None and dp.get("delta") is not None else \
+            1.0 / max(2, users_counted(fed))
+        mix["epsilon"] = epsilon([(mix["noise_multiplier"], mix["releases"])], delta) if layers else math.nan
+    if dp is None:   # privacy.mixtures at its default: the record is as it was before the option
+        return {"dp": False} if mix["mixtures"] == "share" else {"dp": False, "mixtures": mix}
     z, recorded = float(dp.noise_multiplier), fed.progress.get("privacy", {})
     delta = float(dp.delta) if dp.get("delta") is not None else 1.0 / max(2, users_counted(fed))
     out = {"dp": True, "noise_multiplier": z, "clip": float(dp.clip), "clipping": str(dp.clipping),
@@ -90,6 +117,12 @@ def privacy_summary(fed) -> dict:
                                 "unit": "a user sharing a clipped update (replace-one: z / 2)" if shared
                                 else "one user per clipped update (add or remove: z)"}
     out["epsilon"] = epsilon(releases, delta)
+    if mix["mixtures"] != "share":
+        out["mixtures"] = mix
+    if "noise_multiplier" in mix and layers:   # replace-one throughout: every DP release counted at z / 2
+        dp_rounds = sum(len(recorded.get(stage, [])) for stage in STAGES)
+        out["epsilon_with_mixtures"] = epsilon([(z / 2, dp_rounds), (mix["noise_multiplier"], mix["releases"])],
+                                               delta)
     return out
 
 
@@ -101,11 +134,25 @@ def privacy_note(fed) -> str:
     """The table's privacy line; also written to rounds.jsonl."""
     summary = privacy_summary(fed)
     fed.run_dir.log({"kind": "privacy", "stage": "run", **summary})
+    mix = summary.get("mixtures", {"mixtures": "share"})
+    mixtures = {"share": "the shared mixtures of the group stage, ",
+                "local": "", "noise": ""}.get(mix["mixtures"], "")
+    if mix["mixtures"] == "noise":
+        eps = mix.get("epsilon", math.nan)
+        mix_note = (f"; the group stage's mixtures noised (std {mix['std']:g}, noise multiplier "
+                    f"{mix['noise_multiplier']:.3g} for replacing a user, {mix['releases']} release(s)): epsilon "
+                    f"{_eps(eps)} for them alone (replace-one)")
+        if "epsilon_with_mixtures" in summary:
+            mix_note += f", {_eps(summary['epsilon_with_mixtures'])} composed with the DP stages (replace-one)"
+    elif mix["mixtures"] == "local":
+        mix_note = "; the group stage's mixtures never leave the clients (privacy.mixtures=local)"
+    else:
+        mix_note = ""
     if not summary["dp"]:
-        return "privacy: no formal DP (privacy.dp off): the shared parameters are released as trained"
+        return ("privacy: no formal DP (privacy.dp off): the shared parameters are released as trained" + mix_note)
     stages = ", ".join(f"epsilon {_eps(s['epsilon'])} ({name}, {s['rounds']} round(s); {s['unit']})"
                        for name, s in summary["stages"].items())
     return (f"privacy: client-level DP, clip {summary['clip']:g} ({summary['clipping']} side), noise multiplier "
             f"{summary['noise_multiplier']:g}, RDP accountant, no amplification by sampling: {stages or 'no release'}; "
-            f"composed epsilon {_eps(summary['epsilon'])} at delta {summary['delta']:.3g}. Not covered: the shared "
-            "mixtures of the group stage, training metrics and evaluation statistics")
+            f"composed epsilon {_eps(summary['epsilon'])} at delta {summary['delta']:.3g}{mix_note}. Not covered: "
+            f"{mixtures}the routing mass, training metrics and evaluation statistics")

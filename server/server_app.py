@@ -20,6 +20,7 @@ from server.evaluation import evaluate, finish
 from server.federation import Federation
 from server.mta import mta_step
 from server.stages import train_round, user_stage
+from server.virtual_grid import virtual_grid
 from shared.method.plan import stage_plan
 from shared.runtime.runconfig import run_config_from_context
 
@@ -65,4 +66,4 @@ def run(fed: Federation):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, run_dir = run_config_from_context(context)
-    run(Federation(grid, cfg, run_dir))
+    run(Federation(virtual_grid(grid, cfg), cfg, run_dir))

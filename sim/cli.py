@@ -6,6 +6,7 @@
   proper generate PLACE --user U [--prompt T]   generate with users' personalized models (sim/serve.py)
   proper enroll PLACE --data DIR [--user U]     personalize users who join after a run, no server round
   proper report RUN [RUN ...] --out DIR         compare runs: methods x metrics, bytes, wall time, figures
+  proper audit RUN                              leakage audits: canary exposure, membership inference (sim/audit.py)
   proper certs | keygen | server | register | client | submit | split
                                                the deployed federation (docs/deployment.md)
 
@@ -91,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory for report.md, report.csv and the PNGs")
     s.add_argument("--labels", default=None, help="comma-separated row labels, one per run")
     s.add_argument("--command", default=None, help="the command line to print in the report")
+    s = sub.add_parser("audit", help="leakage audits of a finished run: canary exposure, membership inference "
+                                     "(sim/audit.py)")
+    s.add_argument("run", help="a finished `proper local` or `proper sim` run directory")
     s = sub.add_parser("synth", help="write synthetic users in LaMP's file format")
     s.add_argument("--out", required=True)
     s.add_argument("--users", type=int, default=20)
@@ -140,6 +144,12 @@ def _dispatch(args) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sim.serve import enroll_main, generate_main
         return generate_main(args) if args.cmd == "generate" else enroll_main(args)
+    if args.cmd == "audit":
+        _setup_logging(False)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sim.audit import run_audit
+        run_audit(args.run)
+        return 0
     if args.cmd == "report":
         from sim.report import main as report_main
         return report_main(args)

@@ -13,7 +13,6 @@ the sum of the clients' times) and process isolation (a client that kills the pr
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import traceback
 import uuid
@@ -25,12 +24,15 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from shared.runtime.virtual import client_ids
+
 log = logging.getLogger("proper.sim")
 
 
 def node_ids(n: int) -> list[int]:
-    """Fixed 63-bit node ids, in no relation to partition order (as Flower's random ids)."""
-    return [int(hashlib.sha1(f"proper-node-{i}".encode()).hexdigest()[:15], 16) for i in range(n)]
+    """Fixed 63-bit node ids, in no relation to partition order (as Flower's random ids); the ids
+    virtual clients get (shared/runtime/virtual.py), so both runs sample the same clients."""
+    return client_ids(n)
 
 
 class InProcessGrid(Grid):

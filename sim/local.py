@@ -62,7 +62,7 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
         for split in splits:
             t = time.time()
             # users with no history are served with the mean of the trained users' mixtures
-            mean = None if mixtures is None else mixtures.float().mean(0)
+            mean = None if mixtures is None or not len(mixtures) else mixtures.float().mean(0)
             r = mta.evaluate(stage, bank, split) if stage.startswith("mta") else \
                 client.evaluate(stage, pop, group, split=split, mean_mixture=mean)
             evals.setdefault(stage, {})[split] = {"stats": {k: v.tolist() for k, v in r.stats.items()},
@@ -119,7 +119,7 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     # the scores per stage first, then the dominant expert (present with known groups only)
     run.write_per_user(per_user, sorted(columns, key=lambda c: c == "expert"))
     plot_stages(run, rows, spec.metrics[0])
-    if mixtures is not None:
+    if mixtures is not None and len(mixtures):
         plot_mixtures(run, mixtures.numpy())
     print(table, flush=True)
     return rows

@@ -56,11 +56,20 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     cfg = read_config(run_dir / "config.yaml")
     n_users = _count_users(cfg)
     per_client = int(cfg.federation.users_per_client)
-    n_nodes = math.ceil(n_users / per_client)
-    if int(cfg.federation.min_available_clients) < n_nodes:
+    n_clients = math.ceil(n_users / per_client)
+    virtual = cfg.simulation.get("virtual_clients")
+    # virtual clients: M SuperNodes serve the N clients (shared/runtime/virtual.py); the server,
+    # which holds no data, learns N here
+    n_nodes = min(int(virtual), n_clients) if virtual else n_clients
+    changed = virtual and cfg.simulation.get("num_clients") != n_clients
+    if virtual:
+        cfg.simulation.num_clients = n_clients
+    if int(cfg.federation.min_available_clients) < n_clients:
         # The simulation starts every SuperNode, but they register one by one: without this the
         # server began while some were still registering, and its first steps left them out.
-        cfg.federation.min_available_clients = n_nodes
+        cfg.federation.min_available_clients = n_clients
+        changed = True
+    if changed:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     previous_run_dir = os.environ.get("PROPER_RUN_DIR")
     os.environ["PROPER_RUN_DIR"] = str(run_dir)
@@ -79,7 +88,8 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     # work they then get a fraction of the CPU that `proper local` gets (bench/fed_vs_local.py)
     os.environ.setdefault("RAY_worker_niceness", "0")
     # Flower logs through its own logger; keep ours readable beside it.
-    log.info("run directory %s: %d users on %d SuperNodes (%d per client)", run_dir, n_users, n_nodes, per_client)
+    log.info("run directory %s: %d users on %d SuperNodes (%d per client%s)", run_dir, n_users, n_nodes, per_client,
+             f", {cfg.simulation.num_clients} virtual clients" if cfg.simulation.get("virtual_clients") else "")
 
     from flwr.simulation import run_simulation
 

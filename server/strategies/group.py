@@ -26,8 +26,12 @@ log = logging.getLogger("proper.server")
 
 def mixture_pool(mixtures: list[torch.Tensor], seed: int) -> torch.Tensor:
     """User mixtures from many replies, pooled and shuffled with `seed` so that no order links
-    them to clients: what the next round's clients get for the constraint loss."""
-    pool = torch.cat([m for m in mixtures if len(m)])
+    them to clients: what the next round's clients get for the constraint loss. None where no reply
+    carried any (privacy.mixtures=local)."""
+    sent = [m for m in mixtures if len(m)]
+    if not sent:
+        return None
+    pool = torch.cat(sent)
     return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
 
 

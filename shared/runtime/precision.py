@@ -1,4 +1,4 @@
-"""Numeric precision on CPU: bfloat16 autocast only where the CPU computes it natively."""
+"""Numeric precision and device: bfloat16 autocast only where the CPU (or GPU) computes it natively."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +20,24 @@ def use_bf16(value) -> bool:
     return cpu_has_bf16() if value == "auto" else value
 
 
-def autocast(cfg):
-    """bfloat16 autocast on CPU where it pays (use_bf16); float32 master weights either way."""
-    dtype = torch.bfloat16 if use_bf16(cfg["bf16"]) else None
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+def autocast(cfg, device: str = "cpu"):
+    """bfloat16 autocast where it pays (use_bf16, or bf16_on for a GPU); float32 master weights
+    either way."""
+    dtype = torch.bfloat16 if bf16_on(device, cfg["bf16"]) else None
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def client_device(client_gpus: float) -> str:
+    """Where a simulated client computes: "cuda" where it was given a GPU (simulation.client_gpus > 0;
+    Ray then sets CUDA_VISIBLE_DEVICES to its share) and CUDA is present, else "cpu". A client given
+    a GPU on a machine without one computes on the CPU rather than failing: CI never has a GPU."""
+    return "cuda" if float(client_gpus or 0) > 0 and torch.cuda.is_available() else "cpu"
+
+
+def bf16_on(device: str, value) -> bool:
+    """train.bf16 on `device`: on a GPU, "auto" is bf16 where the GPU has it (Ampere and newer:
+    torch.cuda.is_bf16_supported()); on the CPU, use_bf16."""
+    if torch.device(device).type != "cuda":
+        return use_bf16(value)
+    check_value("train.bf16", value)
+    return bool(torch.cuda.is_bf16_supported()) if value == "auto" else bool(value)

@@ -16,7 +16,7 @@ import os
 import shlex
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from shared.runtime.config import load_config, read_config
 
@@ -26,10 +26,27 @@ RESERVED = {"config", "overrides", "run-dir"}
 def run_config_from_context(context) -> tuple[DictConfig, Path]:
     env_dir = os.environ.get("PROPER_RUN_DIR")
     if env_dir and (Path(env_dir) / "config.yaml").is_file():
-        return read_config(Path(env_dir) / "config.yaml"), Path(env_dir)
+        return shared_config(Path(env_dir) / "config.yaml"), Path(env_dir)
     rc = dict(context.run_config)
     overrides = shlex.split(str(rc.get("overrides", "") or ""))
     overrides += [f"{k}={v}" for k, v in rc.items() if k not in RESERVED]
     cfg = load_config(str(rc.get("config") or "") or None, overrides)
     run_dir = rc.get("run-dir") or Path(cfg.output.dir) / f"flwr-run-{context.run_id}"
     return cfg, Path(run_dir).resolve()
+
+
+_SHARED: dict[str, DictConfig] = {}   # the last run config handed to the apps, by its text
+
+
+def shared_config(path: Path) -> DictConfig:
+    """The run's config.yaml as the apps read it for every message: one read-only object per text.
+    A SuperNode serving virtual clients reads it about three times per client (mods, handler), and
+    read_config's private copy cost 23 ms each on 2 loaded cores, more than a tiny client's whole
+    evaluation; read-only, so that no reader can change what the next one sees."""
+    text = path.read_text()
+    if text not in _SHARED:
+        cfg = read_config(path)
+        OmegaConf.set_readonly(cfg, True)
+        _SHARED.clear()
+        _SHARED[text] = cfg
+    return _SHARED[text]

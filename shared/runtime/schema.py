@@ -219,9 +219,25 @@ class Dp:
     seed: Optional[int] = None             # seeds the noise (reproducible studies, tests); null = fresh noise
 
 
+@rules(users=at_least(0), repeats=at_least(1), digits=at_least(1), candidates=at_least(1))
+@dataclass
+class Canaries:
+    """privacy.canaries: secret-sharer canaries put into chosen users' training items on their own
+    client, for `proper audit` (shared/data/canaries.py, docs/decisions.md "Privacy"). Off at 0 users."""
+    users: int = 0                         # users who get a canary (the seeded choice); 0 = no canaries
+    repeats: int = 10                      # times the canary item is repeated in that user's history
+    digits: int = 4                        # the secret: this many random digits (10^digits candidates)
+    seed: int = 0                          # seeds the choice of users and the canaries
+    candidates: int = 255                  # proper audit: candidates sampled per canary (all where fewer exist)
+
+
+@rules(mixtures=one_of("share", "noise", "local"), mixture_noise=at_least(0))
 @dataclass
 class Privacy:
     dp: Dp = field(default_factory=Dp)
+    mixtures: str = "share"                # the group stage's mixtures: share | noise (std mixture_noise) | local
+    mixture_noise: float = 0.1             # privacy.mixtures=noise: std of the noise added to each sent mixture value
+    canaries: Canaries = field(default_factory=Canaries)
 
 
 @rules(anchors=at_least(1), top_k=at_least(1), weighting=one_of("softmax", "linear"), temperature=POSITIVE,
@@ -257,16 +273,23 @@ class Debug:
     slow_partitions: List[int] = _list()   # these partitions' clients stall slow_seconds in slow_stages
     slow_stages: List[str] = _list()
     slow_seconds: float = 10.0
+    record_nodes: bool = False             # simulated clients note the Ray node they ran on (<run dir>/ray_nodes/)
 
 
-@rules(engine=one_of("ray", "inprocess"), client_cpus=POSITIVE, client_gpus=at_least(0), ray_cpus=at_least(1))
+@rules(engine=one_of("ray", "inprocess"), client_cpus=POSITIVE, client_gpus=at_least(0), ray_cpus=at_least(1),
+       virtual_clients=at_least(1), clients_per_message=at_least(1), num_clients=at_least(1))
 @dataclass
 class Simulation:
     """`proper sim`'s engine and Ray resources (docs/deployment.md)."""
     engine: str = "ray"                    # ray (Flower's simulation engine) | inprocess (sim/inprocess.py: no Ray)
     client_cpus: Optional[float] = None    # CPUs per simulated ClientApp; null = 1 (all of Ray's with chains=1)
-    client_gpus: float = 0.0               # GPUs per simulated ClientApp
+    client_gpus: float = 0.0               # GPUs per simulated ClientApp (> 0: it computes on CUDA where present)
     ray_cpus: Optional[int] = None         # CPUs Ray may use; null = all; ignored with RAY_ADDRESS
+    # M: this many SuperNodes serve the run's clients as virtual clients, each still one client to the
+    # server (shared/runtime/virtual.py, docs/decisions.md "Virtual clients"); null = one SuperNode per client
+    virtual_clients: Optional[int] = None
+    clients_per_message: int = 64          # virtual clients: most clients one message to a SuperNode carries
+    num_clients: Optional[int] = None      # written by `proper sim` (the run's clients); not set by hand
 
 
 @rules(method=one_of(*METHODS))

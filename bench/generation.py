@@ -6,6 +6,9 @@ max_new_tokens, so no sequence stops early), by:
   bare      the backbone as loaded, no adapters anywhere (a separate copy of the same weights)
   user-uncached  the same, with ProperLinear.keep_weights off: every step re-builds the derived
             weights, as before they were kept (the difference is what keeping them gains)
+  user-fused  the same model served with ProperLinear.fuse: the user's parts folded into two kept
+            matmuls per layer (adapters.py, "fused serving"); the same sums in another order, so the
+            greedy tokens it shares with `user` are counted
   bare-bf16 (reference for the bandwidth bound only) the backbone loaded in bfloat16: no autocast
             cast of the weights at each step; not what the evaluation runs
   user      PROPER's stage-3 model: population LoRA merged into the weights (W_p), k group experts
@@ -134,6 +137,14 @@ def generate_once(lm, tok, batch: list[list[int]], new_tokens: int, bf16: bool, 
     return out[:, width:]
 
 
+def fused(model, fn):
+    """fn with the model's layers fused (ProperModel.fused) for its duration."""
+    def run(*a, **kw):
+        with model.fused():
+            return fn(*a, **kw)
+    return run
+
+
 def step_fn(lm, tok, batch, bf16: bool, ctx_fn=None, keep: bool = True):
     """A function that runs one decoding step (one new token per row over the prompt's KV cache),
     then drops that token from the cache: the same step every call."""
@@ -220,6 +231,8 @@ def measure(args, bares, model, tok, emb, batch_size: int):
         finally:
             ProperLinear.keep_weights = True
     runs["user-uncached"] = uncached
+    runs["user-fused"] = fused(model, lambda: generate_once(model.lm, tok, batch, args.new_tokens, bf16,
+                                                           ctx=model.users(e)))
     if bare16 is not None:
         runs["bare-bf16"] = lambda: generate_once(bare16, tok, batch, args.new_tokens, False)
     first = {}
@@ -228,7 +241,14 @@ def measure(args, bares, model, tok, emb, batch_size: int):
             first[name] = fn()
     # keeping the derived weights must not change a token (bf16 autocast, the real model)
     same = torch.equal(first["user"], first["user-uncached"])
-    print(f"  batch {batch_size}: user and user-uncached tokens identical: {same}", flush=True)
+    agree = (first["user-fused"] == first["user"]).float().mean().item()
+    # how far each path is from the same model computed in float32 throughout: a greedy token that
+    # the two paths disagree on is one where rounding decides, whichever path rounds
+    ref = generate_once(model.lm, tok, batch, args.new_tokens, False, ctx=model.users(e)) if bf16 else first["user"]
+    agree = (agree, *((first[v] == ref).float().mean().item() for v in ("user", "user-fused")))
+    print(f"  batch {batch_size}: user and user-uncached tokens identical: {same}; user-fused shares "
+          f"{agree[0]:.1%} of user's tokens; against float32: user {agree[1]:.1%}, user-fused {agree[2]:.1%}",
+          flush=True)
     times = {k: [] for k in runs}
     tokens = {}
     for rep in range(args.reps):
@@ -243,7 +263,8 @@ def measure(args, bares, model, tok, emb, batch_size: int):
     steps = {"bare": step_fn(bare, tok, batch, bf16),
              "user": step_fn(model.lm, tok, batch, bf16, lambda: model.users(e)),
              "user-uncached": step_fn(model.lm, tok, batch, bf16, lambda: model.users(e), keep=False)}
-    return out, same, measure_steps(steps, args.step_samples)
+    steps["user-fused"] = fused(model, step_fn(model.lm, tok, batch, bf16, lambda: model.users(e)))
+    return out, (same, agree), measure_steps(steps, args.step_samples)
 
 
 def main(argv=None):
@@ -267,13 +288,18 @@ def main(argv=None):
         for name, (lo, med) in step.items():
             speed = "" if name == "bare" else f"{bare_step / lo:.3f}"
             step_rows.append(f"| {b} | {name} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {speed} |")
-        identical.append(f"batch {b}: {'identical' if same else 'DIFFERENT'}")
+        same, agree = same
+        identical.append(f"batch {b}: {'identical' if same else 'DIFFERENT'}, user-fused shares {agree[0]:.1%} of "
+                         f"user's greedy tokens; the same user's model in float32 throughout shares {agree[1]:.1%} "
+                         f"of user's and {agree[2]:.1%} of user-fused's")
         ratio = res["user"][0] / res["bare"][0]
+        fused_ratio = res["user-fused"][0] / res["bare"][0]
         for name in res:
             tps, med, lo, hi = res[name]
             vs_bare = f"{tps / res['bare'][0]:.3f}" if name.startswith("user") else ""
             rows.append(f"| {b} | {name} | {tps:.1f} | {med:.3f}, {lo:.3f}, {hi:.3f} | {vs_bare} |")
-        verdicts.append(f"batch {b}: {ratio:.3f} ({'ok' if ratio >= TARGET else 'BELOW'} target {TARGET})")
+        verdicts.append(f"batch {b}: user {ratio:.3f} ({'ok' if ratio >= TARGET else 'BELOW'} target {TARGET}), "
+                        f"user-fused {fused_ratio:.3f} ({'ok' if fused_ratio >= TARGET else 'BELOW'} target)")
     cfg = bare.config
     text = "\n".join([
         f"Model {args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}); adapters on "

@@ -173,11 +173,13 @@ class Serving:
 
     # ---- generation, by the loop the evaluation uses (shared/evaluation/evaluate.py)
     def generate_tokens(self, user_id: str, prompts: list[str], max_new_tokens: int | None = None,
-                        streamer=None) -> list[list[int]]:
+                        streamer=None, fused: bool = False) -> list[list[int]]:
         """The generated ids per prompt (end and padding included), greedy, in the run's prompt format
-        (`<prompt>\\nAnswer:`); a streamer (HF's put/end) needs one prompt at a time."""
+        (`<prompt>\\nAnswer:`); a streamer (HF's put/end) needs one prompt at a time. fused: the
+        faster serving path (ProperModel.fused), equal to the evaluation's up to rounding."""
         e_u = self.load_user(user_id)
-        return self._generate(prompts, e_u.view(1, -1).expand(len(prompts), -1), max_new_tokens, streamer=streamer)
+        return self._generate(prompts, e_u.view(1, -1).expand(len(prompts), -1), max_new_tokens, streamer=streamer,
+                              fused=fused)
 
     def _generate(self, prompts: list[str], emb: torch.Tensor, max_new_tokens: int | None, **kw) -> list[list[int]]:
         ids = [encode_prompt(self.tokenizer, text, self.cfg.train.max_len) for text in prompts]

@@ -22,6 +22,9 @@ def add_parsers(sub):
     s.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     s.add_argument("--prompts", default=None, help="a file of prompts, one per line ('-': stdin)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens of the run, or 32")
+    s.add_argument("--fused", action="store_true",
+                   help="one user: decode through the fused layers (faster; equal to the evaluation's model up "
+                        "to rounding, so a token can differ); several users share batches on the exact path")
     s = sub.add_parser("enroll", help="personalize users who join after a run, with no server round")
     s.add_argument("place", help="a local run directory, or the state directory of the client the users join")
     s.add_argument("--data", required=True, help="LaMP files (questions.json + outputs.json) holding the new users")
@@ -88,7 +91,7 @@ def generate_main(args) -> int:
     if len(users) == 1:  # streamed, so one prompt at a time
         for prompt in prompts:
             serving.generate_tokens(users[0], [prompt], args.max_new_tokens,
-                                    streamer=TextStream(serving.tokenizer, sys.stdout))
+                                    streamer=TextStream(serving.tokenizer, sys.stdout), fused=args.fused)
         return 0
     for uid, texts in serving.generate_many(users, prompts, args.max_new_tokens).items():  # users share batches
         for text in texts:

@@ -32,3 +32,13 @@ def proper(capsys):
         captured = capsys.readouterr()
         return Outcome(code, captured.out, captured.err.splitlines())
     return run
+
+
+@pytest.fixture
+def task_identity():
+    """A Message outside a run needs these, which a ServerApp has."""
+    from flwr.supercore.task_identity import TaskIdentity
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -132,3 +132,60 @@ def test_a_new_batch_of_users_is_routed_with_its_own_embeddings():
     cached(model, emb)
     other = emb.flip(0).clone()
     assert torch.equal(cached(model, other), uncached(model, other))
+
+
+# ---- fused serving of one user (ProperModel.fused): the same model up to rounding, never stale
+def fused_out(model, emb, bf16=False):
+    with model.fused(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(IDS, user_emb=emb).logits
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("stage", ["group", "user"])
+def test_fused_serving_is_the_same_model_up_to_rounding(stage, bf16):
+    model, emb = stage3()
+    model.set_stage(stage)
+    want = cached(model, emb, bf16)
+    got = fused_out(model, emb, bf16)
+    names = {name for _, layer in model.layers() for name in layer._kept}
+    assert f"fused_{stage}" in names and f"fused_const_{stage}" in names   # the fused path ran
+    tol = 1e-5 if not bf16 else 0.05 * want.abs().max().item()
+    assert (got - want).abs().max().item() < tol
+    assert torch.equal(fused_out(model, emb, bf16), got)                   # served again from the kept weights
+    assert all(not layer.fuse for _, layer in model.layers())              # the context put it back
+
+
+def test_fused_serving_folds_the_lora_aware_router_and_user_lora():
+    """A user part that matters (large W_g, B_u) moves the fused output exactly as the exact path's."""
+    model, emb = stage3()
+    before = fused_out(model, emb)
+    _change_by_load(model, emb)
+    after = fused_out(model, emb)
+    assert not torch.equal(after, before)
+    assert (after - cached(model, emb)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("change", [_change_in_place, _change_storage, _change_embedding_in_place])
+def test_fused_weights_are_never_served_stale(change):
+    model, emb = stage3()
+    fused_out(model, emb)
+    change(model, emb)
+    assert (fused_out(model, emb) - uncached(model, emb)).abs().max().item() < 1e-5
+
+
+def test_several_users_mixtures_and_recording_keep_the_exact_path_when_fused():
+    model, emb = stage3()
+    parts = [model.part_state("user")]
+    randomize(model, "user", seed=7)
+    parts.append(model.part_state("user"))
+    rows = torch.tensor([1, 0])
+    with model.user_parts(parts), torch.no_grad():
+        with model.users(emb, rows=rows):
+            want = model.lm(input_ids=IDS).logits
+        with model.fused(), model.users(emb, rows=rows):
+            assert torch.equal(model.lm(input_ids=IDS).logits, want)
+    with torch.no_grad(), model.users(emb, record=True):
+        want = model.lm(input_ids=IDS).logits
+    with torch.no_grad(), model.fused(), model.users(emb, record=True):
+        assert torch.equal(model.lm(input_ids=IDS).logits, want)
+    assert not any(name.startswith("fused") for _, layer in model.layers() for name in layer._kept)

@@ -268,16 +268,6 @@ def _reply(state: dict, n: int, routing: dict | None = None):
     return Message(content, dst_node_id=1, message_type="train.population")
 
 
-@pytest.fixture
-def task_identity():
-    """A Message outside a run needs these, which a ServerApp has."""
-    from flwr.supercore.task_identity import TaskIdentity
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def test_replies_are_aggregated_in_an_order_fixed_by_their_content(task_identity):
     """FedAvg over replies that arrive in another order must give bit-identical parameters."""
     from server.federation import content_order

@@ -113,3 +113,36 @@ def test_history_embeddings_start_alike_users_alike(tmp_path):
     assert e.shape == (4, 16)
     assert torch.allclose(e.norm(dim=1), torch.full((4,), 4.0), atol=1e-4)
     assert torch.allclose(e[0], e[3], atol=1e-5) and not torch.allclose(e[0], e[1], atol=1e-2)
+
+
+def test_a_tied_user_router_is_one_w_u_that_stays_one_through_training_and_exchange(tmp_path):
+    """adapters.tie_user_router: every layer holds the same W_u object; a group round trains it as
+    one parameter (the same values in every layer afterwards, moved from the start); the exchanged
+    state names it per layer, all equal, and loads back into the one object; the rest of the
+    model is initialised exactly as without the tie."""
+    from shared.data.lamp import load_lamp
+    from shared.data.synthetic import write_synthetic_lamp as synth
+    from shared.method.model import ProperModel
+    from shared.method.stages import train_group
+    from shared.runtime.backbone import load_backbone
+    from shared.runtime.targets import find_target_modules
+    lm, tok = load_backbone("tiny", seed=0)
+    tied = ProperModel(lm, find_target_modules(lm), k=3, d_user=16, tie_user_router=True, seed=0)
+    untied, _ = make_model(k=3)
+    first = tied.layers()[0][1].router_u
+    assert all(layer.router_u is first for _, layer in tied.layers())
+    for part in ("population", "user"):
+        a, b = tied.part_state(part), untied.part_state(part)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    tied.merge_population()
+    _, users = load_lamp(synth(tmp_path / "syn", n_users=4, n_groups=2, min_profile=3, max_profile=4, seed=0))
+    before = first.detach().clone()
+    cfg = OmegaConf.create({"lr": 1e-2, "epochs": 1, "batch_size": 4, "max_len": 64, "bf16": False,
+                            "constraint_weight": 0.1, "user_lr_scale": 10.0})
+    res, _ = train_group(tied, tok, users, torch.randn(4, 16, generator=torch.Generator().manual_seed(0)), cfg)
+    state = res.shared
+    w_u = [v for key, v in state.items() if key.endswith(".router_u")]
+    assert len(w_u) == len(tied.layers()) and all(torch.equal(w, w_u[0]) for w in w_u)
+    assert not torch.equal(w_u[0], before)
+    tied.load_part_state("group", {k: (v * 0 + 1 if k.endswith(".router_u") else v) for k, v in state.items()})
+    assert torch.equal(first, torch.ones_like(first)) and all(layer.router_u is first for _, layer in tied.layers())

@@ -188,6 +188,21 @@ def test_generate_from_a_file_or_stdin_and_for_several_users(local_run, proper, 
     assert one.code == 0 and one.out.splitlines() == want["u0002"]
 
 
+def test_generate_fused_serves_the_user_through_the_fused_layers(local_run, proper):
+    """`--fused`: the user's layers run their fused path (kept fused weights appear), and the command
+    prints what the API's fused generation gives."""
+    from client.serving import Serving
+    run = local_run[0]
+    prompt = "Generate a headline for the following article: wind"
+    serving = Serving(run)
+    tokens = serving.generate_tokens("u0001", [prompt], fused=True)
+    assert any("fused_user" in layer._kept for _, layer in serving.model.layers())
+    assert all(not layer.fuse for _, layer in serving.model.layers())
+    out = proper("generate", run, "--user", "u0001", "--prompt", prompt, "--fused")
+    assert out.code == 0
+    assert out.out == serving.tokenizer.decode(tokens[0], skip_special_tokens=True).strip() + "\n"
+
+
 def test_serving_puts_its_run_back_after_other_use_of_the_backbone(local_run):
     """The process holds one backbone: after something else changed its shared parts (a client's
     training, another run), serving a user gives what it gave before."""

@@ -135,16 +135,6 @@ class _Ctx:
     run_id, node_id, node_config, run_config = 1, 11, {"partition-id": 0, "num-partitions": 2}, {}
 
 
-@pytest.fixture
-def task_identity():
-    """A Message outside a run needs these, which a ServerApp has."""
-    from flwr.supercore.task_identity import TaskIdentity
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def test_the_grid_carries_each_virtual_clients_own_message_and_reply(task_identity):
     from server.virtual_grid import VirtualGrid
     from shared.runtime.virtual import client_ids

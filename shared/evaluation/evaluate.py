@@ -32,10 +32,11 @@ def generate(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor 
 @torch.no_grad()
 def generate_tokens(model, tokenizer, prompts: list[list[int]], user_emb: torch.Tensor | None,
                     max_new_tokens: int, batch_size: int = 16, bf16: bool = True, streamer=None,
-                    user_rows: torch.Tensor | None = None) -> list[list[int]]:
+                    user_rows: torch.Tensor | None = None, fused: bool = False) -> list[list[int]]:
     """The generated token ids of each prompt (end and padding included), as `generate` decodes them:
     the one generation loop evaluation and serving (client/serving.py) share. streamer: HF's
-    put/end interface, batch_size 1."""
+    put/end interface, batch_size 1. fused: one user's layers served fused (ProperModel.fused;
+    serving only, never the evaluation)."""
     out = []
     pad = tokenizer.pad_token_id
     for s in range(0, len(prompts), batch_size):
@@ -48,7 +49,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], user_emb: torch.
             mask[i, width - len(p):] = 1
         emb = None if user_emb is None else user_emb[s:s + len(chunk)]
         rows = None if user_rows is None else user_rows[s:s + len(chunk)]
-        with autocast({"bf16": bf16}), model.users(emb, rows=rows):
+        with autocast({"bf16": bf16}), model.users(emb, rows=rows), model.fused(fused):
             gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                                     streamer=streamer)

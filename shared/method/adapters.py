@@ -20,6 +20,7 @@ the same computation keeps the weights it derives from the parameters between ca
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,7 @@ def _in_out(base: nn.Module) -> tuple[int, int, bool]:
 
 class ProperLinear(nn.Module):
     keep_weights = True   # serving (gradients off) keeps derived weights, see _serve; False: forward() as in training
+    fuse = False          # serving one user: its parts folded into kept float32 weights (_serve_fused; not exact)
     def __init__(self, base: nn.Module, ctx: RoutingContext, *, k: int = 5, r_population: int = 8,
                  alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
                  r_user: int = 4, alpha_user: float = 8, d_user: int = 128, router_u_init: float = 0.02,
@@ -272,6 +274,62 @@ class ProperLinear(nn.Module):
         xa = (xa.unflatten(-1, (k, r)) * w.unsqueeze(-1)).flatten(-2)
         return h + F.linear(xa, w_experts)
 
+    # ---- fused serving of one user (ProperLinear.fuse): fewer, smaller operations per token
+    # Decoding one token runs each adapted layer on a [B, 1, in] input, where every small operation
+    # costs its dispatch more than its arithmetic, and a small bfloat16 GEMM costs oneDNN 20-30 us
+    # where the same float32 one costs 5 (bench/generation.py, 2 AMD EPYC cores). With one user
+    # loaded, what does not change while it is served is folded once into kept float32 tensors:
+    #   w_in  = [W_h + W_g A_u ; A_1..A_k ; A_u]             one matmul gives logits, expert and user z
+    #   c     = W_u e_u + b_g                                 the logits' constant, per row
+    #   w_out = [s_g B_1 .. s_g B_k , s_u B_u]               one matmul sums experts and user LoRA
+    # and the adapters run in float32 beside the base layer (which runs as the bare backbone's does,
+    # under autocast if on): base, one matmul in, a softmax, one scaling of the rank blocks and one
+    # addmm onto the base's output. The same sums in another order and precision: the outputs differ
+    # from _serve's in the last bits (bench/generation.py counts the greedy tokens that change), so the
+    # evaluation keeps the exact path and fusing is opted into for serving (docs/decisions.md).
+    def _fused_weights(self, stage: str) -> tuple:
+        k, r = self.k, self.r_group
+        user = stage == "user"
+
+        def build(dt):
+            router = self.router_h + (self.router_g @ self.user_A if user else 0.0)
+            rows = [router, self.expert_A.reshape(k * r, -1)] + ([self.user_A] if user else [])
+            cols = [self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r) * self.expert_scaling]
+            if user:
+                cols.append(self.user_B * self.user_scaling)
+            return torch.cat(rows).to(dt), torch.cat(cols, dim=1).T.contiguous().to(dt)
+        return self._keep(f"fused_{stage}", build, (self.router_h, self.expert_A, self.expert_B, self.user_A,
+                                                    self.user_B, self.router_g), torch.float32)
+
+    def _fused_const(self, stage: str, emb: torch.Tensor | None, n_dims: int) -> torch.Tensor | None:
+        """c = W_u e_u (+ b_g in stage user) as [B, 1.., k] float32, or None when there is none."""
+        if emb is None and stage != "user":
+            return None
+
+        def build(dt):
+            c = self.router_g_bias if stage == "user" else torch.zeros_like(self.router_g_bias)
+            c = c.view(1, -1) if emb is None else F.linear(emb.to(dt), self.router_u.to(dt), c.to(dt))
+            return c.view(c.shape[0], *([1] * (n_dims - 2)), self.k).to(dt)
+        return self._keep(f"fused_const_{stage}", build,
+                          (self.router_u, self.router_g_bias) + (() if emb is None else (emb,)), torch.float32)
+
+    def _serve_fused(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        k, r, dev = self.k, self.r_group, x.device.type
+        w_in, w_out = self._fused_weights(stage)
+        c = self._fused_const(stage, self.ctx.user_emb, x.dim())
+        h = self.base(x)                                                          # as the bare backbone runs it
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
+            both = F.linear(x.float(), w_in)                                      # [..., k + k*r (+ r_u)]
+            logits = both[..., :k] if c is None else both[..., :k] + c
+            w = torch.softmax(logits, dim=-1)
+            z = both[..., k:]
+            ze = z[..., :k * r].unflatten(-1, (k, r)) * w.unsqueeze(-1)
+            z = torch.cat([ze.flatten(-2), z[..., k * r:]], dim=-1) if stage == "user" else ze.flatten(-2)
+            out = torch.addmm(h.reshape(-1, h.shape[-1]).float(), z.reshape(-1, z.shape[-1]), w_out)
+        # float32 out: the next operations (the activation, the residual add) take it as they take
+        # the exact path's bfloat16, and the next adapted layer reads it without a cast back
+        return out.view(h.shape)
+
     def mix_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_g B_e A_e x, all experts in two matmuls."""
         xa = F.linear(x, self.expert_A.reshape(self.k * self.r_group, -1).to(x.dtype))
@@ -280,6 +338,9 @@ class ProperLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stage = self.stage
         if stage in ("group", "user") and self.merged and self.keep_weights and not torch.is_grad_enabled():
+            ctx = self.ctx
+            if self.fuse and ctx.user_index is None and ctx.mixture is None and not ctx.record:
+                return self._serve_fused(x, stage)
             return self._serve(x, stage)
         h = self.base(x)
         if stage == "base":

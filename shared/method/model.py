@@ -23,7 +23,7 @@ class ProperModel(nn.Module):
     def __init__(self, lm: nn.Module, targets: list[str], *, k: int = 5, r_population: int = 8,
                  alpha_population: float = 16, r_group: int = 4, alpha_group: float = 8,
                  r_user: int = 4, alpha_user: float = 8, d_user: int = 128, router_u_init: float = 0.02,
-                 seed: int = 0):
+                 tie_user_router: bool = False, seed: int = 0):
         super().__init__()
         self.lm = lm
         self.targets = list(targets)
@@ -43,6 +43,14 @@ class ProperModel(nn.Module):
             self.layer_names.append(name)
         if not self.layer_names:
             raise ValueError(f"no target modules matched {targets}")
+        if tie_user_router:
+            # one W_u object in every layer: W_u e_u adds the same logits to each layer's router, so
+            # "expert e" is the same set of users throughout the model (its gradient sums over the
+            # layers). The exchanged state keeps a copy per layer name, all equal.
+            shared = self.layers()[0][1].router_u
+            for _, layer in self.layers()[1:]:
+                layer.router_u = shared
+        self.tied_user_router = tie_user_router
         for p in lm.parameters():
             p.requires_grad_(False)
         self.stage = "base"
@@ -174,6 +182,24 @@ class ProperModel(nn.Module):
         finally:
             self.ctx.user_stack = None
             self.clear_cache()  # the layers' gathered rows hold the stacks: let them go
+
+    @contextmanager
+    def fused(self, on: bool = True):
+        """Within: one user's stage-2/3 model is served through ProperLinear's fused path (its parts
+        folded into two kept float32 matmuls per layer: faster decoding, outputs equal to the exact
+        path's up to rounding). Batches of several users, fixed mixtures and recorded routing keep
+        the exact path. The evaluation never fuses (its numbers stay those of the trained model)."""
+        before = [vars(layer).get("fuse") for _, layer in self.layers()]   # None: the class's setting
+        for _, layer in self.layers():
+            layer.fuse = on
+        try:
+            yield self
+        finally:
+            for (_, layer), was in zip(self.layers(), before):
+                if was is None:
+                    del layer.fuse
+                else:
+                    layer.fuse = was
 
     @contextmanager
     def fixed_mixture(self, mixture: torch.Tensor | None):

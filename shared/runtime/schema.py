@@ -94,6 +94,7 @@ class Adapters:
     alpha_user: int = 8
     d_user: int = 128                      # user embedding size (the routers' e_u)
     router_u_init: float = 0.02            # std of the user-aware router's user part W_u at init
+    tie_user_router: bool = False          # one W_u for every layer (docs/decisions.md, "One user logit...")
 
 
 @rules(batch_size=at_least(1), max_len=at_least(1), bf16=BF16, grad_clip=POSITIVE, weight_decay=at_least(0),

@@ -50,7 +50,6 @@ class ProperModel(nn.Module):
             shared = self.layers()[0][1].router_u
             for _, layer in self.layers()[1:]:
                 layer.router_u = shared
-        self.tied_user_router = tie_user_router
         for p in lm.parameters():
             p.requires_grad_(False)
         self.stage = "base"

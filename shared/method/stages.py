@@ -193,7 +193,7 @@ def _group_param_groups(model: ProperModel, emb: torch.Tensor, user_router: bool
     scale = float(cfg.get("user_lr_scale", 1.0))
     if scale == 1.0:  # one group, in the order the stage always used
         return [{"params": model.trainable_parameters() + ([emb] if user_router else [])}]
-    user_part = list({id(p): p for _, layer in model.layers() for p in [layer.router_u]}.values())  # tied: once
+    user_part = list({id(layer.router_u): layer.router_u for _, layer in model.layers()}.values())  # tied: once
     user_part += [emb] if user_router else []
     ids = {id(p) for p in user_part}
     rest = [p for p in model.trainable_parameters() if id(p) not in ids]

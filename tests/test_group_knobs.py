@@ -146,3 +146,48 @@ def test_a_tied_user_router_is_one_w_u_that_stays_one_through_training_and_excha
     assert not torch.equal(w_u[0], before)
     tied.load_part_state("group", {k: (v * 0 + 1 if k.endswith(".router_u") else v) for k, v in state.items()})
     assert torch.equal(first, torch.ones_like(first)) and all(layer.router_u is first for _, layer in tied.layers())
+    # copies made to differ (the server's DP noise lands on each independently): the one W_u is their mean
+    noisy = {k: v + (torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) if k.endswith(".router_u") else 0)
+             for i, (k, v) in enumerate(state.items())}
+    tied.load_part_state("group", noisy)
+    mean = torch.stack([noisy[k].double() for k in noisy if k.endswith(".router_u")]).mean(0).float()
+    assert torch.equal(first, mean) and not torch.equal(first, noisy[next(k for k in noisy if k.endswith(".router_u"))])
+
+
+def test_the_balance_constraint_rewards_decisive_evenly_spread_users_not_distinct_pairs(tmp_path):
+    """group.constraint_form=balance: mean_u H(p_u) - H(mean_u p_u) in units of log k. Users of one
+    group sharing an expert cost nothing as long as the experts are evenly used (the pairwise
+    cosine punishes exactly that); uniform routing scores 0; the pool of others joins the marginal;
+    the form reaches train_group from the config, and the schema refuses an unknown form."""
+    import pytest
+
+    from shared.data.lamp import load_lamp
+    from shared.method.stages import balance_loss, constraint_loss, train_group
+    from shared.runtime.config import ConfigError, load_config
+    eye = torch.eye(2).view(2, 1, 2)                                   # [U, L, k]: one-hot users
+    shared_experts = eye[[0, 0, 1, 1]]                                 # two groups of two
+    assert torch.isclose(balance_loss(shared_experts), torch.tensor(-1.0))
+    assert torch.isclose(balance_loss(eye[[0, 1, 0, 1]]), torch.tensor(-1.0))
+    assert constraint_loss(shared_experts) > constraint_loss(eye[[0, 1]])   # pairs: sharing costs
+    assert torch.isclose(balance_loss(torch.full((3, 4, 5), 0.2)), torch.tensor(0.0), atol=1e-6)
+    one = eye[[0]]
+    assert torch.isclose(balance_loss(one, eye[[0, 0]]), torch.tensor(0.0), atol=1e-6)   # all on one expert
+    assert torch.isclose(balance_loss(one, eye[[1]]), torch.tensor(-1.0))                # others elsewhere
+    p = torch.tensor([[[0.6, 0.4]]], requires_grad=True)
+    balance_loss(p, eye[[0, 0, 0]]).backward()
+    assert p.grad[0, 0, 1] < p.grad[0, 0, 0]      # the under-used expert is the way down
+
+    model, tok = make_model(k=3)
+    model.merge_population()
+    _, users = load_lamp(write_synthetic_lamp(tmp_path / "syn", n_users=4, n_groups=2, min_profile=3,
+                                              max_profile=4, seed=0))
+    emb = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    cons = {}
+    for form in ("pairs", "balance"):
+        model.reset_part("group", seed=0)
+        cfg = OmegaConf.create({"lr": 1e-2, "epochs": 1, "batch_size": 4, "max_len": 64, "bf16": False,
+                                "constraint_weight": 0.1, "constraint_form": form})
+        cons[form] = train_group(model, tok, users, emb, cfg)[0].metrics["constraint_loss"]
+    assert 0 < cons["pairs"] <= 1 and -1 <= cons["balance"] <= 0
+    with pytest.raises(ConfigError, match="constraint_form"):
+        load_config(None, ["group.constraint_form=entropy"])

@@ -114,9 +114,18 @@ class ProperModel(nn.Module):
 
     @torch.no_grad()
     def load_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state"):
+        """Copy a part's state in. A parameter held by several layers (the tied W_u) gets the mean
+        of its copies: they are equal unless the server made them differ (DP noise added to each
+        copy, privacy.dp), and the mean of independently noised copies is the less noisy value
+        (post-processing: no privacy cost)."""
         state = {k: torch.as_tensor(v) for k, v in state.items()}
+        copies: dict[int, tuple[torch.nn.Parameter, list[torch.Tensor]]] = {}
         for key, param in self.check_part_state(part, state, source).items():
-            param.copy_(state[key].to(param.dtype))
+            copies.setdefault(id(param), (param, []))[1].append(state[key])
+        for param, values in copies.values():
+            same = all(torch.equal(v, values[0]) for v in values[1:])
+            value = values[0] if same else torch.stack([v.double() for v in values]).mean(0)
+            param.copy_(value.to(param.dtype))
         self.clear_cache()
 
     @torch.no_grad()

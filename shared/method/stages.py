@@ -81,6 +81,26 @@ def constraint_loss(p: torch.Tensor, others: torch.Tensor | None = None) -> torc
     return torch.cat(sims).mean()
 
 
+def balance_loss(p: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
+    """The constraint on groups rather than on pairs (group.constraint_form=balance), per layer and
+    averaged over layers, in units of log k:
+        mean_u H(p_u) - H(mean_u p_u)
+    the negative mutual information between user and expert: low when each user routes to few
+    experts and the experts are evenly used. Unlike the pairwise cosine it does not push two users
+    of one group apart: they may share experts as long as the users as a whole spread over them.
+
+    p: [U, L, k] this batch's users' mixtures (with gradients); others: [V, L, k] other users'
+    mixtures (constants) that join the marginal, so a one-user client still sees how the experts
+    are used by everyone else."""
+    k = p.shape[-1]
+    q = p.float()
+    marginal = q if others is None or not len(others) else torch.cat([q, others.to(q)])
+    own = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()                       # mean over users, layers
+    mean = marginal.mean(0)                                                     # [L, k]
+    spread = -(mean * mean.clamp_min(1e-12).log()).sum(-1).mean()              # mean over layers
+    return (own - spread) / math.log(k)
+
+
 # ---------------------------------------------------------------- results
 @dataclass
 class RoundResult:
@@ -147,6 +167,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     params = model.trainable_parameters() + ([emb] if user_router else [])
     opt = make_optimizer(_group_param_groups(model, emb, user_router, cfg), cfg)
     lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
+    constraint = balance_loss if cfg.get("constraint_form", "pairs") == "balance" else constraint_loss
     rng = random.Random(seed)
     n_layers = len(model.layer_names)
     mass = torch.zeros(n_layers, model.k)
@@ -160,7 +181,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
             with autocast(cfg), model.users(emb[uidx] if user_router else None, record=True) as ctx:
                 lm = answer_loss(model.lm, ids, mask, labels)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
-            con = constraint_loss(p, others)
+            con = constraint(p, others)
             optimizer_step(opt, lm + lam * con, params, cfg)
             losses.append(lm.item())
             cons.append(con.item())

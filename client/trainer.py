@@ -249,6 +249,7 @@ class ClientTrainer:
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True)
         result.mixtures = self._release_mixtures(result.mixtures, server_round)
+        result.routing_mass = self._release_mass(result.routing_mass, result.num_examples)
         rnd = torch.tensor([server_round])
         for u, e, b in zip(self.trained, emb, before):
             self.store.save(u.user_id, "embedding", {"e_u": e, "e_u_before": b, "round": rnd})
@@ -281,6 +282,15 @@ class ClientTrainer:
         save_tensors(self.store.root / "sent_mixtures.safetensors",
                      {"mixtures": mixtures, "previous": mixtures[:0], "round": torch.tensor([0])})
         return mixtures
+
+    def _release_mass(self, mass: torch.Tensor, num_examples: int) -> torch.Tensor:
+        """What the reply carries as the group average's per-expert weights: share: the routing mass as
+        computed; noise / local: the reply's examples for every expert (an example-weighted average).
+        The mass of a one-user client, normalised per layer, is that user's mixture: sent under
+        noise or local it would hand the server what those options keep back."""
+        if self.cfg.privacy.get("mixtures", "share") == "share":
+            return mass
+        return torch.full_like(mass, float(num_examples))
 
     def _release_mixtures(self, mixtures: torch.Tensor, server_round: int) -> torch.Tensor:
         """What the reply carries of the users' mixtures (privacy.mixtures): share: as computed; noise:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from server.federation import Federation
@@ -23,10 +24,9 @@ def evaluate(fed: Federation, step: str, stage: str):
     # the bare backbone (base, and base-chat: asked through its chat template) needs no parameters
     content = RecordDict() if stage in ("base", BASE_CHAT) else model_content(fed)
     content[P.CONFIG] = ConfigRecord({"stage": stage, "splits": ",".join(splits)})
-    if stage in ("group", "user") and fed.parts.get("mixtures") is not None:
-        # users with no history are served with the mean of the trained users' mixtures: the mean of
-        # the pool every group round's clients already receive, so nothing new leaves the server
-        content[P.MEAN_MIXTURE] = ArrayRecord({"mixture": fed.parts["mixtures"].float().mean(0)})
+    mean = mean_mixture(fed) if stage in ("group", "user") else None
+    if mean is not None:
+        content[P.MEAN_MIXTURE] = ArrayRecord({"mixture": mean})
     ok = fed.send(step, P.EVALUATE, content)
     no_history = sum(int(r.content[P.METRICS].get(P.NUM_NO_HISTORY, 0)) for r in ok)
     fed.progress["no_history"] = max(no_history, int(fed.progress.get("no_history", 0)))
@@ -50,6 +50,27 @@ def evaluate(fed: Federation, step: str, stage: str):
                              "users": row["users"]})
             log.info("eval %s (%s): %s", stage, row["split"],
                      "  ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()))
+
+
+def mean_mixture(fed: Federation):
+    """[L, k], how users with no history are routed, or None (no group part).
+
+    The mean of the trained users' mixtures: the mean of the pool every group round's clients
+    already receive, so nothing new leaves the server. privacy.mixtures=noise: that mean with its
+    negative weights cut and its rows summed to 1 again (post-processing of what was released).
+    privacy.mixtures=local: no pool exists; every expert weighs the same."""
+    pool, how = fed.parts.get("mixtures"), fed.cfg.privacy.get("mixtures", "share")
+    if pool is not None and len(pool):
+        mean = pool.float().mean(0)
+        if how == "noise":
+            mean = mean.clamp_min(0)
+            mean = mean / mean.sum(-1, keepdim=True).clamp_min(1e-12)
+        return mean
+    group = fed.parts.get("group")
+    if how != "local" or fed.method != "proper" or not group:
+        return None
+    routers = [v for key, v in group.items() if key.endswith(".router_h")]
+    return torch.full((len(routers), int(routers[0].shape[0])), 1.0 / int(routers[0].shape[0]))
 
 
 def task_of(fed: Federation):

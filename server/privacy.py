@@ -144,10 +144,16 @@ def privacy_note(fed) -> str:
                     f"{_eps(eps)} for them alone (replace-one)")
         if "epsilon_with_mixtures" in summary:
             mix_note += f", {_eps(summary['epsilon_with_mixtures'])} composed with the DP stages (replace-one)"
+        mix_note += (", counting each user's own mixture only (its data also moves the mixtures of users trained "
+                     "after it: docs/decisions.md)")
     elif mix["mixtures"] == "local":
         mix_note = "; the group stage's mixtures never leave the clients (privacy.mixtures=local)"
     else:
         mix_note = ""
+    if fed.cfg.privacy.get("dp") is not None and fed.cfg.privacy.dp.get("seed") is not None and \
+            (summary["dp"] or mix["mixtures"] == "noise"):
+        mix_note += ("; the noise is seeded (privacy.dp.seed): anyone with the seed can remove it, so every "
+                     "epsilon here is nominal (a study's setting, not a deployment's)")
     if not summary["dp"]:
         return ("privacy: no formal DP (privacy.dp off): the shared parameters are released as trained" + mix_note)
     stages = ", ".join(f"epsilon {_eps(s['epsilon'])} ({name}, {s['rounds']} round(s); {s['unit']})"

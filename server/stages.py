@@ -52,6 +52,8 @@ def initial_pool(fed: Federation, step: str, rnd: int):
     over those clients' histories and one message each way."""
     if fed.parts["mixtures"] is not None or not fed.cfg.group.initial_pool or fed.method != "proper":
         return
+    if fed.cfg.privacy.get("mixtures", "share") == "local":   # nothing would come back: no messages
+        return
     content = RecordDict({P.POPULATION: fed.arrays("population"), P.ARRAYS: fed.arrays("group")})
     nodes = sampled_nodes(fed.nodes(), fed.cfg, "group", rnd)
     ok = fed.collect(f"{step}/pool", [Message(content, dst_node_id=n, message_type=P.QUERY_MIXTURES) for n in nodes])

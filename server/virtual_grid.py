@@ -33,7 +33,9 @@ def virtual_grid(grid: Grid, cfg) -> Grid:
         return grid
     if not sim.get("num_clients"):
         raise RuntimeError("simulation.virtual_clients needs simulation.num_clients (proper sim writes it)")
-    return VirtualGrid(grid, int(sim.num_clients), int(sim.virtual_clients), int(sim.clients_per_message))
+    # as many SuperNodes as sim/run.py starts: never more than there are clients
+    supernodes = min(int(sim.virtual_clients), int(sim.num_clients))
+    return VirtualGrid(grid, int(sim.num_clients), supernodes, int(sim.clients_per_message))
 
 
 class VirtualGrid(Grid):

@@ -169,3 +169,14 @@ def test_virtual_clients_are_refused_without_the_client_count():
     assert virtual_grid("grid", load_config("tiny")) == "grid"
     with pytest.raises(ConfigError):
         load_config("tiny", ["simulation.virtual_clients=0"])
+
+
+def test_more_supernodes_asked_for_than_clients_waits_for_the_ones_started():
+    """simulation.virtual_clients = 4 with 2 clients: sim/run.py starts 2 SuperNodes, and the grid
+    must wait for those 2 (it waited for 4, then timed out)."""
+    from server.virtual_grid import virtual_grid
+    from shared.runtime.config import load_config
+    cfg = load_config("tiny", ["simulation.virtual_clients=4", "simulation.num_clients=2"])
+    assert virtual_grid(object(), cfg).supernodes == 2
+    cfg = load_config("tiny", ["simulation.virtual_clients=2", "simulation.num_clients=5"])
+    assert virtual_grid(object(), cfg).supernodes == 2

@@ -26,7 +26,14 @@ from shared.evaluation.metrics import add_stats, example_stats, per_example_scor
 from shared.method.model import ProperModel
 from shared.method.optim import round_lr
 from shared.method.plan import BASE_CHAT, uses_user_router
-from shared.method.stages import RoundResult, initial_mixtures, train_group, train_population, train_user
+from shared.method.stages import (
+    RoundResult,
+    assign_experts,
+    initial_mixtures,
+    train_group,
+    train_population,
+    train_user,
+)
 from shared.runtime.backbone import load_backbone
 from shared.runtime.config import stage_cfg, to_yaml
 from shared.runtime.persist import (
@@ -244,10 +251,15 @@ class ClientTrainer:
         if others is not None and len(others):
             others = self._drop_own(others, server_round)
         before = torch.stack([self._embedding(u, server_round) for u in self.trained])
-        result, emb, by_user = train_group(self.model, self.tokenizer, self.trained, before,
-                                           round_cfg(self.cfg, "group", server_round),
+        cfg = round_cfg(self.cfg, "group", server_round)
+        assignment = None
+        if cfg.get("constraint_form") == "assign" and uses_user_router(self.cfg):
+            # each user's expert, from the experts this round starts from: computed here, used here
+            assignment = assign_experts(self.model, self.tokenizer, self.trained, cfg, int(self.cfg.seed))
+        result, emb, by_user = train_group(self.model, self.tokenizer, self.trained, before, cfg,
                                            others=others, seed=self.seed + server_round,
-                                           user_router=uses_user_router(self.cfg), return_user_mixtures=True)
+                                           user_router=uses_user_router(self.cfg), return_user_mixtures=True,
+                                           assignment=assignment)
         result.mixtures = self._release_mixtures(result.mixtures, server_round)
         result.routing_mass = self._release_mass(result.routing_mass, result.num_examples)
         rnd = torch.tensor([server_round])

@@ -191,3 +191,50 @@ def test_the_balance_constraint_rewards_decisive_evenly_spread_users_not_distinc
     assert 0 < cons["pairs"] <= 1 and -1 <= cons["balance"] <= 0
     with pytest.raises(ConfigError, match="constraint_form"):
         load_config(None, ["group.constraint_form=entropy"])
+
+
+def test_assignment_by_loss_starts_random_then_follows_the_experts_and_pulls_the_router(tmp_path):
+    """group.constraint_form=assign (IFCA): while every expert's B is 0 the users draw their expert
+    from a seeded hash; expert_losses is answer_loss with every layer routed to one expert; training
+    with the assignment as the router's target puts more of each user's weight on its expert than
+    the pairwise constraint does."""
+    import pytest
+
+    from shared.data.encode import encode_users, make_batches
+    from shared.data.lamp import load_lamp
+    from shared.method.stages import answer_loss, assign_experts, assignment_loss, expert_losses, train_group
+    p = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]])
+    assert assignment_loss(p, torch.tensor([0, 2])) == 0
+    uniform = torch.full((2, 4, 3), 1 / 3)
+    assert torch.isclose(assignment_loss(uniform, torch.tensor([0, 1])), torch.log(torch.tensor(3.0)))
+
+    model, tok = make_model(k=3)
+    model.merge_population()
+    _, users = load_lamp(write_synthetic_lamp(tmp_path / "syn", n_users=6, n_groups=2, min_profile=3,
+                                              max_profile=4, seed=0))
+    cfg = OmegaConf.create({"lr": 2e-2, "epochs": 3, "batch_size": 4, "max_len": 64, "bf16": False,
+                            "constraint_weight": 1.0, "constraint_form": "assign"})
+    start = assign_experts(model, tok, users, cfg, seed=0)
+    assert torch.equal(start, assign_experts(model, tok, users, cfg, seed=0)) and ((start >= 0) & (start < 3)).all()
+    assert len(set(start.tolist())) > 1          # a draw, not one expert for everyone
+    emb = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="assign"):
+        train_group(model, tok, users, emb, cfg)
+    weight_on = {}
+    for form in ("pairs", "assign"):
+        model.reset_part("group", seed=0)
+        c = OmegaConf.merge(cfg, {"constraint_form": form})
+        _, _, by_user = train_group(model, tok, users, emb, c, assignment=start, return_user_mixtures=True)
+        weight_on[form] = by_user.mean(1).gather(1, start.view(-1, 1)).mean().item()
+    assert weight_on["assign"] > weight_on["pairs"] + 0.05
+    # the experts now differ: the assignment is the argmin of the users' losses, each loss being
+    # answer_loss over the user's history with every layer routed to that expert
+    losses = expert_losses(model, tok, users, cfg)
+    assert torch.equal(assign_experts(model, tok, users, cfg, seed=0), losses.argmin(1))
+    model.set_stage("group")
+    items = encode_users(tok, users[:1], 64)
+    ids, mask, labels, _ = next(make_batches(items, 64, tok.pad_token_id, None))
+    for e in range(3):
+        alone = torch.nn.functional.one_hot(torch.full((len(model.layer_names),), e), 3).float()
+        with torch.no_grad(), model.fixed_mixture(alone):
+            assert torch.isclose(losses[0, e], answer_loss(model.lm, ids, mask, labels), rtol=1e-5)

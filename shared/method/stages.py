@@ -101,6 +101,52 @@ def balance_loss(p: torch.Tensor, others: torch.Tensor | None = None) -> torch.T
     return (own - spread) / math.log(k)
 
 
+def assignment_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """group.constraint_form=assign: the cross-entropy from each user's mixture, in every layer, to
+    its assigned expert (target [U], from assign_experts): mean over users and layers of
+    -log p_u[l, target_u]."""
+    picked = p.float().gather(-1, target.view(-1, 1, 1).expand(-1, p.shape[1], 1))
+    return -picked.clamp_min(1e-12).log().mean()
+
+
+@torch.no_grad()
+def expert_losses(model: ProperModel, tokenizer, users, cfg) -> torch.Tensor:
+    """[U, k]: each user's mean answer loss over its history with every layer routed to expert e
+    alone (the group part loaded in `model`). Forward passes only: k thirds of a training pass."""
+    items = encode_users(tokenizer, users, cfg.max_len)
+    n_layers, k = len(model.layer_names), model.k
+    total, count = torch.zeros(len(users), k), torch.zeros(len(users))
+    model.set_stage("group")
+    for e in range(k):
+        with model.fixed_mixture(F.one_hot(torch.full((n_layers,), e), k).float()):
+            for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
+                target = labels[:, 1:]
+                keep = target != -100
+                with autocast(cfg):   # answer_loss's computation, per token
+                    hidden = model.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                    logits = model.lm.get_output_embeddings()(hidden[:, :-1][keep])
+                token = F.cross_entropy(logits.float(), target[keep], reduction="none")
+                rows = keep.nonzero()[:, 0]
+                per_row = torch.zeros(len(ids)).index_add_(0, rows, token)
+                total[:, e].index_add_(0, uidx, per_row)
+                if e == 0:
+                    count.index_add_(0, uidx, keep.sum(1).float())
+    return total / count.clamp_min(1).view(-1, 1)
+
+
+def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int) -> torch.Tensor:
+    """[U] each user's expert for group.constraint_form=assign, on the user's own client: the expert
+    that fits its history best (IFCA, Ghosh et al. 2020: hard assignment by loss, re-estimated every
+    round). While the experts cannot differ (every expert B is 0: the stage's start) the losses tie,
+    and the user draws its expert from a hash of (seed, user id): a random, roughly balanced start,
+    the same wherever the user is trained."""
+    if all(not layer.expert_B.any() for _, layer in model.layers()):
+        import hashlib
+        return torch.tensor([int(hashlib.sha256(f"{seed}:{u.user_id}".encode()).hexdigest()[:8], 16) % model.k
+                             for u in users])
+    return expert_losses(model, tokenizer, users, cfg).argmin(1)
+
+
 # ---------------------------------------------------------------- results
 @dataclass
 class RoundResult:
@@ -148,7 +194,8 @@ def _train_metrics(losses, tokens, t0):
 # ---------------------------------------------------------------- stage 2: group
 def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, cfg,
                 others: torch.Tensor | None = None, seed: int = 0,
-                user_router: bool = True, return_user_mixtures: bool = False):
+                user_router: bool = True, return_user_mixtures: bool = False,
+                assignment: torch.Tensor | None = None):
     """Train experts, W_h, W_u (shared) and the users' embeddings (private) for one round.
 
     embeddings: [U, d] e_u of `users` (updated copy returned); others: previous-round mixtures
@@ -158,6 +205,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     with return_user_mixtures, also each user's mixture [U, L, k] in `users` order (NaN rows for a
     user with no tokens). That one names users by position: it is for the caller's own disk
     (group recovery studies) and must never go into a reply, unlike the result's shuffled mixtures.
+    assignment: [U] each user's expert (assign_experts), the target of constraint_form=assign.
     """
     if not model.merged:
         raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
@@ -167,7 +215,9 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     params = model.trainable_parameters() + ([emb] if user_router else [])
     opt = make_optimizer(_group_param_groups(model, emb, user_router, cfg), cfg)
     lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
-    constraint = balance_loss if cfg.get("constraint_form", "pairs") == "balance" else constraint_loss
+    form = cfg.get("constraint_form", "pairs")
+    if form == "assign" and user_router and assignment is None:
+        raise ValueError("group.constraint_form=assign needs each user's assigned expert (assign_experts)")
     rng = random.Random(seed)
     n_layers = len(model.layer_names)
     mass = torch.zeros(n_layers, model.k)
@@ -181,7 +231,10 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
             with autocast(cfg), model.users(emb[uidx] if user_router else None, record=True) as ctx:
                 lm = answer_loss(model.lm, ids, mask, labels)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
-            con = constraint(p, others)
+            if form == "assign" and user_router:
+                con = assignment_loss(p, assignment[uniq])
+            else:
+                con = balance_loss(p, others) if form == "balance" else constraint_loss(p, others)
             optimizer_step(opt, lm + lam * con, params, cfg)
             losses.append(lm.item())
             cons.append(con.item())

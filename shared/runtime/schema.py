@@ -155,7 +155,7 @@ class Population:
 
 @overrides(Train, (Federation, SERVER_KEYS))
 @rules(**STAGE_RULES, constraint_weight=at_least(0), user_lr_scale=POSITIVE,
-       constraint_form=one_of("pairs", "balance"))
+       constraint_form=one_of("pairs", "balance", "assign"))
 @dataclass
 class Group:
     """Stage 2; may override any train.* key and the federation's server optimizer (null = theirs)."""
@@ -164,7 +164,8 @@ class Group:
     lr: float = 5.0e-4
     constraint_weight: float = 0.1         # weight of the constraint loss pushing users' expert mixtures apart
     # pairs: the paper's mean cosine between users' mixtures; balance: each user decisive, the experts
-    # evenly used (an experiment: docs/decisions.md, "The constraint loss on groups")
+    # evenly used; assign: the router pulled to the expert that fits the user's history best (IFCA);
+    # balance and assign are experiments (docs/decisions.md, "The constraint loss on groups")
     constraint_form: str = "pairs"
     user_lr_scale: float = 1.0             # e_u and W_u (the router's user part) learn at this multiple of lr
     # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),

@@ -9,6 +9,7 @@ routers) goes to the caller's UserStore and never into the returned result.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -39,11 +40,16 @@ def answer_loss(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor)
     position onto the vocabulary (49k x 576 for SmolLM2: ~40 % of the FLOPs and a [B, T, V]
     tensor); projecting the answer positions alone gives the same loss for a fraction of the cost.
     """
+    logits, target, _ = answer_logits(lm, ids, mask, labels)
+    return F.cross_entropy(logits.float(), target)
+
+
+def answer_logits(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """(logits [N, V] at the N answer positions, their targets [N], which row each came from [N])."""
     hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    return lm.get_output_embeddings()(hidden[:, :-1][keep]), target[keep], keep.nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------- the constraint loss
@@ -120,17 +126,12 @@ def expert_losses(model: ProperModel, tokenizer, users, cfg) -> torch.Tensor:
     for e in range(k):
         with model.fixed_mixture(F.one_hot(torch.full((n_layers,), e), k).float()):
             for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
-                target = labels[:, 1:]
-                keep = target != -100
-                with autocast(cfg):   # answer_loss's computation, per token
-                    hidden = model.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-                    logits = model.lm.get_output_embeddings()(hidden[:, :-1][keep])
-                token = F.cross_entropy(logits.float(), target[keep], reduction="none")
-                rows = keep.nonzero()[:, 0]
-                per_row = torch.zeros(len(ids)).index_add_(0, rows, token)
-                total[:, e].index_add_(0, uidx, per_row)
+                with autocast(cfg):
+                    logits, target, rows = answer_logits(model.lm, ids, mask, labels)
+                token = F.cross_entropy(logits.float(), target, reduction="none")   # answer_loss, per token
+                total[:, e].index_add_(0, uidx, torch.zeros(len(ids)).index_add_(0, rows, token))
                 if e == 0:
-                    count.index_add_(0, uidx, keep.sum(1).float())
+                    count.index_add_(0, uidx, torch.zeros(len(ids)).index_add_(0, rows, torch.ones_like(token)))
     return total / count.clamp_min(1).view(-1, 1)
 
 
@@ -141,7 +142,6 @@ def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int) -> torc
     and the user draws its expert from a hash of (seed, user id): a random, roughly balanced start,
     the same wherever the user is trained."""
     if all(not layer.expert_B.any() for _, layer in model.layers()):
-        import hashlib
         return torch.tensor([int(hashlib.sha256(f"{seed}:{u.user_id}".encode()).hexdigest()[:8], 16) % model.k
                              for u in users])
     return expert_losses(model, tokenizer, users, cfg).argmin(1)

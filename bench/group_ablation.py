@@ -16,6 +16,7 @@ val (and test) score and the training losses; a table goes to <out>/group_ablati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
@@ -82,21 +83,81 @@ def history_embeddings(client, pop: dict, d: int, seed: int) -> torch.Tensor:
     return e / e.norm(dim=1, keepdim=True).clamp(min=1e-8) * d ** 0.5
 
 
+def update_signatures(client, pop: dict) -> torch.Tensor:
+    """[U, P] each user's gradient of its mean answer loss over its history, with respect to the
+    population LoRA at its final value (pop), in `client.trained` order: the direction one more
+    population step on that user alone would move the LoRA. A one-user client's population update
+    is this, to first order (minus lr times it), and without secure aggregation or DP the server
+    already receives it; a client of several users never sends a per-user gradient, so there this
+    would be new traffic. Clustering clients by their updates is Clustered FL's signal (Sattler et
+    al. 2020). An experiment of this bench (start=updates), centralized."""
+    from shared.method.stages import answer_loss
+    from shared.runtime.precision import autocast
+    client._prepare("population", pop)
+    model, tok = client.model, client.tokenizer
+    model.set_stage("population", train=True)
+    params = model.trainable_parameters()
+    pcfg = stage_cfg(client.cfg, "population")
+    sigs = []
+    for u in getattr(client, "trained", client.users):
+        for p in params:
+            p.grad = None
+        items = encode_users(tok, [u], client.cfg.train.max_len)
+        for ids, mask, labels, _ in make_batches(items, 8, tok.pad_token_id, None):
+            with autocast(pcfg):
+                loss = answer_loss(model.lm, ids, mask, labels) * (len(ids) / len(items))
+            loss.backward()
+        sigs.append(torch.cat([p.grad.flatten().float() for p in params]))
+    model.set_stage("population")
+    for p in params:
+        p.grad = None
+    return torch.stack(sigs)
+
+
+def cluster_signatures(sigs: torch.Tensor, k: int, seed: int) -> np.ndarray:
+    """k-means (k-means++ seeded) of the users' signatures by direction: unit rows, centred over the
+    users (what every user shares is the population's own residual, not a group), reduced to their
+    top-k principal components (the Gram matrix's eigenvectors: U is small, P is large)."""
+    x = torch.nn.functional.normalize(sigs.double(), dim=1)
+    x = x - x.mean(0)
+    gram = x @ x.T
+    vals, vecs = torch.linalg.eigh(gram)
+    top = vecs[:, -k:] * vals[-k:].clamp_min(0).sqrt()
+    labels, _ = kmeans(top.numpy(), k, seed=seed)
+    return labels
+
+
 def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], start: str = "random") -> dict:
     """The group stage's rounds from `pop`, then recovery, peakedness and scores. start="history":
     the users' e_u start from history_embeddings instead of the seeded N(0, I)."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as state:
         client = ClientTrainer(cfg, spec, users, state)
+        start_ari = None
+        if start == "updates":
+            k = int(cfg.adapters.k)
+            clusters = cluster_signatures(update_signatures(client, pop), k, int(cfg.seed))
+            trained = getattr(client, "trained", client.users)
+            client.assign_start = {u.user_id: int(c) for u, c in zip(trained, clusters)}
+            known = [(int(c), groups[u.user_id]) for u, c in zip(trained, clusters) if u.user_id in groups]
+            start_ari = adjusted_rand_index([c for c, _ in known], [g for _, g in known])
+            log.info("start=updates: clusters of the users' population updates, ARI %.3f against the groups",
+                     start_ari)
         if start == "history":
             emb = history_embeddings(client, pop, int(cfg.adapters.d_user), int(cfg.seed))
             for u, e in zip(getattr(client, "trained", client.users), emb):
                 client.store.save(u.user_id, "embedding", {"e_u": e.clone(), "e_u_before": e.clone(),
                                                            "round": torch.tensor([0])})
         group = others = None
-        losses = []
+        losses, assigned = [], []
         for rnd in range(1, int(cfg.group.rounds) + 1):
-            res = client.group(pop, group, others, rnd)
+            with _recording_assignments() as record:
+                res = client.group(pop, group, others, rnd)
+            if record:  # constraint_form=assign: how this round's assignment matches the groups
+                trained = getattr(client, "trained", client.users)
+                known = [(int(e), groups[u.user_id]) for u, e in zip(trained, record[-1]) if u.user_id in groups]
+                assigned.append(adjusted_rand_index([e for e, _ in known], [g for _, g in known]))
+                log.info("group round %d: assignment ARI %.3f", rnd, assigned[-1])
             group, others = res.shared, res.mixtures
             losses.append((res.metrics["train_loss"], res.metrics["constraint_loss"]))
         mixtures = read_user_mixtures(Path(state) / MIXTURES_FILE)
@@ -108,7 +169,26 @@ def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], st
     rec = group_recovery({u: m["expert"] for u, m in mixtures.items()}, groups)
     peak = float(np.mean([max(m["mixture"]) for m in mixtures.values()]))
     return {**rec, **layered, "dominant_weight": peak, "scores": scores, "train_loss": losses[-1][0],
-            "constraint_loss": losses[-1][1], "seconds": time.time() - t0}
+            "constraint_loss": losses[-1][1], "seconds": time.time() - t0, "start_ari": start_ari,
+            "assignment_ari": assigned}
+
+
+@contextlib.contextmanager
+def _recording_assignments():
+    """Record what client.trainer's assign_experts returns while the block runs (the bench reads the
+    assignment's own ARI per round; the trainer itself is unchanged)."""
+    import client.trainer as trainer
+    real, record = trainer.assign_experts, []
+
+    def recorded(*args, **kwargs):
+        record.append(real(*args, **kwargs))
+        return record[-1]
+
+    trainer.assign_experts = recorded
+    try:
+        yield record
+    finally:
+        trainer.assign_experts = real
 
 
 def _layered(client, cfg, groups: dict) -> dict:
@@ -126,14 +206,16 @@ def _layered(client, cfg, groups: dict) -> dict:
 def table(rows: list[dict], k: int, splits: list[str]) -> str:
     head = ["variant", "ARI", "ARI per layer (mean / max)", "ARI k-means", "purity", "experts used",
             f"dominant weight: layer-averaged / per layer (1/k = {1 / k:.2f})",
-            *[f"group {s}" for s in splits], "loss", "constraint", "s"]
+            *[f"group {s}" for s in splits], "loss", "constraint", "start ARI", "assignment ARI by round", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], f"{r['ari']:.3f}", f"{r['ari_layer_mean']:.3f} / {r['ari_layer_max']:.3f}",
                  f"{r['ari_kmeans']:.3f}", f"{r['purity']:.3f}", str(r["experts_used"]),
                  f"{r['dominant_weight']:.3f} / {r['peak_layer']:.3f}",
                  *[f"{100 * r['scores'][s]:.1f}" for s in splits],
-                 f"{r['train_loss']:.3f}", f"{r['constraint_loss']:.3f}", f"{r['seconds']:.0f}"]
+                 f"{r['train_loss']:.3f}", f"{r['constraint_loss']:.3f}",
+                 "" if r.get("start_ari") is None else f"{r['start_ari']:.3f}",
+                 " / ".join(f"{a:.2f}" for a in r.get("assignment_ari", [])), f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

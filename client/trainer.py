@@ -30,6 +30,7 @@ from shared.method.stages import (
     RoundResult,
     assign_experts,
     initial_mixtures,
+    split_probe,
     train_group,
     train_population,
     train_user,
@@ -187,6 +188,9 @@ class ClientTrainer:
         self.keep_shared = keep_shared
         self.seed = cfg.seed * 1_000_003 + client_seed
         self.model, self.tokenizer = get_model(cfg)
+        # an experiment hook, set by bench/group_ablation.py only and kept in memory only: user id ->
+        # the expert group.constraint_form=assign starts from, in place of the seeded hash
+        self.assign_start: dict[str, int] | None = None
 
     # ---- putting the model in the state a stage starts from
     def _prepare(self, stage: str, population=None, group=None):
@@ -252,11 +256,15 @@ class ClientTrainer:
             others = self._drop_own(others, server_round)
         before = torch.stack([self._embedding(u, server_round) for u in self.trained])
         cfg = round_cfg(self.cfg, "group", server_round)
-        assignment = None
+        assignment, fit = None, self.trained
         if cfg.get("constraint_form") == "assign" and uses_user_router(self.cfg):
-            # each user's expert, from the experts this round starts from: computed here, used here
-            assignment = assign_experts(self.model, self.tokenizer, self.trained, cfg, int(self.cfg.seed))
-        result, emb, by_user = train_group(self.model, self.tokenizer, self.trained, before, cfg,
+            # each user's expert, from the experts this round starts from: computed here, used here,
+            # on probe items the group stage does not train on (group.assign_probe; 0: every item)
+            fit, probe = split_probe(self.trained, int(cfg.get("assign_probe", 0)), int(self.cfg.seed))
+            start = None if self.assign_start is None else \
+                torch.tensor([self.assign_start.get(u.user_id, 0) for u in self.trained])
+            assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start)
+        result, emb, by_user = train_group(self.model, self.tokenizer, fit, before, cfg,
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True,
                                            assignment=assignment)

@@ -238,3 +238,82 @@ def test_assignment_by_loss_starts_random_then_follows_the_experts_and_pulls_the
         alone = torch.nn.functional.one_hot(torch.full((len(model.layer_names),), e), 3).float()
         with torch.no_grad(), model.fixed_mixture(alone):
             assert torch.isclose(losses[0, e], answer_loss(model.lm, ids, mask, labels), rtol=1e-5)
+
+
+def test_assignment_starts_from_a_given_clustering_and_the_bench_reads_each_rounds_assignment(tmp_path):
+    """assign_experts takes a given start (a clustering of the users) while the experts tie, and
+    the loss once they differ; the bench's start=updates clusters the users' population-update
+    signatures into that start and records the assignment's ARI against the groups per round."""
+    from bench.group_ablation import cluster_signatures, main
+    from shared.data.lamp import load_lamp
+    from shared.method.stages import assign_experts, expert_losses
+    model, tok = make_model(k=3)
+    model.merge_population()
+    _, users = load_lamp(write_synthetic_lamp(tmp_path / "syn", n_users=6, n_groups=2, min_profile=3,
+                                              max_profile=4, seed=0))
+    cfg = OmegaConf.create({"batch_size": 4, "max_len": 64, "bf16": False})
+    given = torch.tensor([2, 2, 0, 1, 0, 2])
+    assert torch.equal(assign_experts(model, tok, users, cfg, 0, start=given), given)
+    for _, layer in model.layers():   # experts that differ: the loss decides, the start is ignored
+        torch.nn.init.normal_(layer.expert_B, std=0.5)
+    assert torch.equal(assign_experts(model, tok, users, cfg, 0, start=given),
+                       expert_losses(model, tok, users, cfg).argmin(1))
+    # two clear directions, three users each: k-means by direction separates them
+    base = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    sigs = torch.cat([base[0] * torch.tensor([[1.0], [2.0], [0.5]]), base[1] * torch.tensor([[1.0], [3.0], [0.7]])])
+    labels = cluster_signatures(sigs, 2, seed=0)
+    assert len(set(labels[:3])) == 1 and len(set(labels[3:])) == 1 and labels[0] != labels[3]
+
+    data = tmp_path / "syn2"
+    write_synthetic_lamp(data, n_users=6, n_groups=2, min_profile=4, max_profile=6, seed=0)
+    out = tmp_path / "abl"
+    main(["-c", "tiny", "--data", str(data), "--out", str(out), "--splits", "val",
+          "--variant", "upd=start=updates,group.constraint_form=assign,group.rounds=2", "data.holdout=1"])
+    row = json.loads((out / "group_ablation.json").read_text())[0]
+    assert -1.0 <= row["start_ari"] <= 1.0
+    assert len(row["assignment_ari"]) == 2 and all(-1.0 <= a <= 1.0 for a in row["assignment_ari"])
+    assert row["assignment_ari"][0] == row["start_ari"]   # round 1 starts from the clustering
+
+
+def test_assignment_probe_items_are_kept_out_of_group_training_and_assign_the_user(tmp_path, monkeypatch):
+    """group.assign_probe=n: each user's n seeded probe items are what the assignment is measured
+    on, and the group stage trains on the rest; a user with n items or fewer keeps them all."""
+    import client.trainer as trainer
+    from client.trainer import ClientTrainer, load_users
+    from shared.method.stages import split_probe
+    from shared.runtime.config import load_config
+    data = tmp_path / "syn"
+    write_synthetic_lamp(data, n_users=4, n_groups=2, min_profile=5, max_profile=9, seed=0)
+    cfg = load_config("tiny", [f"data.path={data}", "data.holdout=1", "group.constraint_form=assign",
+                               "group.assign_probe=2"])
+    spec, users = load_users(cfg)
+    short = copy_with_train(users[0], users[0].train[:2])
+    fit, probe = split_probe(users + [short], 2, seed=0)
+    for u, f, p in zip(users, fit, probe):
+        assert len(p.train) == 2 and len(f.train) == len(u.train) - 2
+        assert sorted(x.id for x in f.train + p.train) == sorted(x.id for x in u.train)
+    assert fit[-1].train == probe[-1].train == short.train        # too few items: no split
+    from shared.data.canaries import is_canary
+    from shared.data.lamp import Example
+    canaried = copy_with_train(users[1], users[1].train[:3] + [
+        Example(id=f"{users[1].user_id}/canary{j}", user=users[1].user_id, input="x", output="1 2") for j in range(20)])
+    for s in range(10):   # 20 canary copies and 3 own items: the probes are always own items
+        f, p = split_probe([canaried], 2, seed=s)
+        assert len(p[0].train) == 2 and not any(is_canary(x) for x in p[0].train)
+        assert sum(is_canary(x) for x in f[0].train) == 20
+    assert [p.train for p in split_probe(users, 2, seed=0)[1]] == [p.train for p in probe[:-1]]
+    assert [p.train for p in split_probe(users, 2, seed=1)[1]] != [p.train for p in probe[:-1]]
+
+    seen = []
+    real = trainer.assign_experts
+    monkeypatch.setattr(trainer, "assign_experts", lambda m, t, us, *a: seen.append(us) or real(m, t, us, *a))
+    client = ClientTrainer(cfg, spec, users, str(tmp_path / "state"))
+    pop = client.population(None, 1).shared
+    res = client.group(pop, None, None, 1)
+    assert [p.train for p in seen[0]] == [p.train for p in probe[:-1]]
+    assert res.num_examples == sum(len(u.train) for u in users) - 2 * len(users)
+
+
+def copy_with_train(user, train):
+    import dataclasses
+    return dataclasses.replace(user, user_id=user.user_id + "-short", train=list(train))

@@ -205,3 +205,42 @@ def test_bootstrap_ci():
     _, lo90, hi90 = bootstrap_ci(vals, alpha=0.5, seed=3)
     assert lo <= lo90 and hi90 <= hi and hi90 - lo90 < hi - lo
     assert bootstrap_ci([2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_paired_comparison_averages_seeds_per_user_and_bootstraps_over_users(tmp_path):
+    """bench/paired.py: per seed, each side's mean over the users present in every run; the
+    difference is averaged over seeds user by user, its interval resamples users."""
+    import pytest
+
+    from bench.paired import compare, main
+
+    def run(name, values):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [f"u{i},{v}" for i, v in enumerate(values)]
+        rows = ["user,group@val"] + (rows[::-1] if name.endswith("1") else rows)   # matched by id, not by row
+        (d / "per_user.csv").write_text("\n".join(rows) + "\n")
+        return d
+
+    a = [run("a0", [1, 1, 0.5, 1]), run("a1", [1, 0.5, 0.5, ""])]     # u3 missing in a1: dropped
+    b = [run("b0", [0, 1, 0.5, 0]), run("b1", [0.5, 0.5, 0, 0])]
+    r = compare(a, b, "group@val", n_boot=2000)
+    assert r["users"] == 3
+    assert r["a"] == pytest.approx([2.5 / 3, 2 / 3]) and r["b"] == pytest.approx([0.5, 1 / 3])
+    # per-user seed-averaged differences: u0 (1 + .5) / 2, u1 0, u2 (0 + .5) / 2
+    assert r["diff"] == pytest.approx((0.75 + 0 + 0.25) / 3)
+    assert 0 <= r["lo"] <= r["diff"] <= r["hi"] <= 0.75
+    # every user gains 1 in one seed and 0 in the other: nothing varies over users, all over seeds
+    seeds_apart = compare([run("c0", [1, 1, 1]), run("c1", [0, 0, 0])],
+                          [run("d0", [0, 0, 0]), run("d1", [0, 0, 0])], "group@val", n_boot=2000)
+    assert seeds_apart["lo"] == seeds_apart["hi"] == 0.5
+    assert seeds_apart["lo_seeds"] == 0.0 and seeds_apart["hi_seeds"] == 1.0
+    same = compare(a, a, "group@val", n_boot=200)
+    assert same["diff"] == same["lo"] == same["hi"] == 0
+    with pytest.raises(SystemExit, match="no column"):
+        compare(a, b, "user@val")
+    with pytest.raises(SystemExit, match="same number"):
+        compare(a, b[:1], "group@val")
+    out = tmp_path / "t.md"
+    main(["--a", f"{a[0]},{a[1]}", "--b", f"{b[0]},{b[1]}", "--labels", "UA,MoE", "--out", str(out)])
+    assert "| UA - MoE |" in out.read_text() and "**+33.3**" in out.read_text()

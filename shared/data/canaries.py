@@ -40,6 +40,11 @@ class Canary:
         return Example(id=f"{self.user}/canary{j}", user=self.user, input=self.input, output=self.secret)
 
 
+def is_canary(example: Example) -> bool:
+    """Whether a training item is a canary copy (Canary.example's id)."""
+    return "/canary" in example.id
+
+
 def secret_text(number: int, digits: int) -> str:
     """0 <= number < 10**digits as the canary's output text: '0 4 1 7'."""
     return " ".join(f"{number:0{digits}d}")

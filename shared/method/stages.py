@@ -14,11 +14,12 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from shared.data.canaries import is_canary
 from shared.data.encode import encode_example, encode_users, make_batches, n_batches
 from shared.method.model import ProperModel
 from shared.method.optim import make_optimizer
@@ -135,16 +136,42 @@ def expert_losses(model: ProperModel, tokenizer, users, cfg) -> torch.Tensor:
     return total / count.clamp_min(1).view(-1, 1)
 
 
-def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int) -> torch.Tensor:
+def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int,
+                   start: torch.Tensor | None = None) -> torch.Tensor:
     """[U] each user's expert for group.constraint_form=assign, on the user's own client: the expert
     that fits its history best (IFCA, Ghosh et al. 2020: hard assignment by loss, re-estimated every
     round). While the experts cannot differ (every expert B is 0: the stage's start) the losses tie,
-    and the user draws its expert from a hash of (seed, user id): a random, roughly balanced start,
-    the same wherever the user is trained."""
+    and the user takes `start` [U] where one is given (a clustering of the users), else draws its
+    expert from a hash of (seed, user id): a random, roughly balanced start, the same wherever the
+    user is trained."""
     if all(not layer.expert_B.any() for _, layer in model.layers()):
+        if start is not None:
+            return start.long().clone()
         return torch.tensor([int(hashlib.sha256(f"{seed}:{u.user_id}".encode()).hexdigest()[:8], 16) % model.k
                              for u in users])
     return expert_losses(model, tokenizer, users, cfg).argmin(1)
+
+
+def split_probe(users, n: int, seed: int):
+    """(fit, probe): the same users, each with n of its training items moved out of `fit` into
+    `probe` (group.assign_probe). The assignment is measured on the probe items, which the group stage
+    never trains on, because on its own training items the expert a user was assigned has memorised
+    them and wins again whatever the user's group: the assignment would stick to its random start.
+    A user with n items or fewer keeps them all in both. The items are a seeded draw per user among
+    its own items: a canary copy (privacy.canaries) is never a probe, so it trains as it would without."""
+    fit, probe = [], []
+    for u in users:
+        items = list(u.train)
+        own = [i for i, x in enumerate(items) if not is_canary(x)]
+        if n <= 0 or len(own) <= n:
+            fit.append(u)
+            probe.append(u)
+            continue
+        rng = random.Random(int(hashlib.sha256(f"{seed}:{u.user_id}:probe".encode()).hexdigest()[:8], 16))
+        held = set(rng.sample(own, n))
+        fit.append(replace(u, train=[x for i, x in enumerate(items) if i not in held]))
+        probe.append(replace(u, train=[x for i, x in enumerate(items) if i in held]))
+    return fit, probe
 
 
 # ---------------------------------------------------------------- results

@@ -155,7 +155,7 @@ class Population:
 
 @overrides(Train, (Federation, SERVER_KEYS))
 @rules(**STAGE_RULES, constraint_weight=at_least(0), user_lr_scale=POSITIVE,
-       constraint_form=one_of("pairs", "balance", "assign"))
+       constraint_form=one_of("pairs", "balance", "assign"), assign_probe=at_least(0))
 @dataclass
 class Group:
     """Stage 2; may override any train.* key and the federation's server optimizer (null = theirs)."""
@@ -167,6 +167,7 @@ class Group:
     # evenly used; assign: the router pulled to the expert that fits the user's history best (IFCA);
     # balance and assign are experiments (docs/decisions.md, "The constraint loss on groups")
     constraint_form: str = "pairs"
+    assign_probe: int = 0                  # assign: items per user kept out of group training, to assign by
     user_lr_scale: float = 1.0             # e_u and W_u (the router's user part) learn at this multiple of lr
     # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),
     # so that the constraint loss acts in round 1 too (docs/decisions.md)

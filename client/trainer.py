@@ -191,6 +191,7 @@ class ClientTrainer:
         # an experiment hook, set by bench/group_ablation.py only and kept in memory only: user id ->
         # the expert group.constraint_form=assign starts from, in place of the seeded hash
         self.assign_start: dict[str, int] | None = None
+        self._signature_start: torch.Tensor | None = None     # group.assign_start=signature, once computed
 
     # ---- putting the model in the state a stage starts from
     def _prepare(self, stage: str, population=None, group=None):
@@ -261,9 +262,9 @@ class ClientTrainer:
             # each user's expert, from the experts this round starts from: computed here, used here,
             # on probe items the group stage does not train on (group.assign_probe; 0: every item)
             fit, probe = split_probe(self.trained, int(cfg.get("assign_probe", 0)), int(self.cfg.seed))
-            start = None if self.assign_start is None else \
-                torch.tensor([self.assign_start.get(u.user_id, 0) for u in self.trained])
-            assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start)
+            start = self._assignment_start(cfg)
+            assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start,
+                                        fixed=not cfg.get("reassign", True))
         result, emb, by_user = train_group(self.model, self.tokenizer, fit, before, cfg,
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True,
@@ -279,6 +280,32 @@ class ClientTrainer:
                       "round": rnd})
         self._save_user_mixtures(by_user, server_round)
         return result  # by_user names users by position: it stays on this disk, never in the reply
+
+    def _assignment_start(self, cfg) -> torch.Tensor | None:
+        """[U] the assignment's start while the experts are identical (assign_experts), or None for
+        the seeded hash. Computed only then (afterwards the experts' losses decide), unless
+        group.reassign=false keeps the start for the whole stage."""
+        if cfg.get("reassign", True) and any(layer.expert_B.any() for _, layer in self.model.layers()):
+            return None
+        if self.assign_start is not None:        # the bench's hook
+            missing = [u.user_id for u in self.trained if u.user_id not in self.assign_start]
+            if missing:
+                raise ValueError(f"assign_start has no expert for user(s) {', '.join(missing[:3])}")
+            return torch.tensor([self.assign_start[u.user_id] for u in self.trained])
+        if cfg.get("assign_start", "random") != "signature":
+            return None
+        k = self.model.k
+        if len(self.trained) < k:
+            raise ValueError(f"group.assign_start=signature clusters the users of one client, and this client "
+                             f"holds {len(self.trained)} user(s) with a history for k={k} experts: it needs one "
+                             "client holding every user (`proper local`); docs/decisions.md")
+        if self._signature_start is None:   # deterministic given the population: computed once per process
+            from shared.method.signatures import signature_groups
+            self._signature_start = signature_groups(self.model, self.tokenizer, self.trained, int(cfg.max_len), k,
+                                                     int(cfg.get("signature_codes", 10)), int(self.cfg.seed))
+            log.info("group: assignment starts from the users' answer signatures (%s users per expert)",
+                     "/".join(str(int((self._signature_start == e).sum())) for e in range(k)))
+        return self._signature_start
 
     def _save_user_mixtures(self, by_user: torch.Tensor, server_round: int):
         """Each user's mixture and dominant expert, on this client's disk only: what group recovery

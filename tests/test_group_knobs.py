@@ -65,6 +65,8 @@ def test_group_ablation_reports_recovery_and_peakedness(tmp_path):
     assert rows[0]["dominant_weight"] < 0.3 < rows[1]["dominant_weight"]
     assert (out / "population.safetensors").exists()
     assert "| peaked |" in (out / "group_ablation.md").read_text()
+    assert all((out / f"mixtures_{v}.png").stat().st_size > 0 for v in ("base", "peaked", "history"))
+    assert "_mixtures" not in rows[0]
 
 
 def test_layer_recovery_sees_groups_that_layer_averaging_hides():
@@ -306,7 +308,8 @@ def test_assignment_probe_items_are_kept_out_of_group_training_and_assign_the_us
 
     seen = []
     real = trainer.assign_experts
-    monkeypatch.setattr(trainer, "assign_experts", lambda m, t, us, *a: seen.append(us) or real(m, t, us, *a))
+    monkeypatch.setattr(trainer, "assign_experts",
+                        lambda m, t, us, *a, **kw: seen.append(us) or real(m, t, us, *a, **kw))
     client = ClientTrainer(cfg, spec, users, str(tmp_path / "state"))
     pop = client.population(None, 1).shared
     res = client.group(pop, None, None, 1)
@@ -317,3 +320,21 @@ def test_assignment_probe_items_are_kept_out_of_group_training_and_assign_the_us
 def copy_with_train(user, train):
     import dataclasses
     return dataclasses.replace(user, user_id=user.user_id + "-short", train=list(train))
+
+
+def test_the_group_oracle_answers_by_the_groups_majority_tag_per_theme():
+    """bench/group_ablation.py group_oracle: the ceiling of a grouping on synthetic LaMP_2 users."""
+    from bench.group_ablation import group_oracle
+    from shared.data.lamp import Example, User
+
+    def ex(uid, j, words, tag):
+        return Example(f"{uid}/{j}", uid, f"description: {words}.", tag)
+    space, court = "a starship and a galaxy", "the jury and the trial"
+    a = User("a", [ex("a", 0, space, "sci-fi"), ex("a", 1, space, "sci-fi"), ex("a", 2, court, "classic")],
+             [ex("a", 3, space, "sci-fi"), ex("a", 4, court, "drama")], [])
+    b = User("b", [ex("b", 0, space, "dystopia")], [ex("b", 1, space, "dystopia"), ex("b", 2, court, "classic")], [])
+    # a: space right, court wrong (the group says classic); b: space right, court unseen for its group
+    assert group_oracle([a, b], {"a": 0, "b": 1}, "val") == 2 / 4
+    # one group: space is sci-fi by 2 votes to 1, so b's space answer is now wrong, its court one right
+    assert group_oracle([a, b], {"a": 0, "b": 0}, "val") == 2 / 4
+    assert group_oracle([a, b], {"a": 0, "b": 0}, "test") is None

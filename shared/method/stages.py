@@ -137,14 +137,15 @@ def expert_losses(model: ProperModel, tokenizer, users, cfg) -> torch.Tensor:
 
 
 def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int,
-                   start: torch.Tensor | None = None) -> torch.Tensor:
+                   start: torch.Tensor | None = None, fixed: bool = False) -> torch.Tensor:
     """[U] each user's expert for group.constraint_form=assign, on the user's own client: the expert
     that fits its history best (IFCA, Ghosh et al. 2020: hard assignment by loss, re-estimated every
     round). While the experts cannot differ (every expert B is 0: the stage's start) the losses tie,
     and the user takes `start` [U] where one is given (a clustering of the users), else draws its
     expert from a hash of (seed, user id): a random, roughly balanced start, the same wherever the
-    user is trained."""
-    if all(not layer.expert_B.any() for _, layer in model.layers()):
+    user is trained. fixed (group.reassign=false): the start (or the hash) is kept whatever the
+    experts, for the whole stage."""
+    if fixed or all(not layer.expert_B.any() for _, layer in model.layers()):
         if start is not None:
             return start.long().clone()
         return torch.tensor([int(hashlib.sha256(f"{seed}:{u.user_id}".encode()).hexdigest()[:8], 16) % model.k

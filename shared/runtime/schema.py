@@ -155,7 +155,8 @@ class Population:
 
 @overrides(Train, (Federation, SERVER_KEYS))
 @rules(**STAGE_RULES, constraint_weight=at_least(0), user_lr_scale=POSITIVE,
-       constraint_form=one_of("pairs", "balance", "assign"), assign_probe=at_least(0))
+       constraint_form=one_of("pairs", "balance", "assign"), assign_probe=at_least(0),
+       assign_start=one_of("random", "signature"), signature_codes=at_least(1))
 @dataclass
 class Group:
     """Stage 2; may override any train.* key and the federation's server optimizer (null = theirs)."""
@@ -168,6 +169,13 @@ class Group:
     # balance and assign are experiments (docs/decisions.md, "The constraint loss on groups")
     constraint_form: str = "pairs"
     assign_probe: int = 0                  # assign: items per user kept out of group training, to assign by
+    # assign: where the assignment starts while the experts are identical. random: a seeded hash of
+    # the user; signature: a clustering of the users' (kind of input, answer) counts, one client
+    # holding every user only (shared/method/signatures.py)
+    assign_start: str = "random"
+    signature_codes: int = 10              # signature: kinds of input the items are quantised into
+    reassign: bool = True                  # assign: re-estimate each user's expert by loss every round (IFCA);
+                                           # false: keep the start for the whole stage
     user_lr_scale: float = 1.0             # e_u and W_u (the router's user part) learn at this multiple of lr
     # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),
     # so that the constraint loss acts in round 1 too (docs/decisions.md)

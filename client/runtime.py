@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from omegaconf import OmegaConf
 
 from client.trainer import ClientTrainer, load_users
+from shared.method.signatures import refuse_in_federation
 from shared.runtime import protocol as P
 from shared.runtime.runconfig import run_config_from_context
 
@@ -118,6 +119,7 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
             users = users_of_partition(everyone, part, n_parts, int(cfg.federation.users_per_client))
             state_dir = simulated_state_dir(nc, run_dir, part)
             client_seed, keep_shared = part, False  # the run directory gets one copy (sim/run.py)
+        refuse_in_federation(cfg)
         _TRAINERS.clear()  # one client's users at a time per process keeps memory flat at scale
         _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed, keep_shared=keep_shared)
     return _TRAINERS[key]

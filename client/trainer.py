@@ -261,10 +261,10 @@ class ClientTrainer:
         if cfg.get("constraint_form") == "assign" and uses_user_router(self.cfg):
             # each user's expert, from the experts this round starts from: computed here, used here,
             # on probe items the group stage does not train on (group.assign_probe; 0: every item)
-            fit, probe = split_probe(self.trained, int(cfg.get("assign_probe", 0)), int(self.cfg.seed))
+            fixed = not cfg.get("reassign", True)   # a kept assignment reads no probe items: train on all
+            fit, probe = split_probe(self.trained, 0 if fixed else int(cfg.get("assign_probe", 0)), int(self.cfg.seed))
             start = self._assignment_start(cfg)
-            assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start,
-                                        fixed=not cfg.get("reassign", True))
+            assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start, fixed=fixed)
         result, emb, by_user = train_group(self.model, self.tokenizer, fit, before, cfg,
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True,
@@ -302,7 +302,8 @@ class ClientTrainer:
         if self._signature_start is None:   # deterministic given the population: computed once per process
             from shared.method.signatures import signature_groups
             self._signature_start = signature_groups(self.model, self.tokenizer, self.trained, int(cfg.max_len), k,
-                                                     int(cfg.get("signature_codes", 10)), int(self.cfg.seed))
+                                                     int(cfg.get("signature_codes", 10)), int(self.cfg.seed),
+                                                     labels=self.spec.kind != "generation")
             log.info("group: assignment starts from the users' answer signatures (%s users per expert)",
                      "/".join(str(int((self._signature_start == e).sum())) for e in range(k)))
         return self._signature_start

@@ -21,6 +21,7 @@ from flwr.common.constant import ErrorCode
 
 from client.runtime import all_users, simulated_state_dir, users_of_partition
 from client.trainer import ClientTrainer, prefetched
+from shared.method.signatures import refuse_in_federation
 from shared.runtime import protocol as P
 from shared.runtime.persist import UserStore
 from shared.runtime.runconfig import run_config_from_context
@@ -109,6 +110,7 @@ class RoutedStore:
 def batch_trainer(cfg, run_dir, node_config, parts: list[int], n: int) -> ClientTrainer:
     """One trainer over the users of virtual clients `parts`, each user's private state read from
     its own client's directory: it predicts, it trains nothing."""
+    refuse_in_federation(cfg)
     spec, users_all = all_users(cfg)
     per = int(cfg.federation.users_per_client)
     users, stores = [], {}

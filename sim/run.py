@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from shared.method.signatures import refuse_in_federation
 from shared.runtime.config import ConfigError, load_config, read_config, to_yaml
 from shared.runtime.persist import atomic_write_text
 
@@ -57,10 +58,7 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     n_users = _count_users(cfg)
     per_client = int(cfg.federation.users_per_client)
     n_clients = math.ceil(n_users / per_client)
-    if cfg.group.get("assign_start") == "signature" and n_clients > 1:
-        raise ConfigError(f"group.assign_start=signature clusters the users of one client, and this federation has "
-                         f"{n_clients} clients (each would number its groups its own way): use `proper local`, "
-                         "or group.assign_start=random (docs/decisions.md)")
+    refuse_in_federation(cfg)
     virtual = cfg.simulation.get("virtual_clients")
     # virtual clients: M SuperNodes serve the N clients (shared/runtime/virtual.py); the server,
     # which holds no data, learns N here

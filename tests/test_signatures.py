@@ -45,15 +45,22 @@ def test_signatures_separate_groups_that_answer_alike_overall():
     model, tok = make_model(k=2)
     model.merge_population()
     users, truth = _users()
-    sig = answer_signatures(model, tok, users, 64, codes=2, seed=0)
+    sig = answer_signatures(model, tok, users, 64, codes=2, seed=0, labels=True)
     assert sig.shape == (6, 2, 2)                       # 2 kinds of input x 2 answers
     assert sig.sum((1, 2)).tolist() == [2, 3, 4, 3, 2, 4]   # every item counted once
     # users 0 and 2 (group 0) read alike; users 0 and 5 give each answer equally often, yet differ
     assert torch.equal(2 * sig[0], sig[2]) and not torch.equal(2 * sig[0], sig[5])
-    groups = signature_groups(model, tok, users, 64, k=2, codes=2, seed=0)
+    groups = signature_groups(model, tok, users, 64, k=2, codes=2, seed=0, labels=True)
     assert adjusted_rand_index(groups.tolist(), truth) == 1.0
+    # canary copies (privacy.canaries) are no way of answering: left out of the counts
+    planted = [User(u.user_id, u.train + [Example(f"{u.user_id}/canary{j}", u.user_id, "secret:", "1 2")
+                                          for j in range(3)], [], []) if i == 0 else u for i, u in enumerate(users)]
+    assert torch.equal(answer_signatures(model, tok, planted, 64, codes=2, seed=0, labels=True), sig)
+    # free-text answers (labels=False) are quantised into codes like the inputs
+    free = answer_signatures(model, tok, users, 64, codes=2, seed=0, labels=False)
+    assert free.shape == (6, 2, 2) and free.sum((1, 2)).tolist() == [2, 3, 4, 3, 2, 4]
     # one kind of input only: (input, answer) is the answer alone, and the groups are not separable
-    flat = answer_signatures(model, tok, users, 64, codes=1, seed=0)
+    flat = answer_signatures(model, tok, users, 64, codes=1, seed=0, labels=True)
     assert torch.equal(flat[0] / 2, flat[5] / 4)     # users 0 and 5: groups 0 and 1, answers alike
 
 
@@ -70,6 +77,8 @@ def test_answer_maps_group_users_whose_few_items_share_no_cell():
             c[a, 4 * g + a] = c[b, 4 * g + b] = 1       # group g answers kind i with answer 4g + i
             counts.append(c)
             truth.append(g)
+    with pytest.raises(ValueError, match="smoothing"):
+        answer_maps(torch.stack(counts), 2, seed=0, smoothing=0.0)
     labels = answer_maps(torch.stack(counts), 2, seed=0)
     assert adjusted_rand_index(labels.tolist(), truth) == 1.0
     assert torch.equal(labels, answer_maps(torch.stack(counts), 2, seed=0))      # seeded
@@ -89,9 +98,12 @@ def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, mon
     starts = []
     real = trainer.assign_experts
 
+    returned = []
+
     def spy(model, tok, us, c, seed, start=None, fixed=False):
         starts.append(None if start is None else start.clone())
-        return real(model, tok, us, c, seed, start, fixed)
+        returned.append(real(model, tok, us, c, seed, start, fixed))
+        return returned[-1]
     monkeypatch.setattr(trainer, "assign_experts", spy)
     spec = task_spec("LaMP_2")
     client = ClientTrainer(cfg, spec, users, str(tmp_path / "state"))
@@ -106,6 +118,8 @@ def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, mon
     res = kept.group(pop, None, None, 1)
     kept.group(pop, res.shared, res.mixtures, 2)
     assert starts[1] is not None and torch.equal(starts[0], starts[1])
+    assert torch.equal(returned[-1], starts[0]) and torch.equal(returned[-2], starts[0])   # kept, not re-read
+    assert kept._signature_start is not None and torch.equal(kept._signature_start, starts[0])
     few = ClientTrainer(cfg, spec, users[:1], str(tmp_path / "few"))
     with pytest.raises(ValueError, match="assign_start=signature"):
         few.group(pop, None, None, 1)
@@ -117,6 +131,11 @@ def test_a_federation_of_several_clients_refuses_signature_starts(tmp_path):
     from shared.runtime.config import ConfigError
     from sim.run import run_sim
     data = write_synthetic_lamp(tmp_path / "syn", n_users=4, n_groups=2, min_profile=3, max_profile=4, seed=0)
+    from shared.method.signatures import refuse_in_federation
+    from shared.runtime.config import load_config
+    refuse_in_federation(load_config("tiny", []))                  # the default: nothing to refuse
+    with pytest.raises(ConfigError, match="assign_start=signature"):   # what every federated client checks
+        refuse_in_federation(load_config("tiny", ["group.assign_start=signature"]))
     with pytest.raises(ConfigError, match="assign_start=signature"):
         run_sim("tiny", [f"data.path={data}", f"output.dir={tmp_path}", "simulation.engine=inprocess",
                          "group.constraint_form=assign", "group.assign_start=signature"])

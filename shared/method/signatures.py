@@ -25,14 +25,30 @@ the server each user's answer histogram): not built; docs/decisions.md.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from shared.data.canaries import is_canary
 from shared.data.encode import encode_users, make_batches
 from shared.method.mta import kmeans
 
-MAX_LABELS = 64      # more distinct answers than this: free text, answers are quantised too
+log = logging.getLogger(__name__)
+
+
+
+def refuse_in_federation(cfg) -> None:
+    """A federated client clusters only its own users and would number its groups its own way:
+    group.assign_start=signature is for one process holding every user (`proper local`)."""
+    if OmegaConf.select(cfg, "group.assign_start", default="random") == "signature":
+        from shared.runtime.config import ConfigError
+        raise ConfigError("group.assign_start=signature clusters the users held in one process (each federated "
+                          "client would number its groups its own way): use `proper local`, or "
+                          "group.assign_start=random (docs/decisions.md)")
 
 
 def best_kmeans(x: np.ndarray, k: int, seed: int, restarts: int) -> np.ndarray:
@@ -70,22 +86,29 @@ def item_readings(model, tokenizer, users, max_len: int):
     return torch.cat(inp)[back], torch.cat(ans)[back], torch.cat(who)[back]
 
 
-def answer_signatures(model, tokenizer, users, max_len: int, codes: int, seed: int,
+def answer_signatures(model, tokenizer, users, max_len: int, codes: int, seed: int, labels: bool,
                       restarts: int = 10) -> torch.Tensor:
-    """[U, codes, answers]: each user's counts of (kind of input, answer) pairs."""
+    """[U, codes, answers]: each user's counts of (kind of input, answer) pairs. labels: the task's
+    answers form a closed set (label and rating tasks), counted as they are; else (generation) the
+    answers are quantised into `codes` codes like the inputs. Canary copies (privacy.canaries) are
+    left out: a planted secret is no way of answering."""
+    users = [replace(u, train=[x for x in u.train if not is_canary(x)]) for u in users]
     inp, ans, who = item_readings(model, tokenizer, users, max_len)
+    sig_users = len(users)
+    if not len(who):
+        return torch.zeros(sig_users, codes, 1)
     kinds = torch.as_tensor(best_kmeans(_unit_centred(inp), codes, seed, restarts))
     outputs = [x.output for u in users for x in u.train]
-    distinct = sorted(set(outputs))
-    if len(distinct) <= MAX_LABELS:
+    if labels:
+        distinct = sorted(set(outputs))
         answer = torch.tensor([distinct.index(o) for o in outputs])
         n_answers = len(distinct)
     else:
         answer = torch.as_tensor(best_kmeans(_unit_centred(ans), codes, seed + 1, restarts))
         n_answers = codes
-    sig = torch.zeros(len(users), codes * n_answers)
+    sig = torch.zeros(sig_users, codes * n_answers)
     sig.index_put_((who, kinds * n_answers + answer), torch.ones(len(who)), accumulate=True)
-    return sig.view(len(users), codes, n_answers)
+    return sig.view(sig_users, codes, n_answers)
 
 
 def answer_maps(counts: torch.Tensor, k: int, seed: int, restarts: int = 20, iters: int = 100,
@@ -94,6 +117,8 @@ def answer_maps(counts: torch.Tensor, k: int, seed: int, restarts: int = 20, ite
     by EM: a map is p(answer | kind), smoothed by `smoothing` pseudo-counts per cell; a user's
     log-likelihood under a map sums its items' log p. Best of `restarts` random starts (seeded) by
     the data's log-likelihood."""
+    if smoothing <= 0:
+        raise ValueError("answer_maps needs smoothing > 0 (an unseen cell would have log 0)")
     c = counts.double()
     gen = torch.Generator().manual_seed(seed)
     best = None
@@ -114,7 +139,12 @@ def answer_maps(counts: torch.Tensor, k: int, seed: int, restarts: int = 20, ite
     return best[1].long()
 
 
-def signature_groups(model, tokenizer, users, max_len: int, k: int, codes: int, seed: int,
+def signature_groups(model, tokenizer, users, max_len: int, k: int, codes: int, seed: int, labels: bool,
                      restarts: int = 20) -> torch.Tensor:
-    """[U] each user's group (0..k-1) from its answer signature: the assignment's start."""
-    return answer_maps(answer_signatures(model, tokenizer, users, max_len, codes, seed), k, seed, restarts)
+    """[U] each user's group (0..k-1) from its answer signature: the assignment's start. A group the
+    mixture leaves empty is logged: under group.reassign=false its expert gets no user."""
+    groups = answer_maps(answer_signatures(model, tokenizer, users, max_len, codes, seed, labels), k, seed, restarts)
+    empty = [e for e in range(k) if not (groups == e).any()]
+    if empty:
+        log.warning("answer signatures: no user in group(s) %s of k=%d; their experts get no assigned user", empty, k)
+    return groups

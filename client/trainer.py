@@ -296,9 +296,9 @@ class ClientTrainer:
             return None
         k = self.model.k
         if len(self.trained) < k:
-            raise ValueError(f"group.assign_start=signature clusters the users of one client, and this client "
-                             f"holds {len(self.trained)} user(s) with a history for k={k} experts: it needs one "
-                             "client holding every user (`proper local`); docs/decisions.md")
+            raise ValueError(f"group.assign_start=signature clusters the users into k={k} groups, and this run "
+                             f"holds {len(self.trained)} user(s) with a history: lower adapters.k, or use "
+                             "group.assign_start=random (docs/decisions.md)")
         if self._signature_start is None:   # deterministic given the population: computed once per process
             from shared.method.signatures import signature_groups
             self._signature_start = signature_groups(self.model, self.tokenizer, self.trained, int(cfg.max_len), k,

@@ -40,7 +40,6 @@ from shared.method.mta import kmeans
 log = logging.getLogger(__name__)
 
 
-
 def refuse_in_federation(cfg) -> None:
     """A federated client clusters only its own users and would number its groups its own way:
     group.assign_start=signature is for one process holding every user (`proper local`)."""

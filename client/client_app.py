@@ -7,6 +7,8 @@ lists what each message carries).
   train.user        stage 3: the final group model in -> metrics only out
   query.init        the seeded starting point of a shared part (for a server optimizer)
   query.mixtures    the users' mixtures under the group start (the constraint loss's first pool)
+  query.signature   group.assign_start=signature: sums of this client's users' answer signatures
+                    (client/signature.py); their groups are decided and kept here
   evaluate          any stage: its parameters in -> sufficient statistics + per-user scores out
   MTA's handlers:   client/mta.py
 """
@@ -90,6 +92,16 @@ def initial_mixtures(msg: Message, context: Context) -> Message:
     t = trainer_for(context, "group")
     mixtures = t.initial_mixtures(arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS))
     return reply(msg, {P.NUM_USERS: len(t.users)}, {P.ROUTING: ArrayRecord({"mixtures": mixtures})})
+
+
+@app.query("signature")
+def signature(msg: Message, context: Context) -> Message:
+    """One round of the federated signature start (client/signature.py): sums over this client's
+    users only; in the last round each user's group is decided and kept on this client."""
+    from client.signature import answer
+    t = trainer_for(context, "signature")
+    sums = answer(t, config_of(msg), arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS))
+    return reply(msg, {P.NUM_USERS: len(t.trained)}, {P.SIGNATURE: ArrayRecord(sums)} if sums else None)
 
 
 @app.evaluate()

@@ -119,9 +119,10 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
             users = users_of_partition(everyone, part, n_parts, int(cfg.federation.users_per_client))
             state_dir = simulated_state_dir(nc, run_dir, part)
             client_seed, keep_shared = part, False  # the run directory gets one copy (sim/run.py)
-        refuse_in_federation(cfg)
+        refuse_in_federation(cfg, spec)
         _TRAINERS.clear()  # one client's users at a time per process keeps memory flat at scale
         _TRAINERS[key] = ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed, keep_shared=keep_shared)
+        _TRAINERS[key].federated = True
     return _TRAINERS[key]
 
 

@@ -192,6 +192,9 @@ class ClientTrainer:
         # the expert group.constraint_form=assign starts from, in place of the seeded hash
         self.assign_start: dict[str, int] | None = None
         self._signature_start: torch.Tensor | None = None     # group.assign_start=signature, once computed
+        # a federated client (client/runtime.py sets it): its users' signature groups come from the
+        # server's rounds, never from clustering its own users alone (each client would number them its own way)
+        self.federated = False
 
     # ---- putting the model in the state a stage starts from
     def _prepare(self, stage: str, population=None, group=None):
@@ -294,6 +297,9 @@ class ClientTrainer:
             return torch.tensor([self.assign_start[u.user_id] for u in self.trained])
         if cfg.get("assign_start", "random") != "signature":
             return None
+        if self.federated:   # decided by the server's signature rounds, kept on this client (client/signature.py)
+            from client.signature import kept_groups
+            return kept_groups(self)
         k = self.model.k
         if len(self.trained) < k:
             raise ValueError(f"group.assign_start=signature clusters the users into k={k} groups, and this run "

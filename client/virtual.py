@@ -110,8 +110,8 @@ class RoutedStore:
 def batch_trainer(cfg, run_dir, node_config, parts: list[int], n: int) -> ClientTrainer:
     """One trainer over the users of virtual clients `parts`, each user's private state read from
     its own client's directory: it predicts, it trains nothing."""
-    refuse_in_federation(cfg)
     spec, users_all = all_users(cfg)
+    refuse_in_federation(cfg, spec)
     per = int(cfg.federation.users_per_client)
     users, stores = [], {}
     for part in parts:

@@ -1,6 +1,6 @@
 """The server's side of PROPER's three stages: population and group rounds (a strategy and the
-chained schedule), the group stage's first pool of mixtures, and the user stage (clients train
-privately and reply metrics only)."""
+chained schedule), the group stage's first pool of mixtures and its signature start
+(server/signatures.py), and the user stage (clients train privately and reply metrics only)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from server.federation import Federation
 from server.mta import bank_record
 from server.privacy import note_release
+from server.signatures import signature_start
 from server.strategies import load_state, make_strategy, needs_start, state_tensors
 from server.strategies.chains import chained_round, sampled_nodes
 from server.strategies.group import mixture_pool
@@ -66,6 +67,8 @@ def train_round(fed: Federation, step: str, stage: str, rnd: int):
     """One population or group round; the result replaces the stage's shared part."""
     if stage == "group" and not fed.parts["population"]:
         raise RuntimeError("group stage without a population LoRA: every population round failed")
+    if stage == "group":
+        signature_start(fed, step)   # group.assign_start=signature: once, before the first group round
     initial_parameters(fed, step, stage)
     strategy = strategy_of(fed, stage)
     if stage == "group":

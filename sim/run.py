@@ -27,9 +27,10 @@ def _count_users(cfg) -> int:
     line naming the file and record, before any SuperNode starts."""
     from client.trainer import load_users
     from shared.data.lamp import LampDataError
-    users = load_users(cfg)[1]
+    spec, users = load_users(cfg)
     if not any(u.train for u in users):  # users with no history are served, but someone must train
         raise LampDataError(f"{cfg.data.path}: every user's profile is empty, nothing to train on")
+    refuse_in_federation(cfg, spec)
     return len(users)
 
 
@@ -58,7 +59,6 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     n_users = _count_users(cfg)
     per_client = int(cfg.federation.users_per_client)
     n_clients = math.ceil(n_users / per_client)
-    refuse_in_federation(cfg)
     virtual = cfg.simulation.get("virtual_clients")
     # virtual clients: M SuperNodes serve the N clients (shared/runtime/virtual.py); the server,
     # which holds no data, learns N here

@@ -125,17 +125,85 @@ def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, mon
         few.group(pop, None, None, 1)
 
 
-def test_a_federation_of_several_clients_refuses_signature_starts(tmp_path):
-    """Each client would number its groups its own way: `proper sim` refuses before starting."""
+def test_federated_em_is_the_em_of_one_client_holding_every_user():
+    """Sums over clients are sums over users: split in any way, the federation fits the same maps
+    and gives every user the group one client holding all of them gives; and it finds the groups."""
+    from shared.method import signatures as S
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.5, 0.5]]),     # p(answer | kind) of group 0
+            torch.tensor([[0.05, 0.95], [0.95, 0.05], [0.5, 0.5]])]     # and of group 1
+    keys, rows, truth = [], [], []
+    for u in range(12):
+        g, n = u % 2, 4 + u % 4
+        kinds = torch.randint(0, 3, (n,), generator=gen)
+        answers = torch.multinomial(maps[g][kinds], 1, generator=gen).view(-1)
+        rows.append(S.user_counts(kinds, answers, torch.zeros(n, dtype=torch.long), 1, 3, 2)[0])
+        keys.append(f"user{u}")
+        truth.append(g)
+    counts = torch.stack(rows)
+    whole = S.federated_answer_maps([(keys, counts)], k=2, seed=3)[0]
+    clients = [(keys[:5], counts[:5]), (keys[5:6], counts[5:6]), (keys[6:], counts[6:])]
+    split = S.federated_answer_maps(clients, k=2, seed=3)
+    assert torch.equal(torch.cat(split), whole)
+    # the users' groups are those of the centralized fit (up to their numbering), and the true ones
+    assert adjusted_rand_index(whole.tolist(), S.answer_maps(counts, 2, seed=3).tolist()) == 1.0
+    assert adjusted_rand_index(whole.tolist(), truth) == 1.0
+    # k-means' sufficient statistics add up the same way
+    x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    c = x[:3].clone()
+    one, parts = S.code_stats(x, c), [S.code_stats(x[:7], c), S.code_stats(x[7:], c)]
+    assert all(torch.allclose(one[key], parts[0][key] + parts[1][key]) for key in one)
+
+
+def test_a_federation_runs_the_signature_rounds_and_each_client_keeps_its_users_groups(tmp_path, monkeypatch):
+    """proper sim with group.assign_start=signature: the server's signature rounds reach every
+    client, each client keeps its users' groups on its own disk and starts the group stage's
+    assignment from them; the replies carry sums and no user id; the checkpoint keeps the result
+    (part "signature"), so a resumed run does not redo the rounds."""
+    import json
+    from pathlib import Path
+
+    import client.signature as client_signature
     from shared.data.synthetic import write_synthetic_lamp
-    from shared.runtime.config import ConfigError
+    from shared.runtime.persist import load_tensors
     from sim.run import run_sim
-    data = write_synthetic_lamp(tmp_path / "syn", n_users=4, n_groups=2, min_profile=3, max_profile=4, seed=0)
+    data = write_synthetic_lamp(tmp_path / "syn", n_users=6, n_groups=2, min_profile=3, max_profile=5, seed=0)
+    started, real = [], client_signature.kept_groups
+
+    def spy(trainer):   # the in-process engine runs the clients here: what each one starts from
+        started.append(({u.user_id for u in trainer.trained}, real(trainer)))
+        return started[-1][1]
+    monkeypatch.setattr(client_signature, "kept_groups", spy)
+    rc = run_sim("tiny", [f"data.path={data}", f"output.dir={tmp_path / 'runs'}", "simulation.engine=inprocess",
+                          "adapters.k=2", "group.constraint_form=assign", "group.assign_start=signature",
+                          "group.reassign=false", "group.signature_codes=3", "federation.audit_replies=true"])
+    assert rc == 0
+    run = next((tmp_path / "runs").iterdir())
+    groups = {}
+    for f in sorted(run.glob("clients/*/signature/groups.json")):
+        groups.update(json.loads(f.read_text()))
+    assert len(groups) == 6 and set(groups.values()) <= {0, 1}
+    progress = json.loads((run / "checkpoint" / "progress.json").read_text())
+    assert any(step.endswith("signature-assign") for step in progress["participation"])
+    state, _ = load_tensors(run / "checkpoint" / progress["tensors"])
+    assert {"signature/centroids", "signature/log_maps", "signature/log_prior", "signature/mean"} <= set(state)
+    assert state["signature/centroids"].shape[0] == 3 and state["signature/log_maps"].shape[0] == 2
+    wire = "\n".join(p.read_text() for p in Path(run / "wire").rglob("*") if p.is_file())
+    assert "query.signature" in wire
+    assert not any(uid in wire for uid in groups)                           # no user id crossed the wire
+    # every client's group stage started its assignment from its users' kept groups
+    assert set().union(*(ids for ids, _ in started)) == set(groups)
+    assert all(sorted(g.tolist()) == sorted(groups[u] for u in ids) for ids, g in started)
+
+
+def test_a_federation_refuses_signature_starts_for_free_text_answers(tmp_path):
+    """Free-text answers are quantised by a k-means over every user's answers, which the federated
+    rounds do not do: a federation on a generation task refuses before starting, naming the option."""
+    from shared.data.lamp import task_spec
     from shared.method.signatures import refuse_in_federation
-    from shared.runtime.config import load_config
-    refuse_in_federation(load_config("tiny", []))                  # the default: nothing to refuse
-    with pytest.raises(ConfigError, match="assign_start=signature"):   # what every federated client checks
-        refuse_in_federation(load_config("tiny", ["group.assign_start=signature"]))
+    from shared.runtime.config import ConfigError, load_config
+    signature = load_config("tiny", ["group.assign_start=signature"])
+    refuse_in_federation(load_config("tiny", []), task_spec("LaMP_4"))   # the default: nothing to refuse
+    refuse_in_federation(signature, task_spec("LaMP_2"))                  # label answers: federated
     with pytest.raises(ConfigError, match="assign_start=signature"):
-        run_sim("tiny", [f"data.path={data}", f"output.dir={tmp_path}", "simulation.engine=inprocess",
-                         "group.constraint_form=assign", "group.assign_start=signature"])
+        refuse_in_federation(signature, task_spec("LaMP_4"))

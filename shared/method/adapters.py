@@ -276,56 +276,62 @@ class ProperLinear(nn.Module):
 
     # ---- fused serving of one user (ProperLinear.fuse): fewer, smaller operations per token
     # Decoding one token runs each adapted layer on a [B, 1, in] input, where every small operation
-    # costs its dispatch more than its arithmetic, and a small bfloat16 GEMM costs oneDNN 20-30 us
-    # where the same float32 one costs 5 (bench/generation.py, 2 AMD EPYC cores). With one user
-    # loaded, what does not change while it is served is folded once into kept float32 tensors:
-    #   w_in  = [W_h + W_g A_u ; A_1..A_k ; A_u]             one matmul gives logits, expert and user z
-    #   c     = W_u e_u + b_g                                 the logits' constant, per row
-    #   w_out = [s_g B_1 .. s_g B_k , s_u B_u]               one matmul sums experts and user LoRA
-    # and the adapters run in float32 beside the base layer (which runs as the bare backbone's does,
-    # under autocast if on): base, one matmul in, a softmax, one scaling of the rank blocks and one
-    # addmm onto the base's output. The same sums in another order and precision: the outputs differ
-    # from _serve's in the last bits (bench/generation.py counts the greedy tokens that change), so the
-    # evaluation keeps the exact path and fusing is opted into for serving (docs/decisions.md).
-    def _fused_weights(self, stage: str) -> tuple:
-        k, r = self.k, self.r_group
+    # costs its dispatch more than its arithmetic (about 2-12 us each on one AMD EPYC core against a
+    # 85-90 us float32 GEMV for the base layer), and a small bfloat16 GEMM costs oneDNN 20-30 us where
+    # the same float32 one costs 5 (bench/generation.py). With one user loaded, what does not change
+    # while it is served is folded once into kept float32 tensors:
+    #   w_in  = [W_h + W_g A_u ; A_1 ; A_u ; A_2 ; A_u ; .. ; A_k ; A_u]   logits and every block's z
+    #   bias  = [W_u e_u + b_g ; 0]                                          the logits' constant
+    #   w_out = [s_g B_1 , s_u B_u , .. , s_g B_k , s_u B_u]                 every block back to out
+    # The user LoRA rides in every expert's block: the routing weights sum to 1, so
+    # sum_e w_e (s_g B_e A_e + s_u B_u A_u) x = sum_e w_e s_g B_e A_e x + s_u B_u A_u x, and the k
+    # blocks of r + r_u columns are scaled by their weight in one broadcast multiply (no concatenation
+    # per token). Per token: the base layer (as the bare backbone runs it, under autocast if on), one
+    # matmul in (bias added), a softmax, one multiply, one addmm onto the base's output, in float32.
+    # The same sums in another order and precision: the outputs differ from _serve's in the last bits
+    # (bench/generation.py counts the greedy tokens that change), so the evaluation keeps the exact
+    # path and fusing is opted into for serving (docs/decisions.md).
+    def _fused_parts(self, stage: str, emb: torch.Tensor | None) -> tuple:
+        """(w_in, bias [k + k*rr] or None, per-row constant [B, k] or None, w_out [k*rr, out]), kept."""
+        k = self.k
         user = stage == "user"
 
         def build(dt):
             router = self.router_h + (self.router_g @ self.user_A if user else 0.0)
-            rows = [router, self.expert_A.reshape(k * r, -1)] + ([self.user_A] if user else [])
-            cols = [self.expert_B.permute(1, 0, 2).reshape(self.out_features, k * r) * self.expert_scaling]
-            if user:
-                cols.append(self.user_B * self.user_scaling)
-            return torch.cat(rows).to(dt), torch.cat(cols, dim=1).T.contiguous().to(dt)
-        return self._keep(f"fused_{stage}", build, (self.router_h, self.expert_A, self.expert_B, self.user_A,
-                                                    self.user_B, self.router_g), torch.float32)
-
-    def _fused_const(self, stage: str, emb: torch.Tensor | None, n_dims: int) -> torch.Tensor | None:
-        """c = W_u e_u (+ b_g in stage user) as [B, 1.., k] float32, or None when there is none."""
-        if emb is None and stage != "user":
-            return None
-
-        def build(dt):
-            c = self.router_g_bias if stage == "user" else torch.zeros_like(self.router_g_bias)
-            c = c.view(1, -1) if emb is None else F.linear(emb.to(dt), self.router_u.to(dt), c.to(dt))
-            return c.view(c.shape[0], *([1] * (n_dims - 2)), self.k).to(dt)
-        return self._keep(f"fused_const_{stage}", build,
-                          (self.router_u, self.router_g_bias) + (() if emb is None else (emb,)), torch.float32)
+            rows, cols = [router], []
+            for e in range(k):
+                rows.append(self.expert_A[e])
+                cols.append(self.expert_B[e] * self.expert_scaling)
+                if user:
+                    rows.append(self.user_A)
+                    cols.append(self.user_B * self.user_scaling)
+            w_in, w_out = torch.cat(rows).to(dt), torch.cat(cols, dim=1).T.contiguous().to(dt)
+            c = self.router_g_bias.view(1, -1) if user else None
+            if emb is not None:
+                c = F.linear(emb.view(-1, emb.shape[-1]).to(dt), self.router_u.to(dt),
+                             None if c is None else c.view(-1).to(dt))
+            if c is None or c.shape[0] > 1:   # no constant, or one per row: added to the logits
+                return w_in, None, c, w_out
+            return w_in, torch.cat([c.view(-1).to(dt), c.new_zeros(w_in.shape[0] - k)]), None, w_out
+        p = self._parameters   # a dict lookup each: nn.Module.__getattr__ costs about 1 us a call
+        sources = (p["router_h"], p["expert_A"], p["expert_B"], p["user_A"], p["user_B"], p["router_g"],
+                   p["router_g_bias"], p["router_u"]) + (() if emb is None else (emb,))
+        return self._keep(f"fused_{stage}", build, sources, torch.float32)
 
     def _serve_fused(self, x: torch.Tensor, stage: str) -> torch.Tensor:
-        k, r, dev = self.k, self.r_group, x.device.type
-        w_in, w_out = self._fused_weights(stage)
-        c = self._fused_const(stage, self.ctx.user_emb, x.dim())
-        h = self.base(x)                                                          # as the bare backbone runs it
+        k, dev = self.k, x.device.type
+        w_in, bias, c, w_out = self._fused_parts(stage, self.ctx.user_emb)
+        base = self._modules["base"]._parameters
+        h = F.linear(x, base["weight"], base["bias"])                               # as the bare backbone runs it
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
-            both = F.linear(x.float(), w_in)                                      # [..., k + k*r (+ r_u)]
-            logits = both[..., :k] if c is None else both[..., :k] + c
+            both = F.linear(x.float(), w_in, bias)                                # [..., k + k*rr]
+            logits = both[..., :k]
+            if c is not None:
+                logits = logits + c.view(c.shape[0], *([1] * (x.dim() - 2)), k)
             w = torch.softmax(logits, dim=-1)
-            z = both[..., k:]
-            ze = z[..., :k * r].unflatten(-1, (k, r)) * w.unsqueeze(-1)
-            z = torch.cat([ze.flatten(-2), z[..., k * r:]], dim=-1) if stage == "user" else ze.flatten(-2)
-            out = torch.addmm(h.reshape(-1, h.shape[-1]).float(), z.reshape(-1, z.shape[-1]), w_out)
+            n = w.numel() // k
+            z = both[..., k:].reshape(n, k, -1) * w.reshape(n, k, 1)              # each block by its weight
+            out = torch.addmm(h.reshape(n, -1).float(), z.view(n, -1), w_out)
         # float32 out: the next operations (the activation, the residual add) take it as they take
         # the exact path's bfloat16, and the next adapted layer reads it without a cast back
         return out.view(h.shape)

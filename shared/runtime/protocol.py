@@ -7,6 +7,9 @@
   train.user          population, arrays (the final group part)     metrics only
   query.init          config part, [population]                     arrays: the seeded starting point
   query.mixtures      population, arrays (the group start)          routing (mixtures only), metrics
+  query.signature     config phase (read, codes, em, assign),       signature: sums over the client's
+                      [population], arrays (mean, centroids,        users only (per answer, per code,
+                      log_maps, log_prior)                          per map; nothing in assign), metrics
   evaluate            population, arrays (or bank), config,         metrics (sufficient statistics,
                       [mean-mixture]                                per-user scores without ids), info
   query.mta_candidates / train.mta_anchor / train.mta_user: MTA (server/mta.py, client/mta.py)
@@ -26,6 +29,7 @@ TRAIN_GROUP = "train.group"
 TRAIN_USER = "train.user"
 QUERY_INIT = "query.init"
 QUERY_MIXTURES = "query.mixtures"
+QUERY_SIGNATURE = "query.signature"
 EVALUATE = "evaluate"
 TRAIN_TYPES = {"population": TRAIN_POPULATION, "group": TRAIN_GROUP}
 
@@ -38,6 +42,7 @@ BANK = "bank"              # MTA's meta-LoRA bank
 CONFIG = "config"
 METRICS = "metrics"
 MEAN_MIXTURE = "mean-mixture"  # {"mixture": [L, k]}: the mean of the pool, for users with no history
+SIGNATURE = "signature"    # a query.signature reply's sums (shared/method/signatures.py, federated)
 INFO = "info"              # {"task": name}: the server holds no data and learns the task from here
 
 # keys

@@ -1,0 +1,66 @@
+"""The server's side of the federated signature start (group.assign_start=signature in a federation).
+
+Before the first group round, the server clusters the users by their answer signatures without
+seeing one (shared/method/signatures.py, "federated"): every client reads its users' items with the
+population model, then KMEANS_ROUNDS rounds of k-means give the kinds of input, then EM_ROUNDS rounds
+of EM (EM_RESTARTS starts side by side) fit k answer maps, and a last round sends the best maps, with
+which each client decides its users' groups and keeps them (client/signature.py). Every round is one
+query.signature message per client; the replies are sums over a client's users, summed again here.
+The result (mean, centroids, maps) is kept as the part "signature", so a resumed run does not redo it.
+"""
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from server.federation import Federation
+from shared.method import signatures as S
+from shared.runtime import protocol as P
+
+log = logging.getLogger("proper.server")
+
+
+def _round(fed: Federation, step: str, config: dict, arrays: dict | None = None, population=None) -> list[dict]:
+    content = RecordDict({P.CONFIG: ConfigRecord(config)})
+    if arrays:
+        content[P.ARRAYS] = ArrayRecord({k: v.contiguous() for k, v in arrays.items()})
+    if population is not None:
+        content[P.POPULATION] = population
+    ok = fed.collect(step, [Message(content, dst_node_id=n, message_type=P.QUERY_SIGNATURE) for n in fed.nodes()])
+    if not ok:
+        raise RuntimeError(f"{step}: no client answered the signature round")
+    return [r.content[P.SIGNATURE].to_torch_state_dict() for r in ok if P.SIGNATURE in r.content]
+
+
+def _summed(replies: list[dict]) -> dict:
+    return {key: sum(r[key].double() for r in replies) for key in replies[0]}
+
+
+def signature_start(fed: Federation, step: str):
+    """Run the signature rounds once per run (before the first group round), where configured."""
+    cfg = fed.cfg
+    if fed.method != "proper" or cfg.group.get("assign_start", "random") != "signature" or fed.parts.get("signature"):
+        return
+    k, codes, seed = int(cfg.adapters.k), int(cfg.group.get("signature_codes", 10)), int(cfg.seed)
+    stats = _summed(_round(fed, f"{step}/signature-read", {"phase": "read"}, population=fed.arrays("population")))
+    mean, centroids = S.first_centroids(stats, codes, seed)
+    for _ in range(S.KMEANS_ROUNDS):
+        stats = _summed(_round(fed, f"{step}/signature-codes", {"phase": "codes"},
+                               {"mean": mean, "centroids": centroids}))
+        centroids = S.next_centroids(stats, centroids)
+    kinds = {"mean": mean, "centroids": centroids}
+    em = {"phase": "em", "k": k, "restarts": S.EM_RESTARTS, "seed": seed}
+    stats = _summed(_round(fed, f"{step}/signature-em", em, kinds))
+    for _ in range(S.EM_ROUNDS):
+        log_maps, log_prior = S.em_maps(stats)
+        maps = {**kinds, "log_maps": log_maps, "log_prior": log_prior}
+        stats = _summed(_round(fed, f"{step}/signature-em", em, maps))
+    best = int(stats["loglik"].argmax())
+    log_maps, log_prior = S.em_maps(stats)
+    chosen = {**kinds, "log_maps": log_maps[best], "log_prior": log_prior[best]}
+    _round(fed, f"{step}/signature-assign", {"phase": "assign"}, chosen)
+    fed.parts["signature"] = {key: v.float() if v.is_floating_point() else v for key, v in chosen.items()}
+    log.info("%s: signature start: %d kinds of input (k-means, %d rounds), %d answer maps (EM, %d rounds, %d "
+             "starts; best log-likelihood %.1f); each client keeps its users' groups",
+             step, codes, S.KMEANS_ROUNDS, k, S.EM_ROUNDS, S.EM_RESTARTS, float(stats["loglik"][best]))

@@ -12,6 +12,7 @@ the readings on its own disk (<state dir>/signature/); every later phase answers
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 
@@ -20,6 +21,7 @@ from shared.runtime.config import stage_cfg
 from shared.runtime.persist import atomic_write_text, load_tensors, save_tensors
 
 GROUPS_FILE = "groups.json"
+log = logging.getLogger("proper.client")
 
 
 def _dir(trainer):
@@ -79,14 +81,16 @@ def answer(trainer, config, population: dict | None, arrays: dict | None) -> dic
     raise ValueError(f"query.signature: unknown phase {phase!r}")
 
 
-def kept_groups(trainer) -> torch.Tensor:
-    """[U] the groups the signature rounds decided for this client's users (trained order)."""
+def kept_groups(trainer) -> torch.Tensor | None:
+    """[U] the groups the signature rounds decided for this client's users (trained order), or None
+    where this client missed them (it was down during the read or assign round, or its state was
+    lost): its users then start from the seeded hash, as with group.assign_start=random, and the
+    run goes on rather than failing this client in every group round."""
     path = _dir(trainer) / GROUPS_FILE
-    if not path.exists():
-        raise RuntimeError(f"{path}: no signature groups: group.assign_start=signature in a federation needs "
-                           "the server's signature rounds before the first group round (server/signatures.py)")
-    groups = json.loads(path.read_text())
+    groups = json.loads(path.read_text()) if path.exists() else {}
     missing = [u.user_id for u in trainer.trained if u.user_id not in groups]
     if missing:
-        raise RuntimeError(f"{path}: no signature group for user(s) {', '.join(missing[:3])}")
+        log.warning("%s: no signature group for %d of this client's %d user(s): they start from the seeded "
+                    "hash (group.assign_start=random)", path, len(missing), len(trainer.trained))
+        return None
     return torch.tensor([groups[u.user_id] for u in trainer.trained])

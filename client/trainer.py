@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,21 @@ def user_seed(seed: int, user_id: str) -> int:
 def initial_embedding(seed: int, user_id: str, d_user: int) -> torch.Tensor:
     """A user's first e_u, seeded by (run seed, user id): the same wherever it is created."""
     return torch.randn(d_user, generator=torch.Generator().manual_seed(user_seed(seed, user_id)))
+
+
+EXPERT_CODE_SHARE = 0.9   # of e_u's start that is its expert's code; the rest is the user's own draw
+
+
+def expert_embedding(seed: int, user_id: str, d_user: int, expert: int) -> torch.Tensor:
+    """A user's first e_u when its expert is kept for the stage (group.embedding_start=expert): its
+    expert's code (seeded by run seed and expert, the same on every client) plus a smaller share of the
+    user's own draw, at the norm of initial_embedding. Users of one expert start close together, so the
+    router's user part W_u has k directions to learn, not one per user, and every user of an expert
+    pushes W_u the same way: in a federation the clients' W_u updates add up instead of cancelling in
+    the average (docs/decisions.md, "e_u starts at its expert's code")."""
+    code = torch.randn(d_user, generator=torch.Generator().manual_seed(user_seed(seed, f"expert:{expert}")))
+    a = EXPERT_CODE_SHARE
+    return (a * code + math.sqrt(1 - a * a) * initial_embedding(seed, user_id, d_user))
 
 
 def load_users(cfg: DictConfig, path: str | None = None):
@@ -268,6 +284,11 @@ class ClientTrainer:
             fit, probe = split_probe(self.trained, 0 if fixed else int(cfg.get("assign_probe", 0)), int(self.cfg.seed))
             start = self._assignment_start(cfg)
             assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start, fixed=fixed)
+            if fixed and cfg.get("embedding_start", "expert") == "expert":   # a user's first group round
+                for i, u in enumerate(self.trained):
+                    if self.store.load(u.user_id, "embedding") is None:
+                        before[i] = expert_embedding(self.cfg.seed, u.user_id, self.model.d_user,
+                                                     int(assignment[i]))
         result, emb, by_user = train_group(self.model, self.tokenizer, fit, before, cfg,
                                            others=others, seed=self.seed + server_round,
                                            user_router=uses_user_router(self.cfg), return_user_mixtures=True,

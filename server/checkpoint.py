@@ -4,7 +4,9 @@
                                              part's key order
 <run dir>/checkpoint/state-<n>.safetensors   the shared parts after step n: population LoRA, group
                                              part, the pool of mixtures, each stage's server
-                                             optimizer state ("opt.<stage>": moments, momentum)
+                                             optimizer state ("opt.<stage>": moments, momentum),
+                                             the signature start's result ("signature": mean,
+                                             centroids, log_maps, log_prior)
 
 The tensors are written first under a new name, then progress.json (atomically) points to them,
 then older tensor files are removed: a crash at any moment leaves a consistent checkpoint.

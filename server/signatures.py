@@ -40,24 +40,26 @@ def _summed(replies: list[dict]) -> dict:
 def signature_start(fed: Federation, step: str):
     """Run the signature rounds once per run (before the first group round), where configured."""
     cfg = fed.cfg
-    if fed.method != "proper" or cfg.group.get("assign_start", "random") != "signature" or fed.parts.get("signature"):
+    if fed.method != "proper" or not S.uses_signature_start(cfg) or fed.parts.get("signature"):
         return
     k, codes, seed = int(cfg.adapters.k), int(cfg.group.get("signature_codes", 10)), int(cfg.seed)
     stats = _summed(_round(fed, f"{step}/signature-read", {"phase": "read"}, population=fed.arrays("population")))
+    S.check_answers(stats)
     mean, centroids = S.first_centroids(stats, codes, seed)
-    for _ in range(S.KMEANS_ROUNDS):
-        stats = _summed(_round(fed, f"{step}/signature-codes", {"phase": "codes"},
+    for i in range(S.KMEANS_ROUNDS):
+        stats = _summed(_round(fed, f"{step}/signature-codes-{i + 1}", {"phase": "codes"},
                                {"mean": mean, "centroids": centroids}))
         centroids = S.next_centroids(stats, centroids)
     kinds = {"mean": mean, "centroids": centroids}
     em = {"phase": "em", "k": k, "restarts": S.EM_RESTARTS, "seed": seed}
-    stats = _summed(_round(fed, f"{step}/signature-em", em, kinds))
-    for _ in range(S.EM_ROUNDS):
+    stats = _summed(_round(fed, f"{step}/signature-em-0", em, kinds))
+    for i in range(S.EM_ROUNDS):
         log_maps, log_prior = S.em_maps(stats)
         maps = {**kinds, "log_maps": log_maps, "log_prior": log_prior}
-        stats = _summed(_round(fed, f"{step}/signature-em", em, maps))
+        stats = _summed(_round(fed, f"{step}/signature-em-{i + 1}", em, maps))
+    # the replies' log-likelihoods are those of the maps just sent: the best start is ranked, and
+    # sent, with the very maps its likelihood was measured under
     best = int(stats["loglik"].argmax())
-    log_maps, log_prior = S.em_maps(stats)
     chosen = {**kinds, "log_maps": log_maps[best], "log_prior": log_prior[best]}
     _round(fed, f"{step}/signature-assign", {"phase": "assign"}, chosen)
     fed.parts["signature"] = {key: v.float() if v.is_floating_point() else v for key, v in chosen.items()}

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from client.trainer import ClientTrainer, load_users
 from shared.data.lamp import LampDataError
-from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures
+from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures, recovery_note
 from shared.evaluation.metrics import stats_metrics
 from shared.method.plan import stage_plan
 from shared.runtime.config import to_yaml
@@ -112,7 +112,7 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
     if client.no_history:
         notes.append(no_history_note(len(client.no_history)))
     if recovery is not None:
-        notes.append(_recovery_note(recovery))
+        notes.append(recovery_note(recovery))
     notes.append("privacy: no formal DP (proper local is centralized: privacy.dp applies to federated runs)")
     table = run.write_table(rows, spec.metrics, notes)
     columns = list(dict.fromkeys(k for scores in per_user.values() for k in scores))
@@ -137,12 +137,6 @@ def _group_recovery(client: ClientTrainer, groups: dict, per_user: dict, rnd: in
     log.info("group round %d: group recovery ARI %.3f, purity %.3f (%d users, %d experts used)",
              rnd, rec["ari"], rec["purity"], rec["users"], rec["experts_used"])
     return {**rec, "round": rnd}
-
-
-def _recovery_note(rec: dict) -> str:
-    return (f"group recovery after group round {rec['round']}: adjusted Rand index {rec['ari']:.3f}, "
-            f"purity {rec['purity']:.3f} of the users' dominant experts against the data's known groups "
-            f"({rec['users']} users, {rec['experts_used']} experts used; shared/evaluation/groups.py)")
 
 
 def _fmt(m: dict) -> str:

@@ -129,11 +129,15 @@ def _finished(run_dir: Path, simulate) -> int:
                   "proper sim --resume %s", run_dir)
         return 1
     export_shared_parts(run_dir)
-    from shared.evaluation.groups import run_group_recovery
+    from shared.evaluation.groups import recovery_note, run_group_recovery
+    from shared.runtime.persist import atomic_write_text
     from shared.runtime.results import RunDir
     rec = run_group_recovery(run_dir)  # synthetic users only: None without groups.json or a group stage
     if rec is not None:  # read from the clients' private files on this one disk, after the run
         RunDir(run_dir).log({"kind": "groups", "stage": "group", **rec})
+        text = table.read_text()
+        if "group recovery" not in text:   # a resumed run's table may have it already
+            atomic_write_text(table, text.rstrip("\n") + f"\n- {recovery_note(rec)}\n")
         log.info("group recovery after group round %d: ARI %.3f, purity %.3f (%d users)",
                  rec["round"], rec["ari"], rec["purity"], rec["users"])
     log.info("done in %.0f s; results in %s", time.time() - t0, run_dir)

@@ -189,3 +189,17 @@ def test_several_users_mixtures_and_recording_keep_the_exact_path_when_fused():
     with torch.no_grad(), model.fused(), model.users(emb, record=True):
         assert torch.equal(model.lm(input_ids=IDS).logits, want)
     assert not any(name.startswith("fused") for _, layer in model.layers() for name in layer._kept)
+
+
+def test_fused_serving_runs_a_gpt2_conv1d_base_as_the_exact_path():
+    """GPT-2's adapted layers are Conv1D (weight [in, out]): the fused path must run the base as it is."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                    bos_token_id=0, eos_token_id=0))
+    model, _ = stage3((ProperModel(lm, find_target_modules(lm), k=3, d_user=16, seed=0), None))
+    emb = torch.randn(1, model.d_user, generator=torch.Generator().manual_seed(4))   # one user: fused
+    want = cached(model, emb)
+    got = fused_out(model, emb)
+    assert {name for _, layer in model.layers() for name in layer._kept} >= {"fused_user"}
+    assert (got - want).abs().max().item() < 1e-5

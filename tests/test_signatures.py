@@ -187,6 +187,7 @@ def test_a_federation_runs_the_signature_rounds_and_each_client_keeps_its_users_
     assert any(step.endswith("signature-assign") for step in progress["participation"])
     state, _ = load_tensors(run / "checkpoint" / progress["tensors"])
     assert {"signature/centroids", "signature/log_maps", "signature/log_prior", "signature/mean"} <= set(state)
+    assert "adjusted Rand index" in (run / "table.md").read_text()     # the group recovery line
     assert state["signature/centroids"].shape[0] == 3 and state["signature/log_maps"].shape[0] == 2
     wire = "\n".join(p.read_text() for p in Path(run / "wire").rglob("*") if p.is_file())
     assert "query.signature" in wire
@@ -207,3 +208,65 @@ def test_a_federation_refuses_signature_starts_for_free_text_answers(tmp_path):
     refuse_in_federation(signature, task_spec("LaMP_2"))                  # label answers: federated
     with pytest.raises(ConfigError, match="assign_start=signature"):
         refuse_in_federation(signature, task_spec("LaMP_4"))
+
+
+def test_a_kept_assignment_starts_each_users_embedding_at_its_experts_code(tmp_path):
+    """group.reassign=false: a user's first e_u is its expert's code plus a smaller share of its own
+    draw (group.embedding_start=expert), so users of one expert start closer than users of two;
+    embedding_start=random keeps the user's own draw."""
+    from client.trainer import ClientTrainer, expert_embedding, initial_embedding
+    from shared.data.lamp import task_spec
+    from shared.runtime.config import load_config
+    users, _ = _users()
+    overrides = ["adapters.k=2", "group.constraint_form=assign", "group.assign_start=signature",
+                 "group.signature_codes=2", "train.max_len=64", "group.reassign=false"]
+    spec = task_spec("LaMP_2")
+    for start in ("expert", "random"):
+        cfg = load_config("tiny", [*overrides, f"group.embedding_start={start}"])
+        client = ClientTrainer(cfg, spec, users, str(tmp_path / start))
+        client.group(client.initial("population"), None, None, 1)
+        groups = client._signature_start.tolist()
+        first = [client.store.load(u.user_id, "embedding")["e_u_before"] for u in users]
+        for u, g, e in zip(users, groups, first):
+            want = expert_embedding(cfg.seed, u.user_id, client.model.d_user, g) if start == "expert" else \
+                initial_embedding(cfg.seed, u.user_id, client.model.d_user)
+            assert torch.equal(e, want)
+    d = 64
+    same = torch.nn.functional.cosine_similarity(expert_embedding(0, "a", d, 1), expert_embedding(0, "b", d, 1), 0)
+    other = torch.nn.functional.cosine_similarity(expert_embedding(0, "a", d, 1), expert_embedding(0, "b", d, 0), 0)
+    assert same > 0.6 and abs(other) < 0.5
+    assert not torch.equal(expert_embedding(0, "a", d, 1), expert_embedding(0, "b", d, 1))   # still the user's own
+
+
+def test_the_server_runs_signature_rounds_only_where_an_assignment_starts_from_them():
+    from shared.method.signatures import uses_signature_start
+    from shared.runtime.config import load_config
+    sig = ["group.assign_start=signature", "group.constraint_form=assign"]
+    assert uses_signature_start(load_config("tiny", sig))
+    assert not uses_signature_start(load_config("tiny", ["group.assign_start=signature"]))      # pairs form
+    assert not uses_signature_start(load_config("tiny", [*sig, "method=loramoe"]))              # no user router
+
+
+def test_answers_outside_the_answer_set_are_refused_not_grouped():
+    """LaMP_1's answers (titles), or labels unlike the task's, count nothing: refuse, naming the option."""
+    from shared.method import signatures as S
+    readings = torch.randn(10, 4)
+    spec_labels = 3
+    known = S.read_stats(readings, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, -1]), spec_labels)
+    S.check_answers(known)
+    unknown = S.read_stats(readings, torch.tensor([0, 1, -1, -1, -1, -1, -1, -1, -1, -1]), spec_labels)
+    with pytest.raises(ValueError, match="assign_start=random"):
+        S.check_answers(unknown)
+
+
+def test_a_client_that_missed_the_signature_rounds_starts_from_the_hash(tmp_path, caplog):
+    from client.signature import kept_groups
+    from client.trainer import ClientTrainer
+    from shared.data.lamp import task_spec
+    from shared.runtime.config import load_config
+    users, _ = _users()
+    cfg = load_config("tiny", ["adapters.k=2", "group.constraint_form=assign", "group.assign_start=signature"])
+    client = ClientTrainer(cfg, task_spec("LaMP_2"), users, str(tmp_path / "state"))
+    with caplog.at_level("WARNING"):
+        assert kept_groups(client) is None
+    assert "seeded hash" in caplog.text

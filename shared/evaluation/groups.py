@@ -123,6 +123,13 @@ def group_recovery(experts: dict[str, int], groups: dict[str, int]) -> dict[str,
             "experts_used": len(set(pred))}
 
 
+def recovery_note(rec: dict) -> str:
+    """The results table's line for a run's group recovery."""
+    return (f"group recovery after group round {rec['round']}: adjusted Rand index {rec['ari']:.3f}, "
+            f"purity {rec['purity']:.3f} of the users' dominant experts against the data's known groups "
+            f"({rec['users']} users, {rec['experts_used']} experts used; shared/evaluation/groups.py)")
+
+
 def layer_recovery(mixtures, true) -> dict[str, float]:
     """Group recovery read layer by layer, from [U, L, k] mixtures and the users' true groups [U].
 

@@ -321,8 +321,11 @@ class ProperLinear(nn.Module):
     def _serve_fused(self, x: torch.Tensor, stage: str) -> torch.Tensor:
         k, dev = self.k, x.device.type
         w_in, bias, c, w_out = self._fused_parts(stage, self.ctx.user_emb)
-        base = self._modules["base"]._parameters
-        h = F.linear(x, base["weight"], base["bias"])                               # as the bare backbone runs it
+        if self.fan_in_fan_out:    # a GPT-2 Conv1D holds its weight as [in, out]: let it run itself
+            h = self._modules["base"](x)
+        else:
+            base = self._modules["base"]._parameters
+            h = F.linear(x, base["weight"], base["bias"])                           # as the bare backbone runs it
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
             both = F.linear(x.float(), w_in, bias)                                # [..., k + k*rr]
             logits = both[..., :k]

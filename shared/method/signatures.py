@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from shared.data.canaries import is_canary
 from shared.data.encode import encode_users, make_batches
 from shared.method.mta import kmeans
+from shared.method.plan import uses_user_router
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,25 @@ EM_ROUNDS = 30          # EM iterations (the centralized fit stops at convergenc
 EM_RESTARTS = 10        # random starts fitted side by side, the best kept by likelihood
 
 
+def uses_signature_start(cfg) -> bool:
+    """Whether a run's group stage starts its assignment from the signatures: only where there is an
+    assignment to start (group.constraint_form=assign with the user-aware router; client/trainer.py)."""
+    group = cfg.group
+    return (group.get("assign_start", "random") == "signature" and group.get("constraint_form") == "assign"
+            and uses_user_router(cfg))
+
+
+def check_answers(stats: dict, least: float = 0.5):
+    """Refuse a signature start whose answers are mostly outside the task's closed answer set (e.g.
+    LaMP_1's titles, or a data set whose labels differ from the task's): the users' counts would be
+    all zeros and every user would land in one group."""
+    items, known = float(stats["count"].sum()), float(stats["answer_count"].sum())
+    if items and known < least * items:
+        raise ValueError(f"group.assign_start=signature: only {known:.0f} of {items:.0f} training answers are in "
+                         f"the task's answer set, too few to group users by: use group.assign_start=random "
+                         "(docs/decisions.md)")
+
+
 def answer_index(spec, outputs) -> torch.Tensor:
     """Each output's index in the task's closed answer set (shared by every client), -1 if not in it."""
     index = {label: i for i, label in enumerate(spec.labels)}
@@ -284,7 +304,6 @@ def federated_answer_maps(client_counts: list[tuple[list[str], torch.Tensor]], k
     for _ in range(rounds):
         log_maps, log_prior = em_maps(stats)
         stats = summed([em_stats(c, *em_responsibilities(c, log_maps, log_prior)) for _, c in client_counts])
-    best = int(stats["loglik"].argmax())
-    log_maps, log_prior = em_maps(stats)
+    best = int(stats["loglik"].argmax())   # ranked under the maps it was measured with: the last sent
     return [em_responsibilities(c, log_maps[best:best + 1], log_prior[best:best + 1])[0][0].argmax(-1)
             for _, c in client_counts]

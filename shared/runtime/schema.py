@@ -156,7 +156,8 @@ class Population:
 @overrides(Train, (Federation, SERVER_KEYS))
 @rules(**STAGE_RULES, constraint_weight=at_least(0), user_lr_scale=POSITIVE,
        constraint_form=one_of("pairs", "balance", "assign"), assign_probe=at_least(0),
-       assign_start=one_of("random", "signature"), signature_codes=at_least(1))
+       assign_start=one_of("random", "signature"), signature_codes=at_least(1),
+       embedding_start=one_of("expert", "random"))
 @dataclass
 class Group:
     """Stage 2; may override any train.* key and the federation's server optimizer (null = theirs)."""
@@ -170,12 +171,16 @@ class Group:
     constraint_form: str = "pairs"
     assign_probe: int = 0                  # assign: items per user kept out of group training, to assign by
     # assign: where the assignment starts while the experts are identical. random: a seeded hash of
-    # the user; signature: a clustering of the users' (kind of input, answer) counts, one client
-    # holding every user only (shared/method/signatures.py)
+    # the user; signature: a clustering of the users' (kind of input, answer) counts, computed by one
+    # client holding every user or, in a federation, by signature rounds of sums over each client's
+    # users (shared/method/signatures.py, server/signatures.py)
     assign_start: str = "random"
     signature_codes: int = 10              # signature: kinds of input the items are quantised into
     reassign: bool = True                  # assign: re-estimate each user's expert by loss every round (IFCA);
                                            # false: keep the start for the whole stage
+    # reassign=false: a user's e_u starts at its expert's code (expert) or at its own seeded draw
+    # (random); client/trainer.py expert_embedding, docs/decisions.md
+    embedding_start: str = "expert"
     user_lr_scale: float = 1.0             # e_u and W_u (the router's user part) learn at this multiple of lr
     # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),
     # so that the constraint loss acts in round 1 too (docs/decisions.md)

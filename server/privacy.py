@@ -32,6 +32,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from server.strategies.chains import sampled_nodes, split_chains
 from server.strategies.privacy import dp_settings
+from shared.method.plan import initial_pool
 
 STAGES = ("population", "group")
 
@@ -82,7 +83,7 @@ def mixture_releases(cfg, layers: int) -> dict:
     if how != "noise" or str(cfg.method) != "proper":
         return {"mixtures": how}
     sigma = float(cfg.privacy.mixture_noise)
-    releases = int(cfg.group.rounds) + (1 if cfg.group.get("initial_pool", True) else 0)
+    releases = int(cfg.group.rounds) + (1 if initial_pool(cfg) else 0)
     return {"mixtures": how, "std": sigma, "layers": int(layers), "sensitivity": math.sqrt(2 * layers),
             "noise_multiplier": sigma / math.sqrt(2 * layers), "releases": releases}
 

@@ -16,6 +16,7 @@ from server.signatures import signature_start
 from server.strategies import load_state, make_strategy, needs_start, state_tensors
 from server.strategies.chains import chained_round, sampled_nodes
 from server.strategies.group import mixture_pool
+from shared.method import plan
 from shared.runtime import protocol as P
 
 log = logging.getLogger("proper.server")
@@ -51,7 +52,7 @@ def initial_pool(fed: Federation, step: str, rnd: int):
     mixtures under the group start (query.mixtures; shuffled, no ids, as every round's replies),
     so the constraint loss has other users to push from in round 1 too. It costs one forward pass
     over those clients' histories and one message each way."""
-    if fed.parts["mixtures"] is not None or not fed.cfg.group.initial_pool or fed.method != "proper":
+    if fed.parts["mixtures"] is not None or not plan.initial_pool(fed.cfg):
         return
     if fed.cfg.privacy.get("mixtures", "share") == "local":   # nothing would come back: no messages
         return

@@ -247,6 +247,17 @@ def test_the_server_runs_signature_rounds_only_where_an_assignment_starts_from_t
     assert not uses_signature_start(load_config("tiny", [*sig, "method=loramoe"]))              # no user router
 
 
+def test_the_first_pool_is_gathered_only_where_the_constraint_reads_it():
+    """group.initial_pool costs a forward pass per client; the assign form reads no pool."""
+    from shared.method.plan import initial_pool
+    from shared.runtime.config import load_config
+    assert initial_pool(load_config("tiny", []))                                               # pairs
+    assert initial_pool(load_config("tiny", ["group.constraint_form=balance"]))
+    assert not initial_pool(load_config("tiny", ["group.constraint_form=assign"]))
+    assert not initial_pool(load_config("tiny", ["group.initial_pool=false"]))
+    assert not initial_pool(load_config("tiny", ["method=loramoe"]))
+
+
 def test_answers_outside_the_answer_set_are_refused_not_grouped():
     """LaMP_1's answers (titles), or labels unlike the task's, count nothing: refuse, naming the option."""
     from shared.method import signatures as S

@@ -41,3 +41,11 @@ def stage_plan(cfg) -> list[str]:
 def uses_user_router(cfg) -> bool:
     return cfg.method != "loramoe"
 
+
+def initial_pool(cfg) -> bool:
+    """Whether the clients send a first pool of mixtures before group round 1 (group.initial_pool):
+    only where the constraint loss pushes from other users' mixtures. The assign form pulls each
+    user to its own expert and reads no pool (shared/method/stages.py, assignment_loss)."""
+    group = cfg.group
+    assign = group.get("constraint_form", "pairs") == "assign" and uses_user_router(cfg)
+    return bool(group.get("initial_pool", True)) and cfg.method == "proper" and not assign

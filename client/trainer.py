@@ -26,7 +26,7 @@ from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
 from shared.method.model import ProperModel
 from shared.method.optim import round_lr
-from shared.method.plan import BASE_CHAT, uses_user_router
+from shared.method.plan import BASE_CHAT, uses_assignment, uses_user_router
 from shared.method.stages import (
     RoundResult,
     assign_experts,
@@ -277,7 +277,7 @@ class ClientTrainer:
         before = torch.stack([self._embedding(u, server_round) for u in self.trained])
         cfg = round_cfg(self.cfg, "group", server_round)
         assignment, fit = None, self.trained
-        if cfg.get("constraint_form") == "assign" and uses_user_router(self.cfg):
+        if uses_assignment(self.cfg):
             # each user's expert, from the experts this round starts from: computed here, used here,
             # on probe items the group stage does not train on (group.assign_probe; 0: every item)
             fixed = not cfg.get("reassign", True)   # a kept assignment reads no probe items: train on all

@@ -247,6 +247,15 @@ def test_the_server_runs_signature_rounds_only_where_an_assignment_starts_from_t
     assert not uses_signature_start(load_config("tiny", [*sig, "method=loramoe"]))              # no user router
 
 
+def test_only_the_assign_form_with_a_user_router_has_an_assignment():
+    from shared.method.plan import uses_assignment
+    from shared.runtime.config import load_config
+    assert uses_assignment(load_config("tiny", ["group.constraint_form=assign"]))
+    assert not uses_assignment(load_config("tiny", []))                                          # pairs
+    assert not uses_assignment(load_config("tiny", ["group.constraint_form=balance"]))
+    assert not uses_assignment(load_config("tiny", ["group.constraint_form=assign", "method=loramoe"]))
+
+
 def test_the_first_pool_is_gathered_only_where_the_constraint_reads_it():
     """group.initial_pool costs a forward pass per client; the assign form reads no pool."""
     from shared.method.plan import initial_pool

@@ -42,10 +42,16 @@ def uses_user_router(cfg) -> bool:
     return cfg.method != "loramoe"
 
 
+def uses_assignment(cfg) -> bool:
+    """Whether the group stage assigns each user an expert (group.constraint_form=assign, IFCA-style):
+    the assignment is a target for the user-aware router, so a token-only router (LoRAMoE) has none.
+    The one test for it: the client's group round (client/trainer.py), the signature start
+    (shared/method/signatures.py) and the first pool (initial_pool, below) all read it here."""
+    return cfg.group.get("constraint_form", "pairs") == "assign" and uses_user_router(cfg)
+
+
 def initial_pool(cfg) -> bool:
     """Whether the clients send a first pool of mixtures before group round 1 (group.initial_pool):
     only where the constraint loss pushes from other users' mixtures. The assign form pulls each
     user to its own expert and reads no pool (shared/method/stages.py, assignment_loss)."""
-    group = cfg.group
-    assign = group.get("constraint_form", "pairs") == "assign" and uses_user_router(cfg)
-    return bool(group.get("initial_pool", True)) and cfg.method == "proper" and not assign
+    return bool(cfg.group.get("initial_pool", True)) and cfg.method == "proper" and not uses_assignment(cfg)

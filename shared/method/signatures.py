@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from shared.data.canaries import is_canary
 from shared.data.encode import encode_users, make_batches
 from shared.method.mta import kmeans
-from shared.method.plan import uses_user_router
+from shared.method.plan import uses_assignment
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,7 @@ EM_RESTARTS = 10        # random starts fitted side by side, the best kept by li
 def uses_signature_start(cfg) -> bool:
     """Whether a run's group stage starts its assignment from the signatures: only where there is an
     assignment to start (group.constraint_form=assign with the user-aware router; client/trainer.py)."""
-    group = cfg.group
-    return (group.get("assign_start", "random") == "signature" and group.get("constraint_form") == "assign"
-            and uses_user_router(cfg))
+    return cfg.group.get("assign_start", "random") == "signature" and uses_assignment(cfg)
 
 
 def check_answers(stats: dict, least: float = 0.5):

@@ -23,13 +23,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from client.trainer import get_model, initial_embedding, load_user_adapter, save_user_adapter, user_seed
+from client.trainer import (
+    expert_embedding,
+    get_model,
+    initial_embedding,
+    load_user_adapter,
+    save_user_adapter,
+    user_seed,
+)
 from shared.data.encode import encode_prompt
 from shared.data.lamp import apply_template, load_lamp
 from shared.evaluation.evaluate import MAX_NEW_TOKENS, generate_tokens
 from shared.method.model import fingerprint
+from shared.method.plan import starts_at_expert_code
 from shared.method.serving import train_embedding
-from shared.method.stages import train_user
+from shared.method.stages import expert_losses, train_user
 from shared.runtime.config import read_config, stage_cfg
 from shared.runtime.persist import UserStore, import_peft_adapter, load_group
 from shared.runtime.precision import use_bf16
@@ -209,6 +217,18 @@ class Serving:
         return {uid: texts[i * len(prompts):(i + 1) * len(prompts)] for i, uid in enumerate(user_ids)}
 
     # ---- users who join after the run
+    def _enrollment_start(self, user, group_cfg) -> torch.Tensor:
+        """A new user's first e_u, as the run started its users': where the run's users started at their
+        expert's code (group.embedding_start=expert with a kept assignment), the code of the expert
+        whose answers fit the new user's history best (expert_losses, k forward passes over it: the
+        run's assignment by loss, IFCA), so the user-aware router sends it there from the first step;
+        otherwise the user's own seeded draw."""
+        d = self.model.d_user
+        if not (self.has_group and starts_at_expert_code(self.cfg)):
+            return initial_embedding(self.cfg.seed, user.user_id, d)
+        expert = int(expert_losses(self.model, self.tokenizer, [user], group_cfg).argmin(1)[0])
+        return expert_embedding(self.cfg.seed, user.user_id, d, expert)
+
     def enroll(self, users) -> dict[str, list[Path]]:
         """Personalize new users on the frozen shared parts: each one's e_u, then its user LoRA and
         LoRA-aware router (shared/method/serving.py), written beside the run's other users' private
@@ -231,7 +251,7 @@ class Serving:
         passes = int(cfg.group.rounds) * int(group_cfg.epochs)  # what a user's e_u got in the run
         for u in users:
             seed = user_seed(cfg.seed, u.user_id)
-            start = initial_embedding(cfg.seed, u.user_id, self.model.d_user)
+            start = self._enrollment_start(u, group_cfg)
             # without a group stage the experts are no-ops and e_u routes nothing: it stays as it starts
             e_u = train_embedding(self.model, self.tokenizer, u, start, group_cfg, passes, seed) \
                 if self.has_group else start

@@ -26,7 +26,7 @@ from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
 from shared.method.model import ProperModel
 from shared.method.optim import round_lr
-from shared.method.plan import BASE_CHAT, uses_assignment, uses_user_router
+from shared.method.plan import BASE_CHAT, starts_at_expert_code, uses_assignment, uses_user_router
 from shared.method.stages import (
     RoundResult,
     assign_experts,
@@ -284,7 +284,7 @@ class ClientTrainer:
             fit, probe = split_probe(self.trained, 0 if fixed else int(cfg.get("assign_probe", 0)), int(self.cfg.seed))
             start = self._assignment_start(cfg)
             assignment = assign_experts(self.model, self.tokenizer, probe, cfg, int(self.cfg.seed), start, fixed=fixed)
-            if fixed and cfg.get("embedding_start", "expert") == "expert":   # a user's first group round
+            if starts_at_expert_code(self.cfg):   # a user's first group round
                 for i, u in enumerate(self.trained):
                     if self.store.load(u.user_id, "embedding") is None:
                         before[i] = expert_embedding(self.cfg.seed, u.user_id, self.model.d_user,

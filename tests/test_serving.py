@@ -146,6 +146,36 @@ def test_a_deployed_client_keeps_the_shared_parts_and_enrolls_there(tmp_path, pr
     assert_enrolled_only(state, state, before, [line.split("\t")[1] for line in out.out.splitlines()])
 
 
+def test_enrollment_after_a_kept_assignment_starts_at_the_code_of_the_expert_that_fits(tmp_path, monkeypatch):
+    """Where the run's users started e_u at their expert's code (assign form, assignment kept), a new
+    user starts at the code of the expert with the lowest loss on its history; elsewhere at its own
+    seeded draw, as before."""
+    from client import serving as CS
+    from client.trainer import ClientTrainer, expert_embedding, initial_embedding, load_users
+    from shared.runtime.config import load_config, stage_cfg
+    from shared.runtime.persist import UserStore
+    everyone, data = write_data(tmp_path)
+    new = next(u for u in load_users(load_config("tiny", [f"data.path={everyone}"]))[1] if u.user_id == NEW)
+    for name, extra in (("kept", ["group.constraint_form=assign", "group.reassign=false"]), ("pairs", [])):
+        cfg = load_config("tiny", [f"data.path={data}", *extra])
+        spec, users = load_users(cfg)
+        state = tmp_path / name
+        t = ClientTrainer(cfg, spec, users[:2], str(state), keep_shared=True)
+        pop = t.population(None, 1).shared
+        t.user(pop, t.group(pop, None, None, 1).shared)
+        s = CS.Serving(state)
+        s._loaded()
+        k, d, group_cfg = cfg.adapters.k, s.model.d_user, stage_cfg(s.cfg, "group")
+        if not extra:
+            assert torch.equal(s._enrollment_start(new, group_cfg), initial_embedding(cfg.seed, NEW, d))
+            continue
+        s.enroll([new])   # the real losses: the start is one of the k codes
+        start = UserStore(state).load(NEW, "embedding")["e_u_before"]
+        assert any(torch.equal(start, expert_embedding(cfg.seed, NEW, d, e)) for e in range(k))
+        monkeypatch.setattr(CS, "expert_losses", lambda *a, k=k: torch.arange(k, 0, -1).float().view(1, -1))
+        assert torch.equal(s._enrollment_start(new, group_cfg), expert_embedding(cfg.seed, NEW, d, k - 1))
+
+
 # ---------------------------------------------------------------- proper generate
 def test_generate_gives_the_evaluation_path_tokens(local_run, proper):
     """For each user and its test question: the API's tokens are the stage-3 evaluation's tokens,

@@ -50,6 +50,15 @@ def uses_assignment(cfg) -> bool:
     return cfg.group.get("constraint_form", "pairs") == "assign" and uses_user_router(cfg)
 
 
+def starts_at_expert_code(cfg) -> bool:
+    """Whether a user's first e_u is its expert's code (group.embedding_start=expert): only where the
+    assignment is kept for the stage (group.reassign=false), so the expert is known at the start and
+    the router's user part learns the k codes' directions (client/trainer.py expert_embedding). A user
+    enrolled after such a run starts at the code of the expert that fits its history (client/serving.py)."""
+    return (uses_assignment(cfg) and not cfg.group.get("reassign", True)
+            and cfg.group.get("embedding_start", "expert") == "expert")
+
+
 def initial_pool(cfg) -> bool:
     """Whether the clients send a first pool of mixtures before group round 1 (group.initial_pool):
     only where the constraint loss pushes from other users' mixtures. The assign form pulls each

@@ -10,7 +10,10 @@ One invocation, on LaMP files with held-out profile items (data.holdout, the val
      evaluation's own predict), and, as a check that this path is the evaluation's, a few trained
      users the same way against their per_user.csv scores;
   5. with --paired, `proper local` on all users (the K included, same config and seed): the same
-     users' val scores when trained in the run, for a paired difference.
+     users' val scores when trained in the run, for a paired difference;
+  6. with --random-start, the same K users enrolled again into a copy of the run with e_u started at
+     their own seeded draw rather than at the code of the expert that fits them (client/serving.py;
+     only differs where the run kept an assignment: group.constraint_form=assign, reassign=false).
 
 "Within the spread" is read two ways: the enrolled users' mean against the distribution of the mean
 of K users drawn from the trained ones (2.5-97.5 %), and the paired difference's bootstrap interval.
@@ -24,6 +27,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +105,20 @@ def score_users(run_dir: Path, data: Path, user_ids: list[str]) -> dict[str, flo
     return out
 
 
+def enroll_random_start(run_dir: Path, data: Path, user_ids: list[str]) -> None:
+    """`proper enroll` of the users with e_u started at their own seeded draw: the enrollment before
+    the expert's-code start, for comparison (in process; the start rule is switched off here only)."""
+    import client.serving as serving_mod
+    serving = serving_mod.Serving(run_dir)
+    chosen = serving_mod.read_users(serving.cfg, data, user_ids)
+    real = serving_mod.starts_at_expert_code
+    serving_mod.starts_at_expert_code = lambda _cfg: False
+    try:
+        serving.enroll(chosen)
+    finally:
+        serving_mod.starts_at_expert_code = real
+
+
 def bootstrap(x: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(1)
@@ -114,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=12, help="new users, drawn at random")
     ap.add_argument("--seed", type=int, default=0, help="draws the new users")
     ap.add_argument("--paired", action="store_true", help="also train every user in one run, for a paired difference")
+    ap.add_argument("--random-start", action="store_true",
+                    help="also enroll the users into a copy of the run from a random e_u, for a paired difference")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/enroll_spread")
     ap.add_argument("--override", action="append", default=[], help="key=value for the runs (repeat)")
@@ -128,6 +148,10 @@ def main(argv=None):
     if not (run / "per_user.csv").is_file():
         proper("local", "-c", a.config, f"data.path={work / 'data_run'}", "output.name=run", *common, threads=a.threads)
     t_run = time.time() - t0
+    if a.random_start and not (work / "run_random").exists():   # a copy before anyone is enrolled
+        if enrolled_already(run, new):
+            raise SystemExit(f"{run}: the users are enrolled already; --random-start needs a fresh --work")
+        shutil.copytree(run, work / "run_random")
     t = time.time()
     if not enrolled_already(run, new):   # a rerun (e.g. to add --paired) keeps the first enrollment
         proper("enroll", str(run), "--data", str(work / "data_new"), threads=a.threads)
@@ -175,6 +199,16 @@ def main(argv=None):
                      f"{100 * np.mean([same[u] for u in new]):.1f} | paired difference enrolled - trained "
                      f"{100 * d.mean():+.1f}, bootstrap 95 % [{100 * dlo:+.1f}, {100 * dhi:+.1f}] |")
         notes.append(f"Run of all users: {t_full:.0f} s.")
+    if a.random_start:
+        rand_run = work / "run_random"
+        if not enrolled_already(rand_run, new):
+            enroll_random_start(rand_run, work / "data_new", new)
+        rand = score_users(rand_run, work / "data_new", new)
+        d = np.array([enrolled[u] - rand[u] for u in new])
+        dlo, dhi = bootstrap(d)
+        lines.append(f"| the same {len(new)} users enrolled from a random e_u | {len(new)} | "
+                     f"{100 * np.mean([rand[u] for u in new]):.1f} | paired difference expert's code - random "
+                     f"{100 * d.mean():+.1f}, bootstrap 95 % [{100 * dlo:+.1f}, {100 * dhi:+.1f}] |")
     notes.append(f"Check of the scoring path: {len(check_ids)} trained users scored as the enrolled ones are "
                  f"differ from their per_user.csv scores by at most {100 * mismatch:.1f} points.")
     notes.append(f"Wall time: run {t_run:.0f} s, enrollment of {len(new)} users {t_enroll:.0f} s "

@@ -82,6 +82,12 @@ def test_errors_name_the_file_that_set_the_value(tmp_path):
     assert load_config(bad, ["train.optimizer=sgd"]).train.optimizer == "sgd"
 
 
+def test_a_val_split_without_held_out_items_is_refused_before_training():
+    with pytest.raises(ConfigError, match="eval.splits: val scores the held-out profile items, but data.holdout is 0"):
+        load_config("tiny", ["eval.splits=[test,val]"])
+    assert list(load_config("tiny", ["eval.splits=[test,val]", "data.holdout=1"]).eval.splits) == ["test", "val"]
+
+
 def test_removed_keys_say_what_replaced_them():
     with pytest.raises(ConfigError, match="federation.schedule is gone: federation.chains=1 is the sequential"):
         load_config("tiny", ["federation.schedule=sequential"])

@@ -344,7 +344,16 @@ def resolve(layers: list[tuple[str, Any]]) -> DictConfig:
     check every value. Returns a plain DictConfig without the unset stage overrides (see above)."""
     cfg = merge(Config, layers, GONE)
     check_privacy(cfg)
+    check_splits(cfg)
     return cfg
+
+
+def check_splits(cfg: DictConfig) -> None:
+    """The val split is the last data.holdout profile items of each user: with none held out there is
+    nothing to score, which would surface only after training, as an evaluation with no examples."""
+    if "val" in cfg.eval.splits and int(cfg.data.holdout) == 0:
+        raise ConfigError("eval.splits: val scores the held-out profile items, but data.holdout is 0; "
+                          "set data.holdout=N (items per user) or drop val from eval.splits")
 
 
 def check_privacy(cfg: DictConfig) -> None:

@@ -42,7 +42,7 @@ def signature_start(fed: Federation, step: str):
     cfg = fed.cfg
     if fed.method != "proper" or not S.uses_signature_start(cfg) or fed.parts.get("signature"):
         return
-    k, codes, seed = int(cfg.adapters.k), int(cfg.group.get("signature_codes", 10)), int(cfg.seed)
+    k, codes, seed = int(cfg.adapters.k), int(cfg.group.get("signature_codes", 15)), int(cfg.seed)
     stats = _summed(_round(fed, f"{step}/signature-read", {"phase": "read"}, population=fed.arrays("population")))
     S.check_answers(stats)
     mean, centroids = S.first_centroids(stats, codes, seed)
@@ -50,6 +50,7 @@ def signature_start(fed: Federation, step: str):
         stats = _summed(_round(fed, f"{step}/signature-codes-{i + 1}", {"phase": "codes"},
                                {"mean": mean, "centroids": centroids}))
         centroids = S.next_centroids(stats, centroids)
+    held = int((stats["count"] > 0).sum())   # codes past the answers with items start random and may stay empty
     kinds = {"mean": mean, "centroids": centroids}
     em = {"phase": "em", "k": k, "restarts": S.EM_RESTARTS, "seed": seed}
     stats = _summed(_round(fed, f"{step}/signature-em-0", em, kinds))
@@ -63,6 +64,6 @@ def signature_start(fed: Federation, step: str):
     chosen = {**kinds, "log_maps": log_maps[best], "log_prior": log_prior[best]}
     _round(fed, f"{step}/signature-assign", {"phase": "assign"}, chosen)
     fed.parts["signature"] = {key: v.float() if v.is_floating_point() else v for key, v in chosen.items()}
-    log.info("%s: signature start: %d kinds of input (k-means, %d rounds), %d answer maps (EM, %d rounds, %d "
-             "starts; best log-likelihood %.1f); each client keeps its users' groups",
-             step, codes, S.KMEANS_ROUNDS, k, S.EM_ROUNDS, S.EM_RESTARTS, float(stats["loglik"][best]))
+    log.info("%s: signature start: %d kinds of input (k-means, %d rounds; %d of them hold items), %d answer maps "
+             "(EM, %d rounds, %d starts; best log-likelihood %.1f); each client keeps its users' groups",
+             step, codes, S.KMEANS_ROUNDS, held, k, S.EM_ROUNDS, S.EM_RESTARTS, float(stats["loglik"][best]))

@@ -290,3 +290,26 @@ def test_a_client_that_missed_the_signature_rounds_starts_from_the_hash(tmp_path
     with caplog.at_level("WARNING"):
         assert kept_groups(client) is None
     assert "seeded hash" in caplog.text
+
+
+def test_the_signature_bench_clusters_one_user_per_client_as_a_federation_would():
+    """bench/signature_start.py: from item readings (here hand-made: 4 kinds of input, 4 answers, two
+    groups answering each kind differently) both its centralized and its one-user-per-client
+    federated clustering find the groups, whatever the order the items come in."""
+    from bench.signature_start import centralized, federated
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 32, generator=gen), dim=1) * 3
+    inp, answers, who, truth = [], [], [], []
+    for u in range(16):
+        g, n = u % 2, 3 + u % 5
+        kinds = torch.randint(0, 4, (n,), generator=gen)
+        inp.append(centres[kinds] + 0.05 * torch.randn(n, 32, generator=gen))
+        answers.append((kinds + g) % 4)          # group 1 gives kind i the answer group 0 gives kind i + 1
+        who.append(torch.full((n,), u))
+        truth.append(g)
+    inp, answers, who = torch.cat(inp), torch.cat(answers), torch.cat(who)
+    shuffle = torch.randperm(len(who), generator=gen)
+    inp, answers, who = inp[shuffle], answers[shuffle], who[shuffle]
+    keys = [f"u{u}" for u in range(16)]
+    assert adjusted_rand_index(centralized(inp, answers, who, 16, 4, k=2, codes=4, seed=0), truth) == 1.0
+    assert adjusted_rand_index(federated(inp, answers, who, keys, 4, k=2, codes=4, seed=0), truth) == 1.0

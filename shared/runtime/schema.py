@@ -175,7 +175,9 @@ class Group:
     # client holding every user or, in a federation, by signature rounds of sums over each client's
     # users (shared/method/signatures.py, server/signatures.py)
     assign_start: str = "random"
-    signature_codes: int = 10              # signature: kinds of input the items are quantised into
+    # signature: kinds of input the items are quantised into; 15 = LaMP-2's tag count, so the federated
+    # k-means starts from every answer's mean reading (docs/decisions.md, "The signature start in a federation")
+    signature_codes: int = 15
     reassign: bool = True                  # assign: re-estimate each user's expert by loss every round (IFCA);
                                            # false: keep the start for the whole stage
     # reassign=false: a user's e_u starts at its expert's code (expert) or at its own seeded draw

@@ -13,7 +13,7 @@ data's groups.json:
                for k answer maps (best of 20 starts, to convergence): shared/method/signatures.py
   federated    what `proper sim` / `proper server` do with one user per client: k-means from the
                answers' mean readings for KMEANS_ROUNDS Lloyd rounds of per-client sums, then
-               EM_ROUNDS rounds of EM with EM_RESTARTS starts (federated_answer_maps), step for step
+               EM with EM_RESTARTS starts to convergence (federated_answer_maps), step for step
                as server/signatures.py and client/signature.py compute them over messages
 
 No training: a row costs seconds once the readings are cached. The table goes to stdout and, with

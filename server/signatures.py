@@ -2,10 +2,11 @@
 
 Before the first group round, the server clusters the users by their answer signatures without
 seeing one (shared/method/signatures.py, "federated"): every client reads its users' items with the
-population model, then KMEANS_ROUNDS rounds of k-means give the kinds of input, then EM_ROUNDS rounds
-of EM (EM_RESTARTS starts side by side) fit k answer maps, and a last round sends the best maps, with
-which each client decides its users' groups and keeps them (client/signature.py). Every round is one
-query.signature message per client; the replies are sums over a client's users, summed again here.
+population model, then KMEANS_ROUNDS rounds of k-means give the kinds of input, then rounds of EM
+(EM_RESTARTS starts side by side, until converged or EM_ROUNDS) fit k answer maps, and a last
+round sends the best maps, with which each client decides its users' groups and keeps them
+(client/signature.py). Every round is one query.signature message per client; the replies are sums
+over a client's users, summed again here.
 The result (mean, centroids, maps) is kept as the part "signature", so a resumed run does not redo it.
 """
 from __future__ import annotations
@@ -54,10 +55,15 @@ def signature_start(fed: Federation, step: str):
     kinds = {"mean": mean, "centroids": centroids}
     em = {"phase": "em", "k": k, "restarts": S.EM_RESTARTS, "seed": seed}
     stats = _summed(_round(fed, f"{step}/signature-em-0", em, kinds))
-    for i in range(S.EM_ROUNDS):
+    before, rounds = None, 0
+    while rounds < S.EM_ROUNDS:
         log_maps, log_prior = S.em_maps(stats)
         maps = {**kinds, "log_maps": log_maps, "log_prior": log_prior}
-        stats = _summed(_round(fed, f"{step}/signature-em-{i + 1}", em, maps))
+        rounds += 1
+        stats = _summed(_round(fed, f"{step}/signature-em-{rounds}", em, maps))
+        if S.em_converged(before, stats["loglik"]):
+            break
+        before = stats["loglik"]
     # the replies' log-likelihoods are those of the maps just sent: the best start is ranked, and
     # sent, with the very maps its likelihood was measured under
     best = int(stats["loglik"].argmax())
@@ -66,4 +72,4 @@ def signature_start(fed: Federation, step: str):
     fed.parts["signature"] = {key: v.float() if v.is_floating_point() else v for key, v in chosen.items()}
     log.info("%s: signature start: %d kinds of input (k-means, %d rounds; %d of them hold items), %d answer maps "
              "(EM, %d rounds, %d starts; best log-likelihood %.1f); each client keeps its users' groups",
-             step, codes, S.KMEANS_ROUNDS, held, k, S.EM_ROUNDS, S.EM_RESTARTS, float(stats["loglik"][best]))
+             step, codes, S.KMEANS_ROUNDS, held, k, rounds, S.EM_RESTARTS, float(stats["loglik"][best]))

@@ -313,3 +313,12 @@ def test_the_signature_bench_clusters_one_user_per_client_as_a_federation_would(
     keys = [f"u{u}" for u in range(16)]
     assert adjusted_rand_index(centralized(inp, answers, who, 16, 4, k=2, codes=4, seed=0), truth) == 1.0
     assert adjusted_rand_index(federated(inp, answers, who, keys, 4, k=2, codes=4, seed=0), truth) == 1.0
+
+
+def test_federated_em_stops_once_no_start_moves():
+    """The server's EM runs until converged (em_converged), not a fixed number of rounds."""
+    from shared.method.signatures import EM_TOL, em_converged
+    ll = torch.tensor([-1000.0, -2000.0], dtype=torch.float64)
+    assert not em_converged(None, ll)                                    # the first round has nothing to compare
+    assert em_converged(ll, ll + torch.tensor([0.5, 1.0]) * EM_TOL * 1000)   # both within the tolerance
+    assert not em_converged(ll, ll + torch.tensor([0.0, 0.01]))          # one start still moving

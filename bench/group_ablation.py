@@ -127,9 +127,13 @@ def cluster_signatures(sigs: torch.Tensor, k: int, seed: int) -> np.ndarray:
     return labels
 
 
-def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], start: str = "random") -> dict:
+def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], start: str = "random",
+                every_round: bool = False) -> dict:
     """The group stage's rounds from `pop`, then recovery, peakedness and scores. start="history":
-    the users' e_u start from history_embeddings instead of the seeded N(0, I)."""
+    the users' e_u start from history_embeddings instead of the seeded N(0, I). start="truth": each
+    user starts on its true group's expert (groups.json), which group.reassign=false keeps: what the
+    group stage learns once the grouping is perfect. every_round: the first split is also scored after
+    every group round (a learning curve: does the group stage overfit its items?)."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as state:
         client = ClientTrainer(cfg, spec, users, state)
@@ -143,13 +147,19 @@ def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], st
             start_ari = adjusted_rand_index([c for c, _ in known], [g for _, g in known])
             log.info("start=updates: clusters of the users' population updates, ARI %.3f against the groups",
                      start_ari)
+        if start == "truth":   # the grouping's ceiling: every user kept on its true group's expert
+            trained = getattr(client, "trained", client.users)
+            if int(cfg.adapters.k) < 1 + max(groups.values()):
+                raise SystemExit(f"start=truth needs adapters.k >= {1 + max(groups.values())} (the data's groups)")
+            client.assign_start = {u.user_id: int(groups[u.user_id]) for u in trained}
+            start_ari = 1.0
         if start == "history":
             emb = history_embeddings(client, pop, int(cfg.adapters.d_user), int(cfg.seed))
             for u, e in zip(getattr(client, "trained", client.users), emb):
                 client.store.save(u.user_id, "embedding", {"e_u": e.clone(), "e_u_before": e.clone(),
                                                            "round": torch.tensor([0])})
         group = others = None
-        losses, assigned = [], []
+        losses, assigned, curve = [], [], []
         for rnd in range(1, int(cfg.group.rounds) + 1):
             with _recording_assignments() as record:
                 res = client.group(pop, group, others, rnd)
@@ -160,18 +170,26 @@ def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], st
                 log.info("group round %d: assignment ARI %.3f", rnd, assigned[-1])
             group, others = res.shared, res.mixtures
             losses.append((res.metrics["train_loss"], res.metrics["constraint_loss"]))
+            if every_round and rnd < int(cfg.group.rounds):
+                r = client.evaluate("group", pop, group, split=splits[0])
+                curve.append(stats_metrics(spec, r.stats)[spec.metrics[0]])
+                log.info("group round %d: %s %.3f, train loss %.3f", rnd, splits[0], curve[-1], losses[-1][0])
         mixtures = read_user_mixtures(Path(state) / MIXTURES_FILE)
         layered = _layered(client, cfg, groups)
-        scores = {}
+        scores, breakdown = {}, {}
         for split in splits:
             r = client.evaluate("group", pop, group, split=split)
             scores[split] = stats_metrics(spec, r.stats)[spec.metrics[0]]
+            preds = client.predictions("group", pop, group, split, None)
+            breakdown[split] = error_breakdown(users, groups, preds, split)
     rec = group_recovery({u: m["expert"] for u, m in mixtures.items()}, groups)
     peak = float(np.mean([max(m["mixture"]) for m in mixtures.values()]))
     plot = {u: m["mixture"] for u, m in mixtures.items()}
     return {**rec, **layered, "dominant_weight": peak, "scores": scores, "train_loss": losses[-1][0], "_mixtures": plot,
             "constraint_loss": losses[-1][1], "seconds": time.time() - t0, "start_ari": start_ari,
-            "assignment_ari": assigned}
+            "assignment_ari": assigned, "breakdown": breakdown,
+            "by_round": curve + [scores[splits[0]]] if every_round else None,
+            "loss_by_round": [a for a, _ in losses]}
 
 
 @contextlib.contextmanager
@@ -250,10 +268,58 @@ def group_oracle(users, groups: dict, split: str) -> float | None:
     return right / len(asked)
 
 
+def error_breakdown(users, groups: dict, preds: dict[str, list[str]], split: str) -> dict | None:
+    """Where the group stage's `split` answers go wrong (synthetic LaMP_2 users, themes readable):
+    accuracy on the items the group oracle answers right and on those it cannot (the user's quirks,
+    or a group majority the data got wrong), by the user's history size; and how often the answer is
+    the group oracle's tag, or the tag every group together gives the theme most (what the population
+    stage learns). An accuracy far under the oracle on its right items with answers at the all-groups
+    tag says the experts have not moved the population's map to their group's."""
+    from collections import Counter
+
+    from shared.data.synthetic import theme_of
+    theme = lambda x: theme_of(x.input.rpartition("description:")[2])  # noqa: E731
+    by_group: dict[tuple[int, str], Counter] = {}
+    overall: dict[str, Counter] = {}
+    for u in users:
+        for x in u.train:
+            th = theme(x)
+            if u.user_id in groups and th is not None:
+                by_group.setdefault((groups[u.user_id], th), Counter())[x.output] += 1
+                overall.setdefault(th, Counter())[x.output] += 1
+    rows = []
+    for u in users:
+        if u.user_id not in groups or u.user_id not in preds:
+            continue
+        for x, p in zip(getattr(u, split), preds[u.user_id]):
+            th = theme(x)
+            if th is None or (groups[u.user_id], th) not in by_group:
+                continue
+            tag = by_group[(groups[u.user_id], th)].most_common(1)[0][0]
+            rows.append({"size": len(u.train), "right": p.strip() == x.output, "oracle_right": tag == x.output,
+                         "at_oracle": p.strip() == tag, "at_overall": p.strip() == overall[th].most_common(1)[0][0],
+                         "group_is_overall": tag == overall[th].most_common(1)[0][0]})
+    if not rows:
+        return None
+    mean = lambda rs, key: round(float(np.mean([r[key] for r in rs])), 3) if rs else None  # noqa: E731
+    out = {"items": len(rows), "accuracy": mean(rows, "right"), "at_oracle": mean(rows, "at_oracle"),
+           "at_overall": mean(rows, "at_overall")}
+    right = [r for r in rows if r["oracle_right"]]
+    out["on_oracle_right"] = mean(right, "right")
+    out["on_oracle_wrong"] = mean([r for r in rows if not r["oracle_right"]], "right")
+    out["on_oracle_right_group_differs"] = mean([r for r in right if not r["group_is_overall"]], "right")
+    out["on_oracle_right_group_same"] = mean([r for r in right if r["group_is_overall"]], "right")
+    for lo, hi in ((0, 4), (5, 10), (11, 10**9)):
+        part = [r for r in right if lo <= r["size"] <= hi]
+        out[f"on_oracle_right_size_{lo}-{hi if hi < 10**9 else 'up'}"] = [mean(part, "right"), len(part)]
+    return out
+
+
 def table(rows: list[dict], k: int, splits: list[str]) -> str:
     head = ["variant", "ARI", "ARI per layer (mean / max)", "ARI k-means", "purity", "experts used",
             f"dominant weight: layer-averaged / per layer (1/k = {1 / k:.2f})",
-            *[f"group {s}" for s in splits], "loss", "constraint", "start ARI", "assignment ARI by round", "s"]
+            *[f"group {s}" for s in splits], "loss", "constraint", "start ARI", "assignment ARI by round",
+            f"group {splits[0]} by round", "loss by round", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], f"{r['ari']:.3f}", f"{r['ari_layer_mean']:.3f} / {r['ari_layer_max']:.3f}",
@@ -262,7 +328,9 @@ def table(rows: list[dict], k: int, splits: list[str]) -> str:
                  *[f"{100 * r['scores'][s]:.1f}" for s in splits],
                  f"{r['train_loss']:.3f}", f"{r['constraint_loss']:.3f}",
                  "" if r.get("start_ari") is None else f"{r['start_ari']:.3f}",
-                 " / ".join(f"{a:.2f}" for a in r.get("assignment_ari", [])), f"{r['seconds']:.0f}"]
+                 " / ".join(f"{a:.2f}" for a in r.get("assignment_ari", [])),
+                 " / ".join(f"{100 * a:.1f}" for a in r.get("by_round") or []),
+                 " / ".join(f"{a:.3f}" for a in r.get("loss_by_round", [])), f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -274,8 +342,11 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--variant", action="append", default=[],
                     help="name=override[,override...] (empty after '=' for the config as it is); "
-                         "start=history: e_u start from the users' histories (history_embeddings)")
+                         "start=history: e_u start from the users' histories (history_embeddings); "
+                         "start=truth: users kept on their true group's expert (with group.reassign=false)")
     ap.add_argument("--splits", default="val")
+    ap.add_argument("--every-round", action="store_true",
+                    help="score the first split after every group round too (a learning curve)")
     ap.add_argument("overrides", nargs="*", help="key=value for every variant")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -298,7 +369,7 @@ def main(argv=None):
         start = next((o.partition("=")[2] for o in opts if o.startswith("start=")), "random")
         vcfg = load_config(args.config, base + [o for o in opts if not o.startswith("start=")])
         log.info("variant %s: %s", name, extra or "(config as is)")
-        row = run_variant(vcfg, spec, users, pop, groups, splits, start)
+        row = run_variant(vcfg, spec, users, pop, groups, splits, start, args.every_round)
         plot_by_group(row.pop("_mixtures"), groups, f"{name}: ARI {row['ari']:.3f}", out / f"mixtures_{name}.png")
         rows.append({"variant": name, "overrides": extra, **row})
         log.info("variant %s: ARI %.3f, dominant weight %.3f, scores %s", name, rows[-1]["ari"],

@@ -45,11 +45,27 @@ def population_of(model, path: Path) -> dict:
     return load_tensors(path)[0]
 
 
+def source_key(population: Path, data_path) -> str:
+    """What the cached readings were read from: a digest of the population LoRA's bytes and the data's
+    path (a cache read from another LoRA or data set is not reused)."""
+    import hashlib
+    h = hashlib.sha256(str(Path(data_path).resolve()).encode())
+    for f in sorted(population.rglob("*")) if population.is_dir() else [population]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def readings(cfg, spec, users, population: Path, cache: Path | None):
-    """(readings [N, H], answers [N] in the task's answer set, who [N]) of every training item."""
+    """(readings [N, H], answers [N] in the task's answer set, who [N]) of every training item,
+    cached in `cache` under the population LoRA's and the data's key (source_key)."""
+    key = source_key(population, cfg.data.path)
     if cache is not None and cache.exists():
-        t = load_tensors(cache)[0]
-        return t["readings"], t["answers"], t["who"]
+        t, meta = load_tensors(cache)
+        if meta.get("source") == key:
+            return t["readings"], t["answers"], t["who"]
+        log.info("%s was read from another population LoRA or data set: reading the items again", cache)
     with tempfile.TemporaryDirectory() as state:
         client = ClientTrainer(cfg, spec, users, state)
         client._prepare("group", population_of(client.model, population))
@@ -57,7 +73,7 @@ def readings(cfg, spec, users, population: Path, cache: Path | None):
         inp, _, who = S.item_readings(client.model, client.tokenizer, users, int(stage_cfg(cfg, "group").max_len))
     answers = S.answer_index(spec, [x.output for u in users for x in u.train])
     if cache is not None:
-        save_tensors(cache, {"readings": inp.float(), "answers": answers, "who": who})
+        save_tensors(cache, {"readings": inp.float(), "answers": answers, "who": who}, {"source": key})
     return inp, answers, who
 
 

@@ -329,7 +329,7 @@ class ClientTrainer:
         if self._signature_start is None:   # deterministic given the population: computed once per process
             from shared.method.signatures import signature_groups
             self._signature_start = signature_groups(self.model, self.tokenizer, self.trained, int(cfg.max_len), k,
-                                                     int(cfg.get("signature_codes", 15)), int(self.cfg.seed),
+                                                     int(cfg.signature_codes), int(self.cfg.seed),
                                                      labels=self.spec.kind != "generation")
             log.info("group: assignment starts from the users' answer signatures (%s users per expert)",
                      "/".join(str(int((self._signature_start == e).sum())) for e in range(k)))

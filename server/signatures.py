@@ -43,7 +43,7 @@ def signature_start(fed: Federation, step: str):
     cfg = fed.cfg
     if fed.method != "proper" or not S.uses_signature_start(cfg) or fed.parts.get("signature"):
         return
-    k, codes, seed = int(cfg.adapters.k), int(cfg.group.get("signature_codes", 15)), int(cfg.seed)
+    k, codes, seed = int(cfg.adapters.k), int(cfg.group.signature_codes), int(cfg.seed)
     stats = _summed(_round(fed, f"{step}/signature-read", {"phase": "read"}, population=fed.arrays("population")))
     S.check_answers(stats)
     mean, centroids = S.first_centroids(stats, codes, seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -338,3 +339,44 @@ def test_the_group_oracle_answers_by_the_groups_majority_tag_per_theme():
     # one group: space is sci-fi by 2 votes to 1, so b's space answer is now wrong, its court one right
     assert group_oracle([a, b], {"a": 0, "b": 0}, "val") == 2 / 4
     assert group_oracle([a, b], {"a": 0, "b": 0}, "test") is None
+
+
+def test_the_error_breakdown_splits_the_group_stages_answers_by_what_the_oracle_and_population_say():
+    """bench/group_ablation.py error_breakdown: where the group stage's answers go wrong."""
+    from bench.group_ablation import error_breakdown
+    from shared.data.lamp import Example, User
+
+    def ex(uid, j, words, tag):
+        return Example(f"{uid}/{j}", uid, f"description: {words}.", tag)
+    space, court = "a starship and a galaxy", "the jury and the trial"
+    a = User("a", [ex("a", 0, space, "sci-fi"), ex("a", 1, space, "sci-fi"), ex("a", 2, court, "classic")],
+             [ex("a", 3, space, "sci-fi"), ex("a", 4, court, "drama")], [])
+    b = User("b", [ex("b", 0, space, "dystopia")], [ex("b", 1, space, "dystopia"), ex("b", 2, court, "classic")], [])
+    # group 1 has never tagged a court film: b's court item is left out. b's space item: the oracle
+    # says dystopia, all groups together sci-fi (2 votes to 1), and the model answered sci-fi.
+    out = error_breakdown([a, b], {"a": 0, "b": 1}, {"a": ["sci-fi", "classic"], "b": ["sci-fi", "x"]}, "val")
+    assert out["items"] == 3 and out["accuracy"] == round(1 / 3, 3)
+    assert out["at_oracle"] == round(2 / 3, 3) and out["at_overall"] == 1.0
+    assert out["on_oracle_right"] == 0.5 and out["on_oracle_wrong"] == 0.0
+    assert out["on_oracle_right_group_differs"] == 0.0 and out["on_oracle_right_group_same"] == 1.0
+    assert out["on_oracle_right_size_0-4"] == [0.5, 2] and out["on_oracle_right_size_5-10"] == [None, 0]
+    assert error_breakdown([a, b], {}, {"a": ["sci-fi", "x"]}, "val") is None
+
+
+def test_the_truth_start_keeps_every_user_on_its_true_groups_expert(tmp_path):
+    """bench/group_ablation.py start=truth: the group stage with a perfect grouping (its ceiling)."""
+    from bench.group_ablation import main
+    data = tmp_path / "syn"
+    write_synthetic_lamp(data, n_users=6, n_groups=2, min_profile=4, max_profile=6, seed=0)
+    out = tmp_path / "abl"
+    main(["-c", "tiny", "--data", str(data), "--out", str(out), "--splits", "val", "--variant",
+          "truth=start=truth,adapters.k=2,group.constraint_form=assign,group.reassign=false,group.rounds=2",
+          "--every-round", "data.holdout=1"])
+    row = json.loads((out / "group_ablation.json").read_text())[0]
+    assert row["assignment_ari"] == [1.0, 1.0]          # the true groups, kept for both rounds
+    assert len(row["by_round"]) == 2 and row["by_round"][-1] == row["scores"]["val"]   # a learning curve
+    assert len(row["loss_by_round"]) == 2
+    assert 0 < row["breakdown"]["val"]["items"] <= 6 and 0.0 <= row["breakdown"]["val"]["accuracy"] <= 1.0
+    with pytest.raises(SystemExit, match="adapters.k >= 2"):
+        main(["-c", "tiny", "--data", str(data), "--out", str(out), "--splits", "val", "--variant",
+              "truth=start=truth,adapters.k=1,group.constraint_form=assign,group.reassign=false", "data.holdout=1"])

@@ -42,3 +42,25 @@ def test_sgd_momentum_and_unknown_optimizers():
         .param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="train.optimizer"):
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], _cfg(optimizer="lion"))
+
+
+def test_warmup_ramps_each_param_groups_lr_over_the_rounds_first_steps():
+    """train.warmup_steps: a fresh optimizer's first N steps at lr * step / N, every group its own lr;
+    optimizer_step applies it before stepping, so the first step moves AdamW by about lr / N."""
+    from shared.method.optim import warmup
+    from shared.method.stages import optimizer_step
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1, weight_decay=0.0)
+    seen = []
+    for _ in range(6):
+        warmup(opt, 4)
+        seen.append([g["lr"] for g in opt.param_groups])
+    assert seen == [pytest.approx([0.1 * s / 4, 0.5 * s / 4]) for s in (1, 2, 3, 4, 4, 4)]
+    still = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    warmup(still, 0)
+    assert still.param_groups[0]["lr"] == 0.1
+    for steps, move in ((0, 0.1), (4, 0.025)):
+        w = torch.nn.Parameter(torch.zeros(1))
+        opt = make_optimizer([w], _cfg())
+        optimizer_step(opt, (3.0 * w).sum(), [w], _cfg(warmup_steps=steps, grad_clip=1.0))
+        assert -w.item() == pytest.approx(move, rel=1e-3)

@@ -322,3 +322,22 @@ def test_federated_em_stops_once_no_start_moves():
     assert not em_converged(None, ll)                                    # the first round has nothing to compare
     assert em_converged(ll, ll + torch.tensor([0.5, 1.0]) * EM_TOL * 1000)   # both within the tolerance
     assert not em_converged(ll, ll + torch.tensor([0.0, 0.01]))          # one start still moving
+
+
+def test_the_signature_bench_reuses_its_cached_readings_only_for_the_same_population_and_data(tmp_path):
+    """bench/signature_start.py source_key: readings cached from one population LoRA are not read back
+    for another LoRA (a file or a PEFT folder) or another data set."""
+    from bench.signature_start import source_key
+    lora = tmp_path / "population.safetensors"
+    lora.write_bytes(b"one")
+    key = source_key(lora, tmp_path / "data")
+    assert source_key(lora, tmp_path / "data") == key
+    assert source_key(lora, tmp_path / "other") != key
+    lora.write_bytes(b"two")
+    assert source_key(lora, tmp_path / "data") != key
+    folder = tmp_path / "population_lora"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"one")
+    first = source_key(folder, tmp_path / "data")
+    (folder / "adapter_model.safetensors").write_bytes(b"three")
+    assert source_key(folder, tmp_path / "data") != first

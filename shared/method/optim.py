@@ -1,4 +1,5 @@
-"""The client optimizer and its learning rate across a stage's rounds (train.optimizer, lr_schedule).
+"""The client optimizer and its learning rate across a stage's rounds (train.optimizer, lr_schedule,
+warmup_steps).
 
 Why this matters in a federation: a client builds a fresh optimizer every round, and a
 cross-device client holds one user's ~8 items, so a round is a few local steps. A fresh AdamW's
@@ -25,6 +26,19 @@ def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimize
         return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.0)),
                                weight_decay=float(cfg.get("weight_decay", 0.0)))
     raise ValueError(f"train.optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+
+
+def warmup(opt: torch.optim.Optimizer, steps: int):
+    """Before the optimizer's next step: its first `steps` steps take lr * step / steps (each param
+    group's own lr), then the lr itself. Why: a client's optimizer is fresh every round, and a fresh
+    AdamW's first steps are about lr * sign(g) on every parameter at once; at a high lr the group
+    stage's first round diverged (docs/decisions.md, "The group stage's learning rate")."""
+    if steps <= 0:
+        return
+    for group in opt.param_groups:
+        group.setdefault("peak_lr", group["lr"])
+        group["warm_step"] = group.get("warm_step", 0) + 1
+        group["lr"] = group["peak_lr"] * min(1.0, group["warm_step"] / steps)
 
 
 def round_lr(cfg, server_round: int) -> float:

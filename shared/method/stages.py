@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from shared.data.canaries import is_canary
 from shared.data.encode import encode_example, encode_users, make_batches, n_batches
 from shared.method.model import ProperModel
-from shared.method.optim import make_optimizer
+from shared.method.optim import make_optimizer, warmup
 from shared.runtime.precision import autocast
 from shared.runtime.progress import Progress
 
@@ -186,6 +186,7 @@ class RoundResult:
 
 
 def optimizer_step(opt, loss: torch.Tensor, params, cfg):
+    warmup(opt, int(cfg.get("warmup_steps", 0) or 0))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.get("grad_clip", 1.0))

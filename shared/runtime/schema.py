@@ -99,7 +99,7 @@ class Adapters:
 
 @rules(batch_size=at_least(1), max_len=at_least(1), bf16=BF16, grad_clip=POSITIVE, weight_decay=at_least(0),
        optimizer=one_of("adamw", "sgd"), momentum=DECAY, lr_schedule=one_of("constant", "cosine"),
-       lr_min_ratio=Rule(lambda v: 0 <= v <= 1, "in [0, 1]"))
+       lr_min_ratio=Rule(lambda v: 0 <= v <= 1, "in [0, 1]"), warmup_steps=at_least(0))
 @dataclass
 class Train:
     """Training settings shared by the stages; a stage section may override any of them."""
@@ -112,6 +112,7 @@ class Train:
     momentum: float = 0.0                  # sgd only
     lr_schedule: str = "constant"          # constant | cosine: the client lr decays over the stage's rounds ...
     lr_min_ratio: float = 0.1              # ... to lr_min_ratio * lr
+    warmup_steps: int = 0                  # every round's first N client steps ramp the lr up linearly (0: none)
 
 
 SERVER_KEYS = ("server_opt", "server_lr", "server_momentum", "beta_1", "beta_2", "tau")

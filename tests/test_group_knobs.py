@@ -323,9 +323,10 @@ def copy_with_train(user, train):
     return dataclasses.replace(user, user_id=user.user_id + "-short", train=list(train))
 
 
-def test_the_group_oracle_answers_by_the_groups_majority_tag_per_theme():
-    """bench/group_ablation.py group_oracle: the ceiling of a grouping on synthetic LaMP_2 users."""
-    from bench.group_ablation import group_oracle
+def two_theme_users():
+    """Two hand-made synthetic LaMP_2 users: a tags space films sci-fi (twice) and a court film
+    classic, and is asked a space and a court film (the court one answered drama); b tags a space
+    film dystopia and is asked a space and a court film."""
     from shared.data.lamp import Example, User
 
     def ex(uid, j, words, tag):
@@ -334,6 +335,13 @@ def test_the_group_oracle_answers_by_the_groups_majority_tag_per_theme():
     a = User("a", [ex("a", 0, space, "sci-fi"), ex("a", 1, space, "sci-fi"), ex("a", 2, court, "classic")],
              [ex("a", 3, space, "sci-fi"), ex("a", 4, court, "drama")], [])
     b = User("b", [ex("b", 0, space, "dystopia")], [ex("b", 1, space, "dystopia"), ex("b", 2, court, "classic")], [])
+    return a, b
+
+
+def test_the_group_oracle_answers_by_the_groups_majority_tag_per_theme():
+    """bench/group_ablation.py group_oracle: the ceiling of a grouping on synthetic LaMP_2 users."""
+    from bench.group_ablation import group_oracle
+    a, b = two_theme_users()
     # a: space right, court wrong (the group says classic); b: space right, court unseen for its group
     assert group_oracle([a, b], {"a": 0, "b": 1}, "val") == 2 / 4
     # one group: space is sci-fi by 2 votes to 1, so b's space answer is now wrong, its court one right
@@ -344,14 +352,7 @@ def test_the_group_oracle_answers_by_the_groups_majority_tag_per_theme():
 def test_the_error_breakdown_splits_the_group_stages_answers_by_what_the_oracle_and_population_say():
     """bench/group_ablation.py error_breakdown: where the group stage's answers go wrong."""
     from bench.group_ablation import error_breakdown
-    from shared.data.lamp import Example, User
-
-    def ex(uid, j, words, tag):
-        return Example(f"{uid}/{j}", uid, f"description: {words}.", tag)
-    space, court = "a starship and a galaxy", "the jury and the trial"
-    a = User("a", [ex("a", 0, space, "sci-fi"), ex("a", 1, space, "sci-fi"), ex("a", 2, court, "classic")],
-             [ex("a", 3, space, "sci-fi"), ex("a", 4, court, "drama")], [])
-    b = User("b", [ex("b", 0, space, "dystopia")], [ex("b", 1, space, "dystopia"), ex("b", 2, court, "classic")], [])
+    a, b = two_theme_users()
     # group 1 has never tagged a court film: b's court item is left out. b's space item: the oracle
     # says dystopia, all groups together sci-fi (2 votes to 1), and the model answered sci-fi.
     out = error_breakdown([a, b], {"a": 0, "b": 1}, {"a": ["sci-fi", "classic"], "b": ["sci-fi", "x"]}, "val")

@@ -1,13 +1,14 @@
 """How well does the signature start recover known groups, centralized and federated, per number of codes?
 
     python -m bench.signature_start -c lamp2_sample --data <proper synth dir> --population <LoRA> \
-        --k 5 --codes 10,15,20 --seeds 0,1,2 [--out <dir>]
+        --k 5 --codes 10,15,20 --seeds 0,1,2 [--prior 0.25,0.5] [--out <dir>]
 
 The population LoRA is a run's population_lora/ (PEFT adapter directory) or group_ablation's cached
 population.safetensors. Every training item is read once by that population model (the readings the
 group stage's signature start uses, cached in <out>/readings.safetensors); then, per number of codes
 and seed, the users are clustered two ways from the same readings and scored by ARI against the
-data's groups.json:
+data's groups.json (one row per number of codes and prior of the answer maps; the prior
+defaults to the config's group.signature_prior):
 
   centralized  what `proper local` does: k-means over all items (best of 10 k-means++ starts), EM
                for k answer maps (best of 20 starts, to convergence): shared/method/signatures.py
@@ -77,13 +78,15 @@ def readings(cfg, spec, users, population: Path, cache: Path | None):
     return inp, answers, who
 
 
-def centralized(inp, answers, who, n_users: int, n_answers: int, k: int, codes: int, seed: int) -> list[int]:
+def centralized(inp, answers, who, n_users: int, n_answers: int, k: int, codes: int, seed: int,
+                prior: float) -> list[int]:
     kinds = torch.as_tensor(S.best_kmeans(S._unit_centred(inp), codes, seed, 10))
     counts = S.user_counts(kinds, answers, who, n_users, codes, n_answers)
-    return S.answer_maps(counts, k, seed, 20).tolist()
+    return S.answer_maps(counts, k, seed, 20, prior=prior).tolist()
 
 
-def federated(inp, answers, who, keys: list[str], n_answers: int, k: int, codes: int, seed: int) -> list[int]:
+def federated(inp, answers, who, keys: list[str], n_answers: int, k: int, codes: int, seed: int,
+              prior: float) -> list[int]:
     """One client per user: every sum below is a sum of per-user replies, as the server sums them."""
     mine = [(who == u).nonzero().view(-1) for u in range(len(keys))]
     zero = torch.zeros(len(keys), dtype=torch.long)
@@ -98,7 +101,7 @@ def federated(inp, answers, who, keys: list[str], n_answers: int, k: int, codes:
         cents = S.next_centroids(summed([S.code_stats(x, cents) for x in unit]), cents)
     counts = [S.user_counts(S.nearest(x, cents), answers[i], zero[:len(i)], 1, codes, n_answers)
               for x, i in zip(unit, mine)]
-    groups = S.federated_answer_maps([([key], c) for key, c in zip(keys, counts)], k, seed)
+    groups = S.federated_answer_maps([([key], c) for key, c in zip(keys, counts)], k, seed, prior)
     return [int(g[0]) for g in groups]
 
 
@@ -110,6 +113,8 @@ def main(argv=None):
     ap.add_argument("--k", type=int, required=True, help="groups to cluster into (adapters.k)")
     ap.add_argument("--codes", default="10,15,20")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--prior", default=None, help="the answer maps' prior (group.signature_prior), comma-separated "
+                    "(default: the config's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
@@ -125,22 +130,25 @@ def main(argv=None):
     inp, answers, who = readings(cfg, spec, users, Path(args.population), out / "readings.safetensors" if out else None)
     keys = [u.user_id for u in users if u.train]   # the order item_readings numbers `who` in (ClientTrainer.trained)
     true = [truth[u] for u in keys]
+    priors = [float(s) for s in (args.prior or str(cfg.group.signature_prior)).split(",")]
     rows = []
-    for codes in (int(c) for c in args.codes.split(",")):
-        row = {"codes": codes, "centralized": [], "federated": []}
+    for codes, prior in ((int(c), p) for c in args.codes.split(",") for p in priors):
+        row = {"codes": codes, "prior": prior, "centralized": [], "federated": []}
         for seed in (int(s) for s in args.seeds.split(",")):
             row["centralized"].append(adjusted_rand_index(
-                centralized(inp, answers, who, len(keys), len(spec.labels), args.k, codes, seed), true))
+                centralized(inp, answers, who, len(keys), len(spec.labels), args.k, codes, seed, prior), true))
             row["federated"].append(adjusted_rand_index(
-                federated(inp, answers, who, keys, len(spec.labels), args.k, codes, seed), true))
-        log.info("codes %d: centralized %s, federated %s", codes, row["centralized"], row["federated"])
+                federated(inp, answers, who, keys, len(spec.labels), args.k, codes, seed, prior), true))
+        log.info("codes %d, prior %g: centralized %s, federated %s", codes, prior, row["centralized"],
+                 row["federated"])
         rows.append(row)
     seeds = args.seeds.replace(",", " / ")
     lines = [f"{len(keys)} users, {len(inp)} items, k = {args.k}; ARI against groups.json, seeds {seeds}", "",
-             "| codes | centralized | mean | federated (one user per client) | mean |", "|---|---|---|---|---|"]
+             "| codes | prior | centralized | mean | federated (one user per client) | mean |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         c, f = r["centralized"], r["federated"]
-        lines.append(f"| {r['codes']} | {' / '.join(f'{x:.3f}' for x in c)} | {np.mean(c):.3f} | "
+        lines.append(f"| {r['codes']} | {r['prior']:g} | {' / '.join(f'{x:.3f}' for x in c)} | {np.mean(c):.3f} | "
                      f"{' / '.join(f'{x:.3f}' for x in f)} | {np.mean(f):.3f} |")
     text = "\n".join(lines)
     if out:

@@ -330,7 +330,8 @@ class ClientTrainer:
             from shared.method.signatures import signature_groups
             self._signature_start = signature_groups(self.model, self.tokenizer, self.trained, int(cfg.max_len), k,
                                                      int(cfg.signature_codes), int(self.cfg.seed),
-                                                     labels=self.spec.kind != "generation")
+                                                     labels=self.spec.kind != "generation",
+                                                     prior=float(cfg.signature_prior))
             log.info("group: assignment starts from the users' answer signatures (%s users per expert)",
                      "/".join(str(int((self._signature_start == e).sum())) for e in range(k)))
         return self._signature_start

@@ -44,6 +44,7 @@ def signature_start(fed: Federation, step: str):
     if fed.method != "proper" or not S.uses_signature_start(cfg) or fed.parts.get("signature"):
         return
     k, codes, seed = int(cfg.adapters.k), int(cfg.group.signature_codes), int(cfg.seed)
+    prior = float(cfg.group.signature_prior)
     stats = _summed(_round(fed, f"{step}/signature-read", {"phase": "read"}, population=fed.arrays("population")))
     S.check_answers(stats)
     mean, centroids = S.first_centroids(stats, codes, seed)
@@ -57,7 +58,7 @@ def signature_start(fed: Federation, step: str):
     stats = _summed(_round(fed, f"{step}/signature-em-0", em, kinds))
     before, rounds = None, 0
     while rounds < S.EM_ROUNDS:
-        log_maps, log_prior = S.em_maps(stats)
+        log_maps, log_prior = S.em_maps(stats, prior)
         maps = {**kinds, "log_maps": log_maps, "log_prior": log_prior}
         rounds += 1
         stats = _summed(_round(fed, f"{step}/signature-em-{rounds}", em, maps))

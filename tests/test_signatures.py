@@ -50,7 +50,7 @@ def test_signatures_separate_groups_that_answer_alike_overall():
     assert sig.sum((1, 2)).tolist() == [2, 3, 4, 3, 2, 4]   # every item counted once
     # users 0 and 2 (group 0) read alike; users 0 and 5 give each answer equally often, yet differ
     assert torch.equal(2 * sig[0], sig[2]) and not torch.equal(2 * sig[0], sig[5])
-    groups = signature_groups(model, tok, users, 64, k=2, codes=2, seed=0, labels=True)
+    groups = signature_groups(model, tok, users, 64, k=2, codes=2, seed=0, labels=True, prior=0.5)
     assert adjusted_rand_index(groups.tolist(), truth) == 1.0
     # canary copies (privacy.canaries) are no way of answering: left out of the counts
     planted = [User(u.user_id, u.train + [Example(f"{u.user_id}/canary{j}", u.user_id, "secret:", "1 2")
@@ -69,7 +69,7 @@ def test_answer_maps_group_users_whose_few_items_share_no_cell():
     one group mostly share no (kind, answer) cell, yet each item fits one group's map only."""
     import itertools
 
-    from shared.method.signatures import answer_maps
+    from shared.method.signatures import answer_maps, smoothing_of
     counts, truth = [], []
     for g in (0, 1):
         for a, b in itertools.combinations(range(4), 2):
@@ -77,11 +77,17 @@ def test_answer_maps_group_users_whose_few_items_share_no_cell():
             c[a, 4 * g + a] = c[b, 4 * g + b] = 1       # group g answers kind i with answer 4g + i
             counts.append(c)
             truth.append(g)
-    with pytest.raises(ValueError, match="smoothing"):
-        answer_maps(torch.stack(counts), 2, seed=0, smoothing=0.0)
-    labels = answer_maps(torch.stack(counts), 2, seed=0)
+    with pytest.raises(ValueError, match="prior"):
+        answer_maps(torch.stack(counts), 2, seed=0, prior=0.0)
+    labels = answer_maps(torch.stack(counts), 2, seed=0, prior=0.5)
     assert adjusted_rand_index(labels.tolist(), truth) == 1.0
-    assert torch.equal(labels, answer_maps(torch.stack(counts), 2, seed=0))      # seeded
+    assert torch.equal(labels, answer_maps(torch.stack(counts), 2, seed=0, prior=0.5))      # seeded
+    # the prior is a fraction of the items per cell: the same users with ten times the items group
+    # alike, and 0.5 pseudo-counts per cell fixed (1.33 times the 0.375 items per cell here) would
+    # make both maps alike and put everyone in one group
+    assert adjusted_rand_index(answer_maps(10 * torch.stack(counts), 2, seed=0, prior=0.5).tolist(), truth) == 1.0
+    assert smoothing_of(0.5, 24, 2 * 4 * 8) == pytest.approx(0.1875)
+    assert adjusted_rand_index(answer_maps(torch.stack(counts), 2, seed=0, prior=0.5 / 0.375).tolist(), truth) == 0.0
 
 
 def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, monkeypatch):
@@ -141,12 +147,12 @@ def test_federated_em_is_the_em_of_one_client_holding_every_user():
         keys.append(f"user{u}")
         truth.append(g)
     counts = torch.stack(rows)
-    whole = S.federated_answer_maps([(keys, counts)], k=2, seed=3)[0]
+    whole = S.federated_answer_maps([(keys, counts)], k=2, seed=3, prior=0.5)[0]
     clients = [(keys[:5], counts[:5]), (keys[5:6], counts[5:6]), (keys[6:], counts[6:])]
-    split = S.federated_answer_maps(clients, k=2, seed=3)
+    split = S.federated_answer_maps(clients, k=2, seed=3, prior=0.5)
     assert torch.equal(torch.cat(split), whole)
     # the users' groups are those of the centralized fit (up to their numbering), and the true ones
-    assert adjusted_rand_index(whole.tolist(), S.answer_maps(counts, 2, seed=3).tolist()) == 1.0
+    assert adjusted_rand_index(whole.tolist(), S.answer_maps(counts, 2, seed=3, prior=0.5).tolist()) == 1.0
     assert adjusted_rand_index(whole.tolist(), truth) == 1.0
     # k-means' sufficient statistics add up the same way
     x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
@@ -311,8 +317,8 @@ def test_the_signature_bench_clusters_one_user_per_client_as_a_federation_would(
     shuffle = torch.randperm(len(who), generator=gen)
     inp, answers, who = inp[shuffle], answers[shuffle], who[shuffle]
     keys = [f"u{u}" for u in range(16)]
-    assert adjusted_rand_index(centralized(inp, answers, who, 16, 4, k=2, codes=4, seed=0), truth) == 1.0
-    assert adjusted_rand_index(federated(inp, answers, who, keys, 4, k=2, codes=4, seed=0), truth) == 1.0
+    assert adjusted_rand_index(centralized(inp, answers, who, 16, 4, k=2, codes=4, seed=0, prior=0.5), truth) == 1.0
+    assert adjusted_rand_index(federated(inp, answers, who, keys, 4, k=2, codes=4, seed=0, prior=0.5), truth) == 1.0
 
 
 def test_federated_em_stops_once_no_start_moves():

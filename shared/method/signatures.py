@@ -13,11 +13,12 @@ clustering's local optima. group.assign_start=signature starts it from a cluster
      the answer string itself (label tasks) or, where answers are free text, a code of the answer
      tokens' hidden states, quantised the same way;
   4. the users are clustered into k groups by those counts: a mixture of k answer maps, each a
-     distribution of answers per kind of input, fitted by EM (best of several restarts by
-     likelihood). A user of a few items shares few cells with the others of its group, which
-     defeats k-means on the count vectors (ARI 0.23-0.52 against EM's 0.71-0.77 with the true
-     themes, 60 users in 5 groups: docs/results/groups.md, "Session 11"); the mixture instead
-     scores each item against each group's map.
+     distribution of answers per kind of input under a prior of group.signature_prior times the
+     items per cell (smoothing_of), fitted by EM (best of several restarts by likelihood). A user
+     of a few items shares few cells with the others of its group, which defeats k-means on the
+     count vectors (ARI 0.23-0.52 against EM's 0.71-0.77 with the true themes, 60 users in 5
+     groups: docs/results/groups.md, "Session 11"); the mixture instead scores each item against
+     each group's map.
 
 In a federation (`proper sim`, `proper server`) the same clustering runs as rounds of sufficient
 statistics (below, "federated"; server/signatures.py, client/signature.py): step 2 becomes k-means
@@ -121,14 +122,24 @@ def answer_signatures(model, tokenizer, users, max_len: int, codes: int, seed: i
     return sig.view(sig_users, codes, n_answers)
 
 
-def answer_maps(counts: torch.Tensor, k: int, seed: int, restarts: int = 20, iters: int = 100,
-                smoothing: float = 0.1) -> torch.Tensor:
+def smoothing_of(prior: float, items: float, cells: int) -> float:
+    """The pseudo-counts added to each cell of an answer map (k maps of kinds x answers cells): `prior`
+    times the items per cell on average. Fixed pseudo-counts weigh more the fewer items there are:
+    on 24 items in 2 groups (tests/test_signatures.py) 0.5 per cell makes both maps alike and EM puts
+    every user in one group, while 0.1 per cell left 5 synthetic groups of 150 users less well separated
+    than 0.5 (docs/decisions.md, "The answer maps' prior")."""
+    if prior <= 0:
+        raise ValueError("the answer maps need a prior > 0 (an unseen cell would have log 0)")
+    return prior * max(float(items), 1.0) / cells
+
+
+def answer_maps(counts: torch.Tensor, k: int, seed: int, restarts: int = 20, iters: int = 100, *,
+                prior: float) -> torch.Tensor:
     """[U] each user's cluster under a mixture of k answer maps fitted to counts [U, kinds, answers]
-    by EM: a map is p(answer | kind), smoothed by `smoothing` pseudo-counts per cell; a user's
+    by EM: a map is p(answer | kind), smoothed by pseudo-counts in every cell (smoothing_of); a user's
     log-likelihood under a map sums its items' log p. Best of `restarts` random starts (seeded) by
     the data's log-likelihood."""
-    if smoothing <= 0:
-        raise ValueError("answer_maps needs smoothing > 0 (an unseen cell would have log 0)")
+    smoothing = smoothing_of(prior, float(counts.sum()), k * counts.shape[1] * counts.shape[2])
     c = counts.double()
     gen = torch.Generator().manual_seed(seed)
     best = None
@@ -150,10 +161,11 @@ def answer_maps(counts: torch.Tensor, k: int, seed: int, restarts: int = 20, ite
 
 
 def signature_groups(model, tokenizer, users, max_len: int, k: int, codes: int, seed: int, labels: bool,
-                     restarts: int = 20) -> torch.Tensor:
+                     prior: float, restarts: int = 20) -> torch.Tensor:
     """[U] each user's group (0..k-1) from its answer signature: the assignment's start. A group the
     mixture leaves empty is logged: under group.reassign=false its expert gets no user."""
-    groups = answer_maps(answer_signatures(model, tokenizer, users, max_len, codes, seed, labels), k, seed, restarts)
+    groups = answer_maps(answer_signatures(model, tokenizer, users, max_len, codes, seed, labels), k, seed, restarts,
+                         prior=prior)
     empty = [e for e in range(k) if not (groups == e).any()]
     if empty:
         log.warning("answer signatures: no user in group(s) %s of k=%d; their experts get no assigned user", empty, k)
@@ -292,14 +304,17 @@ def em_stats(counts: torch.Tensor, resp: torch.Tensor, loglik: torch.Tensor | No
             "loglik": torch.zeros(r, dtype=torch.float64) if loglik is None else loglik}
 
 
-def em_maps(stats: dict, smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-step from the summed em_stats: (log maps [R, k, codes, answers], log prior [R, k])."""
-    maps = stats["counts"] + smoothing
+def em_maps(stats: dict, map_prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-step from the summed em_stats: (log maps [R, k, codes, answers], log prior [R, k], the
+    mixture's weights); each map cell gets smoothing_of(map_prior, the users' items, cells)
+    pseudo-counts, as in the centralized fit."""
+    counts = stats["counts"]
+    maps = counts + smoothing_of(map_prior, float(counts[0].sum()), counts[0].numel())
     prior = stats["mass"] / stats["mass"].sum(-1, keepdim=True).clamp_min(1e-12)
     return (maps / maps.sum(-1, keepdim=True)).log(), prior.clamp_min(1e-12).log()
 
 
-def federated_answer_maps(client_counts: list[tuple[list[str], torch.Tensor]], k: int, seed: int,
+def federated_answer_maps(client_counts: list[tuple[list[str], torch.Tensor]], k: int, seed: int, prior: float,
                           rounds: int = EM_ROUNDS, restarts: int = EM_RESTARTS) -> list[torch.Tensor]:
     """The federated EM in one process, for tests and benches: clients given as (user keys, counts);
     returns each client's users' groups. What server/signatures.py and client/signature.py do over
@@ -309,7 +324,7 @@ def federated_answer_maps(client_counts: list[tuple[list[str], torch.Tensor]], k
     stats = summed([em_stats(c, random_responsibilities(keys, restarts, k, seed)) for keys, c in client_counts])
     before = None
     for _ in range(rounds):
-        log_maps, log_prior = em_maps(stats)
+        log_maps, log_prior = em_maps(stats, prior)
         stats = summed([em_stats(c, *em_responsibilities(c, log_maps, log_prior)) for _, c in client_counts])
         if em_converged(before, stats["loglik"]):
             break

@@ -48,7 +48,7 @@ def run_step(fed: Federation, step: str):
 
 def run(fed: Federation):
     t0 = time.time()
-    plan = stage_plan(fed.cfg)
+    plan = [step.name for step in stage_plan(fed.cfg)]
     fed.wait_for_nodes(int(fed.cfg.federation.min_available_clients))
     for i, step in enumerate(plan, 1):
         if step in fed.progress["done"]:

@@ -75,7 +75,7 @@ def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
 
     pop = group = others = mixtures = None
     for step in stage_plan(cfg):
-        kind, _, arg = step.partition(":")
+        kind, arg = step.kind, step.arg
         if kind == "eval":
             evaluate(arg, pop, group)
         elif kind == "population":

@@ -13,28 +13,68 @@ The bare backbone is evaluated in the training format ("eval:base") and, with "b
 eval.stages, asked through its own chat template ("eval:base-chat", the instruct model's zero-shot
 way of being asked: the fair bare row of generation tasks).
 
-Steps: "eval:<stage>", "population:<round>", "group:<round>", "user", "mta:bank", "mta:user".
+A step is a `Step`; its name ("population:2", "eval:group", "user", "mta:bank") is how the
+checkpoint, rounds.jsonl and the participation record spell it, and `Step.parse` is the one place
+that reads a name back.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAINED = ("population", "group", "user")   # the stages whose steps train (and count as client compute)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a run. kind: "population" | "group" (a round of a server-coordinated stage),
+    "user" (the clients' local stage), "eval" (arg: the stage evaluated), "mta" (arg: "bank" | "user")."""
+    kind: str
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, name: str) -> Step:
+        """A step from its name; a sub-step such as "group:1/pool" (a query inside a round) parses
+        to its step, "group:1"."""
+        kind, _, arg = str(name).split("/")[0].partition(":")
+        if kind not in ("population", "group", "user", "eval", "mta"):
+            raise ValueError(f"unknown step {name!r}")
+        return cls(kind, arg)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+    @property
+    def round(self) -> int:
+        """The round of a population or group step; 1 for the user stage's one round."""
+        return int(self.arg) if self.kind in ("population", "group") else 1
+
+    @property
+    def trains(self) -> bool:
+        return self.kind in TRAINED
+
+    def __str__(self) -> str:
+        return self.name
+
 
 METHODS = ("proper", "population", "oppu", "loramoe", "mta")   # the choices of the config key `method`
 BASE_CHAT = "base-chat"   # the evaluation stage of the bare backbone asked through its chat template
 
 
-def stage_plan(cfg) -> list[str]:
+def stage_plan(cfg) -> list[Step]:
     method = cfg.method   # one of METHODS: the config schema refuses any other (shared/runtime/schema.py)
     evals = set(cfg.eval.stages)
-    plan = ["eval:base"] if "base" in evals else []
-    plan += [f"eval:{BASE_CHAT}"] if BASE_CHAT in evals else []
+    plan = [Step("eval", "base")] if "base" in evals else []
+    plan += [Step("eval", BASE_CHAT)] if BASE_CHAT in evals else []
     if method == "mta":
-        return plan + ["mta:bank", "mta:user", "eval:mta_merge", "eval:mta"]
-    plan += [f"population:{r}" for r in range(1, cfg.population.rounds + 1)]
-    plan += ["eval:population"] if "population" in evals else []
+        return plan + [Step("mta", "bank"), Step("mta", "user"), Step("eval", "mta_merge"), Step("eval", "mta")]
+    plan += [Step("population", str(r)) for r in range(1, cfg.population.rounds + 1)]
+    plan += [Step("eval", "population")] if "population" in evals else []
     if method in ("proper", "loramoe"):
-        plan += [f"group:{r}" for r in range(1, cfg.group.rounds + 1)]
-        plan += ["eval:group"] if "group" in evals else []
+        plan += [Step("group", str(r)) for r in range(1, cfg.group.rounds + 1)]
+        plan += [Step("eval", "group")] if "group" in evals else []
     if method in ("proper", "oppu"):
-        plan += ["user"] + (["eval:user"] if "user" in evals else [])
+        plan += [Step("user")] + ([Step("eval", "user")] if "user" in evals else [])
     return plan
 
 

@@ -11,11 +11,11 @@ data's groups.json (one row per number of codes and prior of the answer maps; th
 defaults to the config's group.signature_prior):
 
   centralized  what `proper local` does: k-means over all items (best of 10 k-means++ starts), EM
-               for k answer maps (best of 20 starts, to convergence): shared/method/signatures.py
+               for k answer maps (best of 20 starts, to convergence): shared/method/answer_signatures.py
   federated    what `proper sim` / `proper server` do with one user per client: k-means from the
                answers' mean readings for KMEANS_ROUNDS Lloyd rounds of per-client sums, then
                EM with EM_RESTARTS starts to convergence (federated_answer_maps), step for step
-               as server/signatures.py and client/signature.py compute them over messages
+               as server/signature_rounds.py and client/signature_replies.py compute them over messages
 
 No training: a row costs seconds once the readings are cached. The table goes to stdout and, with
 --out, to <out>/signature_start.md and .json.
@@ -33,7 +33,8 @@ import torch
 
 from client.trainer import ClientTrainer, load_users
 from shared.evaluation.groups import adjusted_rand_index, read_groups
-from shared.method import signatures as S
+from shared.method import answer_signatures as A
+from shared.method import signature_sums as S
 from shared.runtime.config import load_config, stage_cfg
 from shared.runtime.persist import atomic_write_text, load_tensors, read_peft_adapter, save_tensors
 
@@ -70,8 +71,8 @@ def readings(cfg, spec, users, population: Path, cache: Path | None):
     with tempfile.TemporaryDirectory() as state:
         client = ClientTrainer(cfg, spec, users, state)
         client._prepare("group", population_of(client.model, population))
-        users = S.without_canaries(client.trained)
-        inp, _, who = S.item_readings(client.model, client.tokenizer, users, int(stage_cfg(cfg, "group").max_len))
+        users = A.without_canaries(client.trained)
+        inp, _, who = A.item_readings(client.model, client.tokenizer, users, int(stage_cfg(cfg, "group").max_len))
     answers = S.answer_index(spec, [x.output for u in users for x in u.train])
     if cache is not None:
         save_tensors(cache, {"readings": inp.float(), "answers": answers, "who": who}, {"source": key})
@@ -80,9 +81,9 @@ def readings(cfg, spec, users, population: Path, cache: Path | None):
 
 def centralized(inp, answers, who, n_users: int, n_answers: int, k: int, codes: int, seed: int,
                 prior: float) -> list[int]:
-    kinds = torch.as_tensor(S.best_kmeans(S._unit_centred(inp), codes, seed, 10))
+    kinds = torch.as_tensor(A.best_kmeans(A.centred_directions(inp), codes, seed, 10))
     counts = S.user_counts(kinds, answers, who, n_users, codes, n_answers)
-    return S.answer_maps(counts, k, seed, 20, prior=prior).tolist()
+    return A.answer_maps(counts, k, seed, 20, prior=prior).tolist()
 
 
 def federated(inp, answers, who, keys: list[str], n_answers: int, k: int, codes: int, seed: int,

@@ -1,5 +1,5 @@
 """group.assign_start=signature: the assignment starts from a clustering of the users' (kind of
-input, answer) counts (shared/method/signatures.py)."""
+input, answer) counts (shared/method/signature_start.py and the modules it names)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from shared.data.lamp import Example, User
 from shared.evaluation.groups import adjusted_rand_index
-from shared.method.signatures import answer_signatures, item_readings, signature_groups
+from shared.method.answer_signatures import answer_signatures, item_readings, signature_groups
 from tests.helpers import make_model
 
 # two kinds of input; group 0 answers them "sci-fi" / "classic", group 1 the other way round, so
@@ -69,7 +69,7 @@ def test_answer_maps_group_users_whose_few_items_share_no_cell():
     one group mostly share no (kind, answer) cell, yet each item fits one group's map only."""
     import itertools
 
-    from shared.method.signatures import answer_maps, smoothing_of
+    from shared.method.answer_signatures import answer_maps, smoothing_of
     counts, truth = [], []
     for g in (0, 1):
         for a, b in itertools.combinations(range(4), 2):
@@ -134,7 +134,8 @@ def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, mon
 def test_federated_em_is_the_em_of_one_client_holding_every_user():
     """Sums over clients are sums over users: split in any way, the federation fits the same maps
     and gives every user the group one client holding all of them gives; and it finds the groups."""
-    from shared.method import signatures as S
+    from shared.method import signature_sums as S
+    from shared.method.answer_signatures import answer_maps
     gen = torch.Generator().manual_seed(0)
     maps = [torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.5, 0.5]]),     # p(answer | kind) of group 0
             torch.tensor([[0.05, 0.95], [0.95, 0.05], [0.5, 0.5]])]     # and of group 1
@@ -152,7 +153,7 @@ def test_federated_em_is_the_em_of_one_client_holding_every_user():
     split = S.federated_answer_maps(clients, k=2, seed=3, prior=0.5)
     assert torch.equal(torch.cat(split), whole)
     # the users' groups are those of the centralized fit (up to their numbering), and the true ones
-    assert adjusted_rand_index(whole.tolist(), S.answer_maps(counts, 2, seed=3, prior=0.5).tolist()) == 1.0
+    assert adjusted_rand_index(whole.tolist(), answer_maps(counts, 2, seed=3, prior=0.5).tolist()) == 1.0
     assert adjusted_rand_index(whole.tolist(), truth) == 1.0
     # k-means' sufficient statistics add up the same way
     x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
@@ -169,7 +170,7 @@ def test_a_federation_runs_the_signature_rounds_and_each_client_keeps_its_users_
     import json
     from pathlib import Path
 
-    import client.signature as client_signature
+    import client.signature_replies as client_signature
     from shared.data.synthetic import write_synthetic_lamp
     from shared.runtime.persist import load_tensors
     from sim.run import run_sim
@@ -207,7 +208,7 @@ def test_a_federation_refuses_signature_starts_for_free_text_answers(tmp_path):
     """Free-text answers are quantised by a k-means over every user's answers, which the federated
     rounds do not do: a federation on a generation task refuses before starting, naming the option."""
     from shared.data.lamp import task_spec
-    from shared.method.signatures import refuse_in_federation
+    from shared.method.signature_start import refuse_in_federation
     from shared.runtime.config import ConfigError, load_config
     signature = load_config("tiny", ["group.assign_start=signature"])
     refuse_in_federation(load_config("tiny", []), task_spec("LaMP_4"))   # the default: nothing to refuse
@@ -245,7 +246,7 @@ def test_a_kept_assignment_starts_each_users_embedding_at_its_experts_code(tmp_p
 
 
 def test_the_server_runs_signature_rounds_only_where_an_assignment_starts_from_them():
-    from shared.method.signatures import uses_signature_start
+    from shared.method.signature_start import uses_signature_start
     from shared.runtime.config import load_config
     sig = ["group.assign_start=signature", "group.constraint_form=assign"]
     assert uses_signature_start(load_config("tiny", sig))
@@ -275,7 +276,7 @@ def test_the_first_pool_is_gathered_only_where_the_constraint_reads_it():
 
 def test_answers_outside_the_answer_set_are_refused_not_grouped():
     """LaMP_1's answers (titles), or labels unlike the task's, count nothing: refuse, naming the option."""
-    from shared.method import signatures as S
+    from shared.method import signature_sums as S
     readings = torch.randn(10, 4)
     spec_labels = 3
     known = S.read_stats(readings, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, -1]), spec_labels)
@@ -286,7 +287,7 @@ def test_answers_outside_the_answer_set_are_refused_not_grouped():
 
 
 def test_a_client_that_missed_the_signature_rounds_starts_from_the_hash(tmp_path, caplog):
-    from client.signature import kept_groups
+    from client.signature_replies import kept_groups
     from client.trainer import ClientTrainer
     from shared.data.lamp import task_spec
     from shared.runtime.config import load_config
@@ -323,7 +324,7 @@ def test_the_signature_bench_clusters_one_user_per_client_as_a_federation_would(
 
 def test_federated_em_stops_once_no_start_moves():
     """The server's EM runs until converged (em_converged), not a fixed number of rounds."""
-    from shared.method.signatures import EM_TOL, em_converged
+    from shared.method.signature_sums import EM_TOL, em_converged
     ll = torch.tensor([-1000.0, -2000.0], dtype=torch.float64)
     assert not em_converged(None, ll)                                    # the first round has nothing to compare
     assert em_converged(ll, ll + torch.tensor([0.5, 1.0]) * EM_TOL * 1000)   # both within the tolerance

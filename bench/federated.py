@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import re
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+
+from server.strategies.chains import sampled_nodes, split_chains
+from shared.method.plan import initial_pool
 
 STAGES = ("population", "group", "user")
 
@@ -34,24 +36,23 @@ def _users(run: Path) -> int:
 
 def compute(cfg, users: int, federated: bool) -> dict:
     """Passes over the training data per stage, and the modelled client-times of the whole run."""
-    f = cfg.federation
-    sampled = users
-    if federated:
-        sampled = min(users, int(f.get("clients_per_round") or math.ceil(float(f.get("fraction_train", 1.0)) * users)))
+    sampled, longest_chain = users, users
+    if federated:   # the server's own sampling and chains, one user per client
+        nodes = sampled_nodes(range(users), cfg, "population", 1)
+        sampled, longest_chain = len(nodes), max(len(c) for c in split_chains(nodes, cfg.federation.get("chains")))
     share = sampled / users
-    chains = int(f.get("chains") or sampled) if federated else 1
+    # the plan's own rule; runs made before group.initial_pool existed had no first pool
+    first_pool = federated and "initial_pool" in cfg.group and initial_pool(cfg)
     passes, client_times = {}, 0.0
     for stage in STAGES:
         rounds = int(cfg[stage].get("rounds", 1) or 1) if stage != "user" else 1
         epochs = int(cfg[stage].get("epochs", cfg.train.get("epochs", 1)) or 1)
         p = rounds * epochs * (share if stage != "user" else 1.0)
-        # runs made before group.initial_pool existed had no first pool
-        first_pool = cfg.group.get("initial_pool", False) and cfg.get("method", "proper") == "proper"
-        if stage == "group" and federated and first_pool:
+        if stage == "group" and first_pool:
             p += share / 3
         passes[stage] = p
         if federated:  # a round's wall time: its longest chain; the user stage: one client's users
-            client_times += rounds * epochs * math.ceil(sampled / chains) if stage != "user" else epochs
+            client_times += rounds * epochs * longest_chain if stage != "user" else epochs
         else:
             client_times += p * users
     return {"passes": passes, "total_passes": sum(passes.values()), "client_times": client_times}

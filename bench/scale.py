@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from bench.common import PeakSampler, append_result, machine
+from shared.method.plan import Step
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STEPS = ("population:1", "group:1", "user")
@@ -125,12 +126,12 @@ def central_evaluation(run_dir: Path, seconds: dict) -> dict[str, float]:
     mean = parts.get("mixtures")
     out = {}
     for step in seconds:
-        kind, _, stage = step.partition(":")
-        if kind != "eval":
+        evaluated = Step.parse(step)
+        if evaluated.kind != "eval":
             continue
         t0 = time.perf_counter()
         for split in cfg.eval.splits:
-            trainer.evaluate(stage, parts.get("population"), parts.get("group"), split=split,
+            trainer.evaluate(evaluated.arg, parts.get("population"), parts.get("group"), split=split,
                              mean_mixture=None if mean is None else mean.float().mean(0))
         out[step] = time.perf_counter() - t0
     return out
@@ -144,7 +145,7 @@ def report_sampled(results: list[dict], per_round: int) -> tuple[list[str], list
     """Cross-device with sampling: a round's cost per sampled client, the evaluation against the
     centralized one, and the issue-16 targets from the second user count (100) up."""
     train_steps = [s for s in TRAIN_STEPS if any(s in r["seconds"] for r in results)]
-    evals = [s for s in dict.fromkeys(s for r in results for s in r["seconds"]) if s.startswith("eval:")]
+    evals = [s for s in dict.fromkeys(s for r in results for s in r["seconds"]) if Step.parse(s).kind == "eval"]
     head = ["users", "sampled / round", "wall s", "peak RSS (tree)", *[f"{s} s" for s in train_steps],
             "s / sampled client", *[f"{s} s (sim / central)" for s in evals]]
     rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]

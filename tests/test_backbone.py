@@ -5,7 +5,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import time
 import warnings
 
 import pytest
@@ -217,10 +216,8 @@ def embedded(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backbone, "_load_gguf", recording_load_gguf)
-        t0 = time.perf_counter()
         model, tok = load_backbone("embedded", cache_dir=str(cache))
-        first_s = time.perf_counter() - t0
-        yield {"cache": cache, "model": model, "tok": tok, "calls": calls, "first_s": first_s}
+        yield {"cache": cache, "model": model, "tok": tok, "calls": calls}
 
 
 def _logits(model, tok, text="The capital of France is"):
@@ -251,12 +248,8 @@ def test_embedded_model_shape_and_config(embedded):
 
 
 def test_embedded_second_load_comes_from_cache(embedded):
-    t0 = time.perf_counter()
     model, tok = load_backbone("smollm2-135m-instruct", cache_dir=str(embedded["cache"]))
-    elapsed = time.perf_counter() - t0
-    print(f"GGUF first load {embedded['first_s']:.1f} s, cached load {elapsed:.2f} s")
-    assert len(embedded["calls"]) == 1  # no second GGUF load
-    assert elapsed < 5
+    assert len(embedded["calls"]) == 1  # no second GGUF load: the cache answered
     assert torch.equal(_logits(model, tok), _logits(embedded["model"], embedded["tok"]))
 
 

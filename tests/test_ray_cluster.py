@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -109,10 +108,8 @@ def test_sim_on_an_existing_ray_cluster(ray_head, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": address, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
            "FLWR_HOME": str(tmp_path / "flwr-home")}
-    t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "sim.cli", "sim", "-c", "tiny", f"output.dir={tmp_path}",
                           "output.name=on-cluster"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    seconds = time.time() - t0
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert f"joining the Ray cluster at {address}" in out
@@ -124,7 +121,6 @@ def test_sim_on_an_existing_ray_cluster(ray_head, tmp_path):
     logs = temp / "session_latest" / "logs"
     assert list(logs.glob("python-core-driver-*.log")), sorted(p.name for p in logs.iterdir())
     assert list(logs.glob("python-core-worker-*.log"))
-    print(f"\nsimulation on the Ray cluster at {address}: {seconds:.0f} s")
 
 
 def test_sim_on_a_two_node_ray_cluster(two_nodes, tmp_path):
@@ -135,12 +131,10 @@ def test_sim_on_a_two_node_ray_cluster(two_nodes, tmp_path):
     env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": address, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
            "FLWR_HOME": str(tmp_path / "flwr-home")}
-    t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "sim.cli", "sim", "-c", "tiny", f"output.dir={tmp_path}",
                           "output.name=two-nodes", "data.synthetic.n_users=6", "simulation.virtual_clients=2",
                           "simulation.clients_per_message=1", "debug.record_nodes=true"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    seconds = time.time() - t0
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "'CPU': 2.0" in out   # the cluster the run saw: both nodes' CPUs
@@ -154,4 +148,3 @@ def test_sim_on_a_two_node_ray_cluster(two_nodes, tmp_path):
     assert {int(p) for _, p in notes} == set(range(6))
     for temp in temps:   # each node's raylet ran client workers: their logs are in its own session
         assert list((temp / "session_latest" / "logs").glob("python-core-worker-*.log")), temp
-    print(f"\nsimulation on a two-node Ray cluster at {address}: {seconds:.0f} s")

@@ -1,7 +1,8 @@
 """The server's view of one run: its configuration, run directory, checkpoint, the shared parts
-learned so far, and the wire (send a step's messages, hear back, record who answered).
+learned so far (typed: server/state.py), and the wire (send a step's messages, hear back, record who
+answered).
 
-Every stage's code (server/stages.py, server/evaluation.py, server/mta.py) talks to a Federation.
+Every stage's code (server/stages/, server/evaluation.py, server/mta.py) talks to a Federation.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import logging
 import sys
 import time
 
-import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from server.checkpoint import Checkpoint
+from server.state import Progress, SharedParts
+from shared.method.plan import Step
 from shared.runtime import protocol as P
 from shared.runtime.config import to_yaml
 from shared.runtime.results import RunDir
@@ -43,30 +45,28 @@ class Federation:
         if not (self.run_dir.path / "config.yaml").exists():
             self.run_dir.write_config(to_yaml(cfg))
         self.ckpt = Checkpoint(run_dir)
+        self.progress, self.parts = Progress(), SharedParts()
         loaded = self.ckpt.load()
-        # parts: the shared state a later step needs (population LoRA, group part, the pool of
-        # mixtures, "opt.<stage>": the server optimizer's state), all of it checkpointed
-        self.parts: dict[str, dict[str, torch.Tensor] | torch.Tensor | None]
         if loaded:
-            self.progress, self.parts = loaded
-            done = self.progress["done"]
+            self.progress = Progress.from_json(loaded[0])
+            self.parts.restore(loaded[1])
+            done = self.progress.done
             log.info("resuming %s after %d steps (%s)", run_dir, len(done), done[-1] if done else "-")
-        else:
-            self.progress = {"done": [], "evals": {}, "participation": {}}
-            self.parts = {"population": None, "group": None, "mixtures": None}
         self.timeout = float(cfg.federation.timeout_s)
-        self.strategies: dict = {}   # the server optimizer of each stage, kept across its rounds
 
     @property
     def method(self) -> str:
         return str(self.cfg.method)
 
     def arrays(self, part: str) -> ArrayRecord:
-        return ArrayRecord(self.parts[part]) if self.parts.get(part) else ArrayRecord()
+        """A stage's parameters ("population", "group") as a record to send; empty before it trained."""
+        parameters = getattr(self.parts, part).parameters
+        return ArrayRecord(parameters) if parameters else ArrayRecord()
 
-    def save(self, step: str):
-        self.progress["done"].append(step)
-        self.ckpt.save(self.progress, self.parts)
+    def save(self, step: str, seconds: float):
+        self.progress.seconds[step] = seconds
+        self.progress.done.append(step)
+        self.ckpt.save(self.progress.to_json(), self.parts.checkpoint())
 
     def wait_for_nodes(self, minimum: int, limit_s: float = 600):
         deadline = time.time() + limit_s
@@ -103,8 +103,8 @@ class Federation:
             log.warning("%s: %d node(s) did not answer within %.0f s", step, len(silent), self.timeout)
         users = int(sum(int(r.content[P.METRICS].get(P.NUM_USERS, 0)) for r in ok))
         counts = {"sent": len(msgs), "ok": len(ok), "failed": failed, "silent": len(silent), "users": users}
-        seen = self.progress["participation"].get(step) if accumulate else None
-        self.progress["participation"][step] = {k: v + (seen or {}).get(k, 0) for k, v in counts.items()}
+        seen = self.progress.participation.get(step) if accumulate else None
+        self.progress.participation[step] = {k: v + (seen or {}).get(k, 0) for k, v in counts.items()}
         return ok
 
     def _exchange(self, step: str, msgs: list[Message]) -> list[Message]:
@@ -130,7 +130,6 @@ class Federation:
             bar.close()
         return replies
 
-    def log_train(self, step: str, metrics: dict):
-        stage, _, rnd = step.partition(":")
-        self.run_dir.log({"kind": "train", "stage": stage, "round": int(rnd or 1), **metrics,
-                          **{f"nodes_{k}": v for k, v in self.progress["participation"].get(step, {}).items()}})
+    def log_train(self, step: Step, metrics: dict):
+        self.run_dir.log({"kind": "train", "stage": step.kind, "round": step.round, **metrics,
+                          **{f"nodes_{k}": v for k, v in self.progress.participation.get(step.name, {}).items()}})

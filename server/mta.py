@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from shared.method import mta as M
+from shared.method.plan import Step
 
 if TYPE_CHECKING:
     from server.federation import Federation
@@ -32,10 +33,10 @@ BANK_FILE = "mta_bank.safetensors"
 
 def bank_of(fed: Federation) -> M.Bank | None:
     """The run's bank: in memory, or from its file after a resume."""
-    bank = fed.parts.get("mta_bank")
+    bank = fed.parts.bank
     path = fed.run_dir.path / BANK_FILE
     if bank is None and path.exists():
-        bank = fed.parts["mta_bank"] = M.Bank.load(path)
+        bank = fed.parts.bank = M.Bank.load(path)
     return bank
 
 
@@ -44,16 +45,16 @@ def bank_record(fed: Federation) -> ArrayRecord:
     return ArrayRecord(bank.to_tensors()) if bank is not None else ArrayRecord()
 
 
-def mta_step(fed: Federation, step: str, what: str):
-    if what == "bank":
-        return build_bank(fed, step)
-    if what == "user":
-        return personalize(fed, step)
+def mta_step(fed: Federation, step: Step):
+    if step.arg == "bank":
+        return build_bank(fed, step.name)
+    if step.arg == "user":
+        return personalize(fed, step.name)
     raise ValueError(f"unknown MTA step {step!r}")
 
 
 def _participation(fed: Federation, step):
-    return {f"nodes_{k}": v for k, v in fed.progress["participation"][step].items()}
+    return {f"nodes_{k}": v for k, v in fed.progress.participation[step].items()}
 
 
 def build_bank(fed: Federation, step: str):
@@ -99,7 +100,7 @@ def build_bank(fed: Federation, step: str):
     bank = M.Bank([trained[owner[i]] for i in keep], anchors, M.build_center(anchors, bool(mcfg.center)),
                   [hist[i] for i in keep])
     bank.save(fed.run_dir.path / BANK_FILE)
-    fed.parts["mta_bank"] = bank
+    fed.parts.bank = bank
     fed.run_dir.log({"kind": "train", "stage": "mta_bank", "round": 1, "anchors": len(keep),
                      "candidates": len(emb), "cluster_sizes": np.bincount(labels).tolist(),
                      "bank_bytes": bank.nbytes(), **_participation(fed, f"{step}/anchors")})

@@ -30,8 +30,8 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from server.strategies import dp_settings
 from server.strategies.chains import sampled_nodes, split_chains
-from server.strategies.privacy import dp_settings
 from shared.method.plan import initial_pool
 
 STAGES = ("population", "group")
@@ -57,15 +57,15 @@ def note_release(fed, stage: str, server_round: int, updates: int):
     """Record one noised release of `stage` (a round that aggregated `updates` clipped updates)."""
     cfg = fed.cfg
     nodes = sampled_nodes(fed.nodes(), cfg, stage, server_round)
-    longest_chain = max((len(c) for c in split_chains(nodes, cfg.federation.get("chains"))), default=1)
+    longest_chain = max((len(c) for c in split_chains(nodes, cfg.federation.chains)), default=1)
     shared = int(cfg.federation.users_per_client) > 1 or longest_chain > 1
-    rounds = fed.progress.setdefault("privacy", {}).setdefault(stage, [])
+    rounds = fed.progress.privacy.setdefault(stage, [])
     rounds[:] = [r for r in rounds if r["round"] != server_round]   # a redone round counts once
     rounds.append({"round": server_round, "updates": int(updates), "shared": bool(shared)})
 
 
 def users_counted(fed) -> int:
-    participation = fed.progress.get("participation", {})
+    participation = fed.progress.participation
     evals = [p["users"] for s, p in participation.items() if s.startswith("eval:")]
     return max(evals or [p["users"] for p in participation.values()] or [0])
 
@@ -79,7 +79,7 @@ def mixture_releases(cfg, layers: int) -> dict:
     mixture by at most sqrt(2 L) in L2: a Gaussian mechanism with noise multiplier sigma / sqrt(2 L)
     for replacing one user, released once per group round and once more for the first pool
     (group.initial_pool), counted for every user (no amplification, as for privacy.dp)."""
-    how = str(cfg.privacy.get("mixtures", "share"))
+    how = str(cfg.privacy.mixtures)
     if how != "noise" or str(cfg.method) != "proper":
         return {"mixtures": how}
     sigma = float(cfg.privacy.mixture_noise)
@@ -93,17 +93,17 @@ def privacy_summary(fed) -> dict:
     privacy.mixtures=noise also the mixtures' epsilon (replace-one) and everything composed
     under replace-one."""
     dp = dp_settings(fed.cfg)
-    pool = getattr(fed, "parts", {}).get("mixtures")
+    pool = fed.parts.group.mixtures
     layers = int(pool.shape[1]) if pool is not None and pool.dim() == 3 else 0
     mix = mixture_releases(fed.cfg, layers)
     if "noise_multiplier" in mix:
-        delta = float(dp.delta) if dp is not None and dp.get("delta") is not None else \
+        delta = float(dp.delta) if dp is not None and dp.delta is not None else \
             1.0 / max(2, users_counted(fed))
         mix["epsilon"] = epsilon([(mix["noise_multiplier"], mix["releases"])], delta) if layers else math.nan
     if dp is None:   # privacy.mixtures at its default: the record is as it was before the option
         return {"dp": False} if mix["mixtures"] == "share" else {"dp": False, "mixtures": mix}
-    z, recorded = float(dp.noise_multiplier), fed.progress.get("privacy", {})
-    delta = float(dp.delta) if dp.get("delta") is not None else 1.0 / max(2, users_counted(fed))
+    z, recorded = float(dp.noise_multiplier), fed.progress.privacy
+    delta = float(dp.delta) if dp.delta is not None else 1.0 / max(2, users_counted(fed))
     out = {"dp": True, "noise_multiplier": z, "clip": float(dp.clip), "clipping": str(dp.clipping),
            "delta": delta, "stages": {}}
     releases = []
@@ -151,7 +151,7 @@ def privacy_note(fed) -> str:
         mix_note = "; the group stage's mixtures never leave the clients (privacy.mixtures=local)"
     else:
         mix_note = ""
-    if fed.cfg.privacy.get("dp") is not None and fed.cfg.privacy.dp.get("seed") is not None and \
+    if fed.cfg.privacy.dp.seed is not None and \
             (summary["dp"] or mix["mixtures"] == "noise"):
         mix_note += ("; the noise is seeded (privacy.dp.seed): anyone with the seed can remove it, so every "
                      "epsilon here is nominal (a study's setting, not a deployment's)")

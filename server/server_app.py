@@ -3,15 +3,13 @@
   eval:base -> population:1..R -> eval:population -> group:1..R -> eval:group
   -> user (clients train locally, reply metrics only) -> eval:user -> the per-stage table
 
-Which steps a method takes: shared/method/plan.py. A round's clients, their chains and the server
-optimizer: server/strategies/. A step whose clients fail or time out goes on with the replies that
-came; every step records which nodes answered, failed or stayed silent, and how many users the
-replies covered (server/federation.py). `--resume` skips the steps the checkpoint lists as done.
+Which steps a method takes: shared/method/plan.py; the runner that takes them: shared/runtime/runner.py.
+Each stage's server side: server/stages/ (population, group, user), server/mta.py, server/evaluation.py.
+A step whose clients fail or time out goes on with the replies that came; every step records which
+nodes answered, failed or stayed silent, and how many users the replies covered
+(server/federation.py). `--resume` skips the steps the checkpoint lists as done.
 """
 from __future__ import annotations
-
-import logging
-import time
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -19,12 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 from server.evaluation import evaluate, finish
 from server.federation import Federation
 from server.mta import mta_step
-from server.stages import train_round, user_stage
+from server.stages.group import GroupStage
+from server.stages.population import PopulationStage
+from server.stages.user import user_stage
 from server.virtual_grid import virtual_grid
-from shared.method.plan import stage_plan
+from shared.method.plan import Step, stage_plan
 from shared.runtime.runconfig import run_config_from_context
+from shared.runtime.runner import run
 
-log = logging.getLogger("proper.server")
 app = ServerApp()
 
 
@@ -32,38 +32,44 @@ class InjectedCrash(RuntimeError):
     """debug.crash_after: stop the server right after a step (to test --resume)."""
 
 
-def run_step(fed: Federation, step: str):
-    kind, _, arg = step.partition(":")
-    if kind in ("population", "group"):
-        train_round(fed, step, kind, int(arg))
-    elif kind == "user":
-        user_stage(fed, step)
-    elif kind == "eval":
-        evaluate(fed, step, arg)
-    elif kind == "mta":
-        mta_step(fed, step, arg)
-    else:
-        raise ValueError(f"unknown step {step!r}")
+class FederatedRun:
+    """The runner's backend for a federation: each kind of step goes to its stage's server side."""
 
+    def __init__(self, fed: Federation):
+        self.fed = fed
+        self.population_stage = PopulationStage(fed, fed.parts.population)
+        self.group_stage = GroupStage(fed, fed.parts.group)
 
-def run(fed: Federation):
-    t0 = time.time()
-    plan = [step.name for step in stage_plan(fed.cfg)]
-    fed.wait_for_nodes(int(fed.cfg.federation.min_available_clients))
-    for i, step in enumerate(plan, 1):
-        if step in fed.progress["done"]:
-            continue
-        log.info("[%d/%d] %s", i, len(plan), step)
-        ts = time.time()
-        run_step(fed, step)
-        fed.progress.setdefault("seconds", {})[step] = time.time() - ts
-        fed.save(step)
-        if str(fed.cfg.debug.crash_after or "") == step:
+    def done(self, step: Step) -> bool:
+        return step.name in self.fed.progress.done
+
+    def population(self, step: Step):
+        self.population_stage.round(step)
+
+    def group(self, step: Step):
+        self.group_stage.round(step)
+
+    def user(self, step: Step):
+        user_stage(self.fed, step)
+
+    def evaluate(self, step: Step):
+        evaluate(self.fed, step, self.group_stage.mean_mixture)
+
+    def mta(self, step: Step):
+        mta_step(self.fed, step)
+
+    def after(self, step: Step, seconds: float):
+        self.fed.save(step.name, seconds)
+        if self.fed.cfg.debug.crash_after == step.name:
             raise InjectedCrash(f"debug.crash_after={step}")
-    finish(fed, time.time() - t0)
+
+    def finish(self, seconds: float):
+        finish(self.fed, seconds)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, run_dir = run_config_from_context(context)
-    run(Federation(virtual_grid(grid, cfg), cfg, run_dir))
+    fed = Federation(virtual_grid(grid, cfg), cfg, run_dir)
+    fed.wait_for_nodes(int(cfg.federation.min_available_clients))
+    run(stage_plan(cfg), FederatedRun(fed))

@@ -28,10 +28,10 @@ from shared.runtime.virtual import ERROR, VIRTUAL, client_ids, packed_name, unpa
 
 def virtual_grid(grid: Grid, cfg) -> Grid:
     """`grid` itself, or the virtual clients' view of it where simulation.virtual_clients is set."""
-    sim = cfg.get("simulation") or {}
-    if not sim.get("virtual_clients"):
+    sim = cfg.simulation
+    if not sim.virtual_clients:
         return grid
-    if not sim.get("num_clients"):
+    if not sim.num_clients:
         raise RuntimeError("simulation.virtual_clients needs simulation.num_clients (proper sim writes it)")
     # as many SuperNodes as sim/run.py starts: never more than there are clients
     supernodes = min(int(sim.virtual_clients), int(sim.num_clients))

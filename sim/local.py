@@ -1,8 +1,9 @@
 """`proper local`: the centralized reference, one client holding every user, in one process.
 
-It calls the same ClientTrainer as the Flower ClientApp and the same aggregation as the
-ServerApp (which, with one client, returns that client's parameters), so the federated run and
-this one differ only in how users are spread over clients.
+The same runner as the ServerApp takes the method's steps (shared/runtime/runner.py); here each step
+calls the same ClientTrainer as the Flower ClientApp, directly, where the ServerApp sends messages
+and averages the replies (which, with one client, are that client's parameters): the federated run
+and this one differ only in how users are spread over clients.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from client.trainer import ClientTrainer, load_users
 from shared.data.lamp import LampDataError
 from shared.evaluation.groups import MIXTURES_FILE, group_recovery, read_groups, read_user_mixtures, recovery_note
 from shared.evaluation.metrics import stats_metrics
-from shared.method.plan import stage_plan
+from shared.method.plan import Step, stage_plan
 from shared.runtime.config import to_yaml
 from shared.runtime.persist import export_peft_adapter, save_group
 from shared.runtime.precision import use_bf16
-from shared.runtime.results import RunDir, eval_rows, no_history_note, plot_mixtures, plot_stages
+from shared.runtime.results import RunDir, eval_rows, table_notes, write_results
+from shared.runtime.runner import run
 
 log = logging.getLogger("proper.local")
 
@@ -40,89 +42,102 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
-    t0 = time.time()
-    run = RunDir(run_path)
-    cfg.data.path = prepare_data(cfg, run.path)
-    run.write_config(to_yaml(cfg))
-    spec, users = load_users(cfg)
-    log.info("%d users, task %s; loading backbone %s", len(users), spec.name, cfg.model.name)
-    if not any(u.train for u in users):  # users with no history are served, but someone must train
-        raise LampDataError(f"{cfg.data.path}: every user's profile is empty, nothing to train on")
-    client = ClientTrainer(cfg, spec, users, str(run.path / "client_state"))
-    mta = bank = None
-    if cfg.method == "mta":  # Merge-then-Adapt: client/mta.py
-        from client.mta import MTAClient
-        from client.mta import local_step as mta_step
-        mta = MTAClient(client)
-    splits = list(cfg.eval.splits)
-    evals, per_user = {}, {u.user_id: {} for u in users}
-    groups, recovery = read_groups(cfg.data.path), None   # known groups: synthetic users only
+    local = LocalRun(cfg, run_path)
+    run(stage_plan(cfg), local)
+    return local.rows
 
-    def evaluate(stage, pop=None, group=None):
-        for split in splits:
+
+class LocalRun:
+    """The runner's backend for `proper local`: every step calls the one ClientTrainer directly (no
+    averaging: a one-client average (x * n) / n would change the last bits), and the shared parts
+    stay here between steps."""
+
+    def __init__(self, cfg: DictConfig, run_path: str | Path):
+        self.t0 = time.time()
+        self.cfg, self.run_dir = cfg, RunDir(run_path)
+        cfg.data.path = prepare_data(cfg, self.run_dir.path)
+        self.run_dir.write_config(to_yaml(cfg))
+        self.spec, self.users = load_users(cfg)
+        log.info("%d users, task %s; loading backbone %s", len(self.users), self.spec.name, cfg.model.name)
+        if not any(u.train for u in self.users):  # users with no history are served, but someone must train
+            raise LampDataError(f"{cfg.data.path}: every user's profile is empty, nothing to train on")
+        self.client = ClientTrainer(cfg, self.spec, self.users, str(self.run_dir.path / "client_state"))
+        self.mta_client = self.bank = None
+        if cfg.method == "mta":  # Merge-then-Adapt: client/mta.py
+            from client.mta import MTAClient
+            self.mta_client = MTAClient(self.client)
+        self.evals, self.per_user = {}, {u.user_id: {} for u in self.users}
+        self.groups, self.recovery = read_groups(cfg.data.path), None   # known groups: synthetic users only
+        self.pop = self.group_part = self.others = self.mixtures = None
+        self.rows: list[dict] = []
+
+    def done(self, step: Step) -> bool:
+        return False
+
+    def after(self, step: Step, seconds: float):
+        pass
+
+    def population(self, step: Step):
+        res = self.client.population(self.pop, step.round)
+        self.pop = res.shared
+        self.run_dir.log({"kind": "train", "stage": "population", "round": step.round, **res.metrics})
+        log.info("population round %d/%d  loss %.3f  %.0f tok/s", step.round, self.cfg.population.rounds,
+                 res.metrics["train_loss"], res.metrics["tokens_per_s"])
+
+    def group(self, step: Step):
+        res = self.client.group(self.pop, self.group_part, self.others, step.round)
+        self.group_part, self.others, self.mixtures = res.shared, res.mixtures, res.mixtures
+        self.run_dir.log({"kind": "train", "stage": "group", "round": step.round, **res.metrics})
+        log.info("group round %d/%d  loss %.3f  constraint %.3f  %.0f tok/s", step.round, self.cfg.group.rounds,
+                 res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
+        if self.groups is not None:
+            self.recovery = _group_recovery(self.client, self.groups, self.per_user, step.round, self.run_dir)
+
+    def user(self, step: Step):
+        m = self.client.user(self.pop, self.group_part)
+        self.run_dir.log({"kind": "train", "stage": "user", "round": 1, **m})
+        log.info("user stage: %d users, loss %.3f (%.0f s)", len(self.users), m["train_loss"], m["train_seconds"])
+
+    def mta(self, step: Step):
+        from client.mta import local_step
+        self.bank = local_step(self.mta_client, step.arg, self.bank, self.run_dir)
+
+    def evaluate(self, step: Step):
+        stage, mixtures = step.arg, self.mixtures
+        for split in self.cfg.eval.splits:
             t = time.time()
             # users with no history are served with the mean of the trained users' mixtures
             mean = None if mixtures is None or not len(mixtures) else mixtures.float().mean(0)
-            r = mta.evaluate(stage, bank, split) if stage.startswith("mta") else \
-                client.evaluate(stage, pop, group, split=split, mean_mixture=mean)
-            evals.setdefault(stage, {})[split] = {"stats": {k: v.tolist() for k, v in r.stats.items()},
-                                                  "user_scores": list(r.user_scores.values())}
+            r = self.mta_client.evaluate(stage, self.bank, split) if stage.startswith("mta") else \
+                self.client.evaluate(stage, self.pop, self.group_part, split=split, mean_mixture=mean)
+            self.evals.setdefault(stage, {})[split] = {"stats": {k: v.tolist() for k, v in r.stats.items()},
+                                                       "user_scores": list(r.user_scores.values())}
             for uid, score in r.user_scores.items():
-                per_user[uid][f"{stage}@{split}"] = score
-            m = stats_metrics(spec, r.stats)
-            run.log({"kind": "eval", "stage": stage, "split": split, **m, "seconds": time.time() - t})
+                self.per_user[uid][f"{stage}@{split}"] = score
+            m = stats_metrics(self.spec, r.stats)
+            self.run_dir.log({"kind": "eval", "stage": stage, "split": split, **m, "seconds": time.time() - t})
             log.info("eval %-10s %-4s %s  (%.0f s)", stage, split, _fmt(m), time.time() - t)
 
-    pop = group = others = mixtures = None
-    for step in stage_plan(cfg):
-        kind, arg = step.kind, step.arg
-        if kind == "eval":
-            evaluate(arg, pop, group)
-        elif kind == "population":
-            res = client.population(pop, int(arg))
-            pop = res.shared
-            run.log({"kind": "train", "stage": "population", "round": int(arg), **res.metrics})
-            log.info("population round %s/%d  loss %.3f  %.0f tok/s", arg, cfg.population.rounds,
-                     res.metrics["train_loss"], res.metrics["tokens_per_s"])
-        elif kind == "group":
-            res = client.group(pop, group, others, int(arg))
-            group, others, mixtures = res.shared, res.mixtures, res.mixtures
-            run.log({"kind": "train", "stage": "group", "round": int(arg), **res.metrics})
-            log.info("group round %s/%d  loss %.3f  constraint %.3f  %.0f tok/s", arg, cfg.group.rounds,
-                     res.metrics["train_loss"], res.metrics["constraint_loss"], res.metrics["tokens_per_s"])
-            if groups is not None:
-                recovery = _group_recovery(client, groups, per_user, int(arg), run)
-        elif kind == "mta":
-            bank = mta_step(mta, arg, bank, run)
-        elif kind == "user":
-            m = client.user(pop, group)
-            run.log({"kind": "train", "stage": "user", "round": 1, **m})
-            log.info("user stage: %d users, loss %.3f (%.0f s)", len(users), m["train_loss"], m["train_seconds"])
-
-    # artifacts: the shared model (the per-user adapters stay in client_state/)
-    if pop is not None:
-        export_peft_adapter(client.model, "population", run.path / "population_lora", base_model=cfg.model.name)
-    if group is not None:
-        save_group(client.model, run.path / "group.safetensors")
-    rows = eval_rows(spec, evals)
-    notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.method}; "
-             f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users",
-             f"wall time {time.time() - t0:.1f} s, one client holding all {len(users)} users (proper local); "
-             f"{'bfloat16 autocast' if use_bf16(cfg.train.bf16) else 'float32'} (train.bf16={cfg.train.bf16})"]
-    if client.no_history:
-        notes.append(no_history_note(len(client.no_history)))
-    if recovery is not None:
-        notes.append(recovery_note(recovery))
-    notes.append("privacy: no formal DP (proper local is centralized: privacy.dp applies to federated runs)")
-    table = run.write_table(rows, spec.metrics, notes)
-    columns = list(dict.fromkeys(k for scores in per_user.values() for k in scores))
-    # the scores per stage first, then the dominant expert (present with known groups only)
-    run.write_per_user(per_user, sorted(columns, key=lambda c: c == "expert"))
-    plot_stages(run, rows, spec.metrics[0])
-    if mixtures is not None and len(mixtures):
-        plot_mixtures(run, mixtures.numpy())
-    print(table, flush=True)
-    return rows
+    def finish(self, seconds: float):
+        cfg, run_dir, spec = self.cfg, self.run_dir, self.spec
+        # artifacts: the shared model (the per-user adapters stay in client_state/)
+        if self.pop is not None:
+            export_peft_adapter(self.client.model, "population", run_dir.path / "population_lora",
+                                base_model=cfg.model.name)
+        if self.group_part is not None:
+            save_group(self.client.model, run_dir.path / "group.safetensors")
+        self.rows = rows = eval_rows(spec, self.evals)
+        how_run = [f"wall time {time.time() - self.t0:.1f} s, one client holding all {len(self.users)} users "
+                   f"(proper local); {'bfloat16 autocast' if use_bf16(cfg.train.bf16) else 'float32'} "
+                   f"(train.bf16={cfg.train.bf16})"]
+        findings = [recovery_note(self.recovery)] if self.recovery is not None else []
+        notes = table_notes(spec, cfg, how_run, len(self.client.no_history), findings,
+                            "privacy: no formal DP (proper local is centralized: privacy.dp applies to federated runs)")
+        table = write_results(run_dir, spec, rows, notes, self.mixtures)
+        columns = list(dict.fromkeys(k for scores in self.per_user.values() for k in scores))
+        # the scores per stage first, then the dominant expert (present with known groups only)
+        run_dir.write_per_user(self.per_user, sorted(columns, key=lambda c: c == "expert"))
+        print(table, flush=True)
 
 
 def _group_recovery(client: ClientTrainer, groups: dict, per_user: dict, rnd: int, run: RunDir) -> dict:

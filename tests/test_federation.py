@@ -13,6 +13,18 @@ from sim.run import run_sim
 TINY = ["federation.audit_replies=true", "federation.server_lr=1.5"]
 
 
+def stage_strategy(cfg, stage: str):
+    """A stage's server optimizer over its average, as server/stages/ builds it (no pool, no population)."""
+    from server.strategies import average_settings, dp_settings, make_strategy
+    from server.strategies.group import GroupAverage
+    from server.strategies.population import PopulationAverage
+    if stage == "population":
+        return make_strategy(cfg, stage, PopulationAverage(**average_settings(cfg)))
+    average = GroupAverage(None, None, int(cfg.seed), uniform_weights=dp_settings(cfg) is not None,
+                           **average_settings(cfg))
+    return make_strategy(cfg, stage, average)
+
+
 def sim(tmp, name, *overrides, resume=None):
     if resume:
         return run_sim(None, [], resume=str(resume))
@@ -124,13 +136,13 @@ def test_federation_of_one_client_equals_proper_local(tmp_path, four_users):
 
 
 def test_a_stage_server_setting_overrides_the_federation_one():
-    from server.strategies import make_strategy, server_settings
+    from server.strategies import server_settings
     from shared.runtime.config import load_config
     cfg = load_config("tiny", ["federation.server_lr=3", "group.server_lr=5", "group.server_opt=fedadam"])
     assert server_settings(cfg, "population")["server_lr"] == 3.0
     assert (server_settings(cfg, "group")["server_lr"], server_settings(cfg, "group")["server_opt"]) == (5.0, "fedadam")
-    assert make_strategy(cfg, "population").server_learning_rate == 3.0
-    assert make_strategy(cfg, "group").eta == 5.0
+    assert stage_strategy(cfg, "population").server_learning_rate == 3.0
+    assert stage_strategy(cfg, "group").eta == 5.0
     assert server_settings(load_config("tiny"), "group")["server_lr"] == 1.0
 
 
@@ -271,14 +283,13 @@ def _reply(state: dict, n: int, routing: dict | None = None):
 def test_replies_are_aggregated_in_an_order_fixed_by_their_content(task_identity):
     """FedAvg over replies that arrive in another order must give bit-identical parameters."""
     from server.federation import content_order
-    from server.strategies import make_strategy
     from shared.runtime.config import load_config
     g = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(64, generator=g) * 10 ** i} for i in range(-3, 4)]
 
     def aggregate(order):
         msgs = [_reply(states[i], 3 + i) for i in order]
-        strategy = make_strategy(load_config("tiny"), "population")
+        strategy = stage_strategy(load_config("tiny"), "population")
         arrays, _ = strategy.aggregate_train(1, sorted(msgs, key=content_order))
         return arrays.to_torch_state_dict()["w"]
 
@@ -315,7 +326,7 @@ def test_each_server_optimizer_step_equals_the_hand_computed_one(opt, stage, tas
     routing mass, routers by examples; then the server optimizer's step on that average."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from server.strategies import load_state, make_strategy, state_tensors
+    from server.strategies import load_state, state_tensors
     from server.strategies.chains import NodesView
     from shared.runtime.config import load_config
     cfg = load_config("tiny", [f"federation.server_opt={opt}", "federation.server_lr=0.5",
@@ -325,13 +336,13 @@ def test_each_server_optimizer_step_equals_the_hand_computed_one(opt, stage, tas
     keys = ("l.lora_A", "l.lora_B") if stage == "population" else experts + ("l.router_h",)
     x = {k: torch.randn(2, 3, generator=g) for k in keys}   # group: row e = expert e (k = 2)
     start = dict(x)
-    strategy = make_strategy(cfg, stage)
+    strategy = stage_strategy(cfg, stage)
     averages = []
     for rnd in (1, 2):
         if rnd == 2:  # the state survives a checkpoint: a new strategy with the saved state continues
             saved = state_tensors(strategy)
             assert saved
-            strategy = make_strategy(cfg, stage)
+            strategy = stage_strategy(cfg, stage)
             load_state(strategy, saved)
         list(strategy.configure_train(rnd, ArrayRecord(x), ConfigRecord(), NodesView([5, 6])))
         states = [{k: v + torch.randn(v.shape, generator=g) for k, v in x.items()} for _ in range(2)]

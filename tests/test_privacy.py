@@ -13,6 +13,18 @@ from sim.run import run_sim
 DP = ["privacy.dp.noise_multiplier=1.0", "privacy.dp.clip=0.5"]
 
 
+def stage_strategy(cfg, stage: str):
+    """A stage's server optimizer over its average, as server/stages/ builds it (no pool, no population)."""
+    from server.strategies import average_settings, dp_settings, make_strategy
+    from server.strategies.group import GroupAverage
+    from server.strategies.population import PopulationAverage
+    if stage == "population":
+        return make_strategy(cfg, stage, PopulationAverage(**average_settings(cfg)))
+    average = GroupAverage(None, None, int(cfg.seed), uniform_weights=dp_settings(cfg) is not None,
+                           **average_settings(cfg))
+    return make_strategy(cfg, stage, average)
+
+
 @pytest.fixture
 def server_identity():
     """Messages made outside a run need the identity a ServerApp has (as sim/inprocess.py sets it)."""
@@ -31,12 +43,11 @@ def norm_of_update(after, before) -> float:
 
 # ---------------------------------------------------------------- configuration
 def test_dp_is_off_by_default_and_its_settings_are_checked():
-    from server.strategies import make_strategy
-    from server.strategies.privacy import DPAverage
+    from server.strategies.privacy import PrivateAverage
     cfg = load_config("tiny")
     assert cfg.privacy.dp.noise_multiplier is None
-    assert not isinstance(make_strategy(cfg, "population"), DPAverage)
-    assert isinstance(make_strategy(load_config("tiny", DP), "group"), DPAverage)
+    assert not isinstance(stage_strategy(cfg, "population").average, PrivateAverage)
+    assert isinstance(stage_strategy(load_config("tiny", DP), "group").average, PrivateAverage)
     with pytest.raises(ConfigError, match="privacy.dp.clip"):
         load_config("tiny", ["privacy.dp.noise_multiplier=1"])
     with pytest.raises(ConfigError, match="privacy.dp.clipping"):
@@ -107,7 +118,6 @@ def test_server_side_dp_clips_averages_uniformly_and_noises_before_the_server_st
     FedAvgM's learning rate 2) steps on that average."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from server.strategies import make_strategy
     from server.strategies.chains import NodesView
     # in no sorted order: the average comes back in the order sent, whatever order DP works in
     keys = ("l.lora_B", "l.lora_A") if stage == "population" else ("l.router_h", "l.expert_A", "l.expert_B")
@@ -120,7 +130,7 @@ def test_server_side_dp_clips_averages_uniformly_and_noises_before_the_server_st
         n = math.sqrt(sum(float((v ** 2).sum()) for v in d.values()))
         updates.append({k: v * s / n for k, v in d.items()})
     cfg = load_config("tiny", ["privacy.dp.noise_multiplier=0", "privacy.dp.clip=1.0", "federation.server_lr=2"])
-    strategy = make_strategy(cfg, stage)
+    strategy = stage_strategy(cfg, stage)
     list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord({"server-round": 1}), NodesView([4, 5, 6])))
     arrays, metrics = strategy.aggregate_train(1, _replies(stage, start, updates, [1, 3, 7]))
     got = arrays.to_torch_state_dict()
@@ -134,13 +144,12 @@ def test_server_side_dp_clips_averages_uniformly_and_noises_before_the_server_st
 def test_the_noise_has_std_z_clip_over_n_and_a_seed_repeats_it(server_identity):
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from server.strategies import make_strategy
     from server.strategies.chains import NodesView
     start = {"l.expert_A": torch.zeros(2, 3000), "l.expert_B": torch.zeros(2, 5), "l.router_h": torch.zeros(2, 5)}
 
     def noised(seed: int) -> torch.Tensor:
         cfg = load_config("tiny", ["privacy.dp.noise_multiplier=4", "privacy.dp.clip=0.3", f"privacy.dp.seed={seed}"])
-        strategy = make_strategy(cfg, "group")
+        strategy = stage_strategy(cfg, "group")
         list(strategy.configure_train(2, ArrayRecord(start), ConfigRecord({}), NodesView([1, 2, 3])))
         # a tiny, equal update (Flower's clipping divides by the update's norm: an exact zero fails)
         small = [{k: torch.full_like(v, 1e-7) for k, v in start.items()}] * 3
@@ -215,11 +224,12 @@ def test_accountant_epsilon_equals_the_gaussian_mechanisms_closed_form():
 
 def test_the_privacy_unit_and_delta_of_a_run():
     from server.privacy import epsilon, note_release, privacy_summary
+    from server.state import Progress, SharedParts
     logged = []
 
     def fed(*overrides):
         return SimpleNamespace(cfg=load_config("tiny", [*DP, *overrides]), nodes=lambda: [11, 12, 13, 14],
-                               progress={"participation": {"eval:base": {"users": 8}}},
+                               progress=Progress(participation={"eval:base": {"users": 8}}), parts=SharedParts(),
                                run_dir=SimpleNamespace(log=logged.append))
 
     alone, chained = fed(), fed("federation.chains=2")
@@ -233,7 +243,8 @@ def test_the_privacy_unit_and_delta_of_a_run():
     assert a["stages"]["population"]["epsilon"] == pytest.approx(epsilon([(1.0, 1)], 1 / 8))
     assert a["epsilon"] == pytest.approx(epsilon([(1.0, 2)], 1 / 8))
     assert c["epsilon"] == pytest.approx(epsilon([(0.5, 2)], 1 / 8)) and c["epsilon"] > a["epsilon"]
-    assert privacy_summary(SimpleNamespace(cfg=load_config("tiny"), progress={})) == {"dp": False}
+    assert privacy_summary(SimpleNamespace(cfg=load_config("tiny"), progress=Progress(), parts=SharedParts())) == \
+        {"dp": False}
 
 
 # ---------------------------------------------------------------- DP off

@@ -1,35 +1,57 @@
-"""The server optimizer of each server-coordinated stage, built from Flower's strategies.
+"""The server optimizer of each server-coordinated stage, composed as Flower composes its strategies.
 
-  population  Flower's FedAvg family as it is: the population LoRA averaged by "num-examples",
-              then the server step of FedAvgM / FedAdam / FedYogi (population.py);
-  group       the same Flower classes with one hook replaced, the average: experts weighted by
-              routing mass, routers by examples (group.py); FedAdam's or FedYogi's step then acts
-              on the group part's pseudo-gradient exactly as on the population LoRA's;
-  chains      not a strategy but a schedule: how a round's clients are visited (chains.py);
-  privacy.dp  Flower's DP wrapper placed between the average and the server step (privacy.py).
+  population.py    PopulationAverage: Flower's FedAvg, the population LoRA averaged by "num-examples";
+  group.py         GroupAverage: FedAvg with one hook replaced, the average: experts weighted by
+                   routing mass, routers by examples; it also builds the next round's pool of mixtures;
+  privacy.py       PrivateAverage (privacy.dp): an average under Flower's own DP wrapper
+                   (held_records.py: what the wrapper wraps);
+  fedavgm.py, fedadam.py, fedyogi.py
+                   Flower's server optimizers stepping on such an average (average_of.py);
+  trained_replies.py
+                   the outermost wrapper: replies that trained nothing are left out;
+  chains.py        not a strategy but a schedule: how a round's clients are visited.
 
-federation.server_opt picks the class (a stage may override it and its settings in its own section,
-e.g. population.server_lr); fedavg with server_lr 1 is plain FedAvg. The optimizer's state (FedAvgM's
-momentum, FedAdam's and FedYogi's moments) lives in the strategy across a stage's rounds and goes
+A stage builds its average (server/stages/) and make_strategy puts the rest around it:
+TrainedReplies(ServerFedAvgM | ServerFedAdam | ServerFedYogi(average=[PrivateAverage(] average [)])).
+federation.server_opt picks the optimizer (a stage may override it and its settings in its own
+section, e.g. population.server_lr); fedavg with server_lr 1 is plain FedAvg. The optimizer's state
+(FedAvgM's momentum, FedAdam's and FedYogi's moments) lives in it across a stage's rounds and goes
 into the checkpoint (state_tensors / load_state), so a resumed run continues exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
+from flwr.serverapp.strategy import Strategy
 
-from server.strategies.group import GroupAggregation
-from server.strategies.population import PopulationMessages, mean_scalar_metrics
-from server.strategies.privacy import DP_WEIGHT, DPAverage, add_privacy, dp_metrics, dp_settings
+from server.strategies.fedadam import ServerFedAdam
+from server.strategies.fedavgm import ServerFedAvgM
+from server.strategies.fedyogi import ServerFedYogi
+from server.strategies.held_records import DP_WEIGHT
+from server.strategies.metrics import mean_scalar_metrics
+from server.strategies.privacy import PrivateAverage, dp_metrics
 from shared.runtime.config import server_cfg, stage_cfg
 
-SERVER_OPTS = {"fedavg": FedAvgM, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
+# the settings every average takes: the round's clients are chosen by the chains (chains.py), not by Flower
+ALL_NODES = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
 
 
 def server_settings(cfg, stage: str) -> dict:
     """<stage>.<key> where the stage sets it, else federation.<key> (checked by the config schema)."""
     return dict(server_cfg(cfg, stage))
+
+
+def dp_settings(cfg):
+    """privacy.dp when differential privacy is on (noise_multiplier set), else None."""
+    dp = cfg.privacy.dp
+    return dp if dp.noise_multiplier is not None else None
+
+
+def average_settings(cfg) -> dict:
+    """The keyword arguments of a stage's average (FedAvg's): under privacy.dp every reply weighs 1."""
+    private = dp_settings(cfg) is not None
+    return dict(ALL_NODES, weighted_by_key=DP_WEIGHT if private else "num-examples",
+                train_metrics_aggr_fn=dp_metrics if private else mean_scalar_metrics)
 
 
 def needs_start(cfg, stage: str) -> bool:
@@ -41,24 +63,18 @@ def needs_start(cfg, stage: str) -> bool:
         dp_settings(cfg) is not None   # DP clips each update against the round's start
 
 
-def make_strategy(cfg, stage: str):
-    s = server_settings(cfg, stage)
-    base = SERVER_OPTS[s["server_opt"]]
-    mixin = PopulationMessages if stage == "population" else GroupAggregation
-    private = dp_settings(cfg) is not None
-    # MRO: base, its parents, [DPAverage: Flower's DP wrapper between the average and the server step], mixin, FedAvg
-    bases = (base, DPAverage, mixin) if private else (base, mixin)
-    cls = type(f"{'DP' if private else ''}{mixin.__name__}{base.__name__}", bases, {})
-    kw = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
-              weighted_by_key=DP_WEIGHT if private else "num-examples",
-              train_metrics_aggr_fn=dp_metrics if private else mean_scalar_metrics)
-    if base is FedAvgM:
+def make_strategy(cfg, stage: str, average: Strategy):
+    """The stage's server optimizer over `average` (under privacy.dp: over Flower's DP wrapper of it)."""
+    s, dp = server_settings(cfg, stage), dp_settings(cfg)
+    if dp is not None:
+        average = PrivateAverage(average, dp, stage)
+    kw = average_settings(cfg)   # FedAvg's settings; the server optimizer's own average is `average`
+    if s["server_opt"] in ("fedavg", "fedavgm"):
         momentum = float(s["server_momentum"]) if s["server_opt"] == "fedavgm" else 0.0
-        strategy = cls(server_learning_rate=float(s["server_lr"]), server_momentum=momentum, **kw)
-    else:
-        strategy = cls(eta=float(s["server_lr"]), eta_l=float(stage_cfg(cfg, stage).lr),
-                       beta_1=float(s["beta_1"]), beta_2=float(s["beta_2"]), tau=float(s["tau"]), **kw)
-    return add_privacy(strategy, cfg, stage) if private else strategy
+        return ServerFedAvgM(average, server_learning_rate=float(s["server_lr"]), server_momentum=momentum, **kw)
+    opt = ServerFedAdam if s["server_opt"] == "fedadam" else ServerFedYogi
+    return opt(average, eta=float(s["server_lr"]), eta_l=float(stage_cfg(cfg, stage).lr),
+               beta_1=float(s["beta_1"]), beta_2=float(s["beta_2"]), tau=float(s["tau"]), **kw)
 
 
 # ---- the server optimizer's state in the checkpoint

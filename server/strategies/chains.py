@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.federation import content_order
-from server.strategies.population import mean_scalar_metrics
+from server.strategies.metrics import mean_scalar_metrics
 from shared.runtime import protocol as P
 
 log = logging.getLogger("proper.server")
@@ -47,7 +47,7 @@ def sampled_nodes(nodes, cfg, stage: str, server_round: int) -> list[int]:
     order = sorted(nodes)
     random.Random(f"{int(cfg.seed)}:{stage}:{server_round}").shuffle(order)
     fed = cfg.federation
-    n = fed.get("clients_per_round") or math.ceil(float(fed.get("fraction_train", 1.0)) * len(order))
+    n = fed.clients_per_round or math.ceil(float(fed.fraction_train) * len(order))
     return order[:max(1, min(int(n), len(order)))] if order else []
 
 
@@ -89,13 +89,13 @@ def chained_round(fed, step: str, stage: str, server_round: int, strategy, start
     """One round of `stage`: (arrays, metrics) from the strategy's aggregation, (None, None) when no
     client succeeded."""
     nodes = sampled_nodes(fed.nodes(), fed.cfg, stage, server_round)
-    chains = split_chains(nodes, fed.cfg.federation.get("chains"))
+    chains = split_chains(nodes, fed.cfg.federation.chains)
     config = ConfigRecord({P.SERVER_ROUND: server_round})
     first = {m.metadata.dst_node_id: m for m in
              strategy.configure_train(server_round, start, config, NodesView(c[0] for c in chains))}
     pending = {i: first[c[0]] for i, c in enumerate(chains)}
     results: list[list[Message]] = [[] for _ in chains]
-    fed.progress["participation"].pop(step, None)
+    fed.progress.participation.pop(step, None)
     depth_total, t0 = max(len(c) for c in chains), time.time()
     for depth in range(depth_total):
         if depth_total > 1:

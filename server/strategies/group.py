@@ -4,8 +4,7 @@ Messages also carry the final population LoRA (clients merge it: W_p) and a pool
 mixtures, shuffled and without ids (the constraint loss pushes from them). Replies are averaged
 with each expert weighted by the routing mass the clients sent to it, routers by examples
 (shared/method/aggregate.py), and the pool for the next round is built from the replies' mixtures.
-Placed after FedAvgM / FedOpt in the method order, this aggregate is what their server step reads
-as the round's average (server/strategies/__init__.py).
+A server optimizer built over it (average_of.py) steps on this aggregate as on FedAvg's.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.strategies.population import mean_scalar_metrics
+from server.strategies.metrics import mean_scalar_metrics
 from shared.method.aggregate import aggregate_group
 from shared.runtime import protocol as P
 
@@ -40,19 +39,26 @@ def group_average(states: list[dict], routings: list[dict], examples: list[int])
     return aggregate_group(states, [r["routing_mass"] for r in routings], examples, layers)
 
 
-class GroupAggregation(FedAvg):
-    population: ArrayRecord = ArrayRecord()   # set by the server before each round
-    pool: torch.Tensor | None = None           # the shared mixtures; replaced by each aggregation
-    seed: int = 0
-    uniform_weights: bool = False             # privacy.dp: every reply weighs the same (privacy.py)
+class GroupAverage(FedAvg):
+    """population: the final population LoRA (sent with every message); pool: the shared mixtures,
+    replaced by each aggregation (read it back as `pool`); seed: the run's, for the pool's shuffle;
+    uniform_weights: privacy.dp, every reply weighs the same (privacy.py)."""
+
+    def __init__(self, population: dict[str, torch.Tensor] | None, pool: torch.Tensor | None, seed: int,
+                 uniform_weights: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.population, self.pool, self.seed = population, pool, seed
+        self.uniform_weights = uniform_weights
+        self.sent_keys: list[str] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.sent_keys = list(arrays.keys())
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        population = ArrayRecord(self.population) if self.population else ArrayRecord()
         others = ArrayRecord({"mixtures": self.pool}) if self.pool is not None else ArrayRecord()
         for m in messages:
-            m.content[P.POPULATION] = self.population
+            m.content[P.POPULATION] = population
             m.content[P.OTHERS] = others
             m.metadata.message_type = P.TRAIN_GROUP
         return messages
@@ -72,5 +78,5 @@ class GroupAggregation(FedAvg):
         agg = group_average([c[P.ARRAYS].to_torch_state_dict() for c in contents], weights, examples)
         self.pool = mixture_pool([r["mixtures"] for r in routings], seed=self.seed * 7919 + server_round)
         # the key order of what was sent: FedAvgM zips the two as lists
-        keys = [k for k in getattr(self, "sent_keys", []) if k in agg] or list(agg)
+        keys = [k for k in self.sent_keys if k in agg] or list(agg)
         return ArrayRecord({k: agg[k] for k in keys}), mean_scalar_metrics(contents, P.NUM_EXAMPLES)

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from shared.runtime import protocol as P
 
 
-def mean_scalar_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Examples-weighted mean of each scalar metric; lists (e.g. per-user scores) are skipped."""
-    weights = [float(c[P.METRICS][weight_key]) for c in contents]
-    total = sum(weights) or 1.0
-    out = {}
-    for key, value in contents[0][P.METRICS].items():
-        if isinstance(value, (int, float)) and key != weight_key:
-            out[key] = sum(float(c[P.METRICS].get(key, 0.0)) * w for c, w in zip(contents, weights)) / total
-    out[weight_key] = total
-    return MetricRecord(out)
+class PopulationAverage(FedAvg):
+    """FedAvg with the population stage's message type."""
 
-
-class PopulationMessages(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))

@@ -8,12 +8,12 @@ z * C / (updates averaged) to what it returns. Wrapped around the strategies thi
 server optimizer's output: FedAdam divides the averaged update by its running RMS, so its output moves
 by more than C / n when one client's update changes, and its moments (FedAvgM's momentum) would keep
 the un-noised averages for later rounds. So the wrapper sits *inside* the strategy, between the
-average and the server step: DPAverage comes after FedAvgM / FedOpt in the method order (where the
-group mixin sits) and hands configure_train / aggregate_train to Flower's wrapper, whose inner
-strategy (_Rest) is the rest of the method order, the plain average. The server step then reads the
-noised average: post-processing, at no privacy cost.
+average and the server step: the server optimizer steps on PrivateAverage (average_of.py), which
+hands configure_train / aggregate_train to Flower's wrapper, whose inner strategy is the stage's
+plain average (through HeldRecords, held_records.py). The server step then reads the noised
+average: post-processing, at no privacy cost.
 
-What DPAverage adds around Flower's wrapper:
+What PrivateAverage adds around Flower's wrapper:
 - every reply weighs the same (the strategy's weighted_by_key is DP_WEIGHT, set to 1 here on the
   received replies): a weighted average moves by (the reply's weight share) * C when one reply
   changes, and a share that depends on the data (examples, routing mass) is not bounded by 1 / n;
@@ -40,19 +40,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
+    Strategy,
 )
 
-from server.strategies.population import mean_scalar_metrics
+from server.strategies.held_records import DP_WEIGHT, HeldRecords
+from server.strategies.metrics import mean_scalar_metrics
 from shared.runtime import protocol as P
-
-DP_WEIGHT = "dp-weight"   # the server's own weight key under DP (never on the wire): 1 per reply
-
-
-def dp_settings(cfg):
-    """privacy.dp when differential privacy is on (noise_multiplier set), else None."""
-    dp = (cfg.get("privacy") or {}).get("dp") or {}
-    return dp if dp.get("noise_multiplier") is not None else None
 
 
 def dp_metrics(contents, _weight_key) -> MetricRecord:
@@ -64,34 +57,20 @@ def dp_metrics(contents, _weight_key) -> MetricRecord:
     return out
 
 
-class _Rest:
-    """The strategy Flower's wrapper wraps: the rest of the owner's method order after DPAverage."""
+class PrivateAverage(Strategy):
+    """`average` under Flower's DP wrapper for privacy.dp (`dp`: its settings); `updates` is the
+    number of clipped updates the last round averaged (for the accountant, server/privacy.py)."""
 
-    def __init__(self, owner):
-        self.owner = owner
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return super(DPAverage, self.owner).configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies):
-        replies = list(replies)
-        for r in replies:   # the routing statistics, held aside while Flower clipped
-            for name, record in self.owner.held.pop(id(r), {}).items():
-                r.content[name] = record
-        arrays, metrics = super(DPAverage, self.owner).aggregate_train(server_round, replies)
-        if metrics is not None and DP_WEIGHT in metrics:
-            del metrics[DP_WEIGHT]
-        return arrays, metrics
-
-
-class DPAverage(FedAvg):
-    dp = None                  # Flower's DP wrapper around _Rest(self); None: DP off, a plain pass-through
-    stage: str = ""
-    noise_seed: int | None = None
+    def __init__(self, average: Strategy, dp, stage: str):
+        wrapper = (DifferentialPrivacyClientSideFixedClipping if dp.clipping == "client"
+                   else DifferentialPrivacyServerSideFixedClipping)
+        self.held: dict[int, dict] = {}   # a reply's routing statistics, held aside while Flower clips
+        self.dp = wrapper(HeldRecords(average, self.held), float(dp.noise_multiplier), float(dp.clip), 1)
+        self.stage, self.noise_seed = stage, dp.seed
+        self.sent_order: list[str] = []
+        self.updates = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        if self.dp is None:
-            return super().configure_train(server_round, arrays, config, grid)
         if not len(arrays):
             raise RuntimeError(f"{self.stage}:{server_round}: DP clips updates against the round's start, "
                                "and the server has none (query.init)")
@@ -99,22 +78,29 @@ class DPAverage(FedAvg):
         return self.dp.configure_train(server_round, in_order(arrays, sorted(self.sent_order)), config, grid)
 
     def aggregate_train(self, server_round: int, replies):
-        if self.dp is None:
-            return super().aggregate_train(server_round, replies)
         ok = [r for r in replies if not r.has_error()]
         if not ok:
             return None, None
-        self.held = {}
+        self.held.clear()
         for r in ok:
             r.content[P.METRICS][DP_WEIGHT] = 1.0
             self.held[id(r)] = {n: rec for n, rec in r.content.array_records.items() if n != P.ARRAYS}
             for name in self.held[id(r)]:
                 del r.content[name]
             r.content[P.ARRAYS] = in_order(r.content[P.ARRAYS], sorted(self.sent_order))
-        self.dp.num_sampled_clients = len(ok)
+        self.dp.num_sampled_clients = self.updates = len(ok)
         with seeded_noise(self.noise_seed, self.stage, server_round):
             arrays, metrics = self.dp.aggregate_train(server_round, ok)
         return (None if arrays is None else in_order(arrays, self.sent_order)), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.dp.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.dp.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.dp.summary()
 
 
 def in_order(record: ArrayRecord, keys: list[str]) -> ArrayRecord:
@@ -134,15 +120,3 @@ def seeded_noise(seed: int | None, stage: str, server_round: int):
         yield
     finally:
         np.random.set_state(saved)
-
-
-def add_privacy(strategy: DPAverage, cfg, stage: str) -> DPAverage:
-    """Give a strategy whose method order holds DPAverage Flower's wrapper for privacy.dp."""
-    dp = dp_settings(cfg)
-    wrapper = (DifferentialPrivacyClientSideFixedClipping if dp.clipping == "client"
-               else DifferentialPrivacyServerSideFixedClipping)
-    strategy.dp = wrapper(_Rest(strategy), float(dp.noise_multiplier), float(dp.clip), 1)
-    strategy.stage, strategy.noise_seed = stage, dp.get("seed")
-    strategy.uniform_weights = True   # the group average's (server/strategies/group.py)
-    return strategy
-

@@ -87,7 +87,7 @@ def uses_assignment(cfg) -> bool:
     the assignment is a target for the user-aware router, so a token-only router (LoRAMoE) has none.
     The one test for it: the client's group round (client/trainer.py), the signature start
     (shared/method/signatures.py) and the first pool (initial_pool, below) all read it here."""
-    return cfg.group.get("constraint_form", "pairs") == "assign" and uses_user_router(cfg)
+    return cfg.group.constraint_form == "assign" and uses_user_router(cfg)
 
 
 def starts_at_expert_code(cfg) -> bool:
@@ -95,12 +95,11 @@ def starts_at_expert_code(cfg) -> bool:
     assignment is kept for the stage (group.reassign=false), so the expert is known at the start and
     the router's user part learns the k codes' directions (client/trainer.py expert_embedding). A user
     enrolled after such a run starts at the code of the expert that fits its history (client/serving.py)."""
-    return (uses_assignment(cfg) and not cfg.group.get("reassign", True)
-            and cfg.group.get("embedding_start", "expert") == "expert")
+    return uses_assignment(cfg) and not cfg.group.reassign and cfg.group.embedding_start == "expert"
 
 
 def initial_pool(cfg) -> bool:
     """Whether the clients send a first pool of mixtures before group round 1 (group.initial_pool):
     only where the constraint loss pushes from other users' mixtures. The assign form pulls each
     user to its own expert and reads no pool (shared/method/stages.py, assignment_loss)."""
-    return bool(cfg.group.get("initial_pool", True)) and cfg.method == "proper" and not uses_assignment(cfg)
+    return bool(cfg.group.initial_pool) and cfg.method == "proper" and not uses_assignment(cfg)

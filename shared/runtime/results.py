@@ -99,6 +99,26 @@ def eval_rows(spec, evals: dict) -> list[dict]:
     return rows
 
 
+def table_notes(spec, cfg, how_run: list[str], no_history: int, findings: list[str], privacy: str) -> list[str]:
+    """The lines under the per-stage table, for `proper local` and a federated run alike: what was
+    evaluated, how the run ran (how_run), users with no history, what the run found (findings), and
+    what it guarantees (privacy)."""
+    notes = [f"task {spec.name}, predictions by {cfg.eval.mode}; method {cfg.method}; "
+             f"[lo, hi] = 95 % bootstrap CI of {spec.metrics[0]} over users", *how_run]
+    if no_history:
+        notes.append(no_history_note(no_history))
+    return notes + findings + [privacy]
+
+
+def write_results(run: RunDir, spec, rows: list[dict], notes: list[str], mixtures) -> str:
+    """The per-stage table (table.md, table.json), its plot and the users' mixtures' heatmap."""
+    table = run.write_table(rows, spec.metrics, notes)
+    plot_stages(run, rows, spec.metrics[0])
+    if mixtures is not None and len(mixtures):
+        plot_mixtures(run, mixtures.numpy())
+    return table
+
+
 def no_history_note(n: int) -> str:
     """The table's line for users whose profile was empty (client/trainer.py)."""
     return (f"users with no history: {n} (skipped in training; evaluated in every stage, served by the "

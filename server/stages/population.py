@@ -1,0 +1,14 @@
+"""Stage 1 on the server: the population LoRA, averaged by examples (Flower's FedAvg) and stepped by
+the server optimizer (server/strategies/). The shared part: PartState("population")."""
+from __future__ import annotations
+
+from server.stages.round import SharedRound
+from server.strategies import average_settings
+from server.strategies.population import PopulationAverage
+
+
+class PopulationStage(SharedRound):
+    name = "population"
+
+    def make_average(self):
+        return PopulationAverage(**average_settings(self.cfg))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,26 +103,84 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     if sim.engine == "inprocess":  # sim/inprocess.py: no Ray, one process
         from sim.inprocess import run_inprocess
         return _finished(run_dir, lambda: run_inprocess(server_app, client_app, n_nodes))
+    if os.environ.get("RAY_ADDRESS"):
+        _connect_ray_cluster(os.environ["RAY_ADDRESS"], run_dir)
+    backend = backend_config(cfg, visible_gpus())
+    return _finished(run_dir, lambda: run_simulation(server_app=server_app, client_app=client_app,
+                                                     num_supernodes=n_nodes, backend_config=backend),
+                     engine_failed=_engine_failed)
+
+
+def visible_gpus() -> float:
+    """The GPUs Ray can give the ClientApps: the cluster's (Ray already initialised: RAY_ADDRESS, or
+    logical GPUs declared with ray.init(num_gpus=N)), else the ones torch sees on this machine."""
+    import ray
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0))
+    import torch
+    return float(torch.cuda.device_count())
+
+
+def backend_config(cfg, gpus: float) -> dict:
+    """Flower's Ray backend config: each ClientApp actor's CPUs and GPU share. Ray places
+    1 / client_gpus actors on each GPU (client_gpus=0.25: four ClientApps share one GPU), as many as
+    the CPUs allow. Refuses here, in one line, what would leave Flower's actor pool empty."""
+    sim = cfg.simulation
     # A single chain trains one node at a time: one ClientApp with every core should beat several
     # with one core each, of which all but one would wait (not measured; Ray gives an actor
     # OMP_NUM_THREADS = its num_cpus, so torch uses that many threads).
     cpus = sim.get("client_cpus") or (int(sim.get("ray_cpus") or os.cpu_count() or 1)
                                       if cfg.federation.chains == 1 else 1)
-    backend = {"client_resources": {"num_cpus": float(cpus), "num_gpus": float(sim.client_gpus)}}
-    if sim.get("ray_cpus"):
+    share = float(sim.client_gpus)
+    if share > 0 and gpus == 0:
+        # Flower would find no actor a GPU share and stop its engine while the ServerApp waits
+        log.warning("simulation.client_gpus=%g but no GPU is visible to torch or Ray: the clients run on "
+                    "the CPU", share)
+        share = 0.0
+    backend = {"client_resources": {"num_cpus": float(cpus), "num_gpus": share}}
+    if sim.get("ray_cpus") and not _ray_initialised():
         backend["init_args"] = {"num_cpus": int(sim.ray_cpus)}
-    if os.environ.get("RAY_ADDRESS"):
-        _connect_ray_cluster(os.environ["RAY_ADDRESS"], run_dir)
-        backend.pop("init_args", None)  # the cluster's own resources; Flower sees Ray initialised
-    return _finished(run_dir, lambda: run_simulation(server_app=server_app, client_app=client_app,
-                                                     num_supernodes=n_nodes, backend_config=backend))
+    total = float(sim.get("ray_cpus") or os.cpu_count() or 1)
+    if not _ray_initialised() and float(cpus) > total:
+        raise ConfigError(f"simulation.client_cpus={cpus:g} asks for more CPUs per client than Ray has "
+                          f"({total:g}): no ClientApp could start")
+    return backend
 
 
-def _finished(run_dir: Path, simulate) -> int:
+def _ray_initialised() -> bool:
+    import ray
+    return ray.is_initialized()
+
+
+def _engine_failed(exc: BaseException) -> bool:
+    """Whether run_simulation raised because its engine (not the ServerApp) failed: Flower then stops
+    its runtime but leaves the ServerApp's thread (not a daemon) waiting for replies that cannot come."""
+    return any(t.is_alive() and not t.daemon and "server_th" in t.name for t in threading.enumerate())
+
+
+def _end_engine_failure(exc: BaseException, run_dir: Path):
+    """One line and exit status 2, now: a normal exit would wait for Flower's ServerApp thread."""
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip()) or type(cause).__name__
+    print(f"error: the simulation engine could not start its clients ({type(cause).__name__}: {text}); "
+          f"run directory {run_dir}", file=sys.stderr, flush=True)
+    try:
+        import ray
+        ray.shutdown()
+    finally:
+        logging.shutdown()
+        os._exit(2)
+
+
+def _finished(run_dir: Path, simulate, engine_failed=lambda exc: False) -> int:
     t0 = time.time()
     try:
         simulate()
     except Exception as e:  # the ServerApp raised: the checkpoint holds every finished step
+        if engine_failed(e):
+            _end_engine_failure(e, run_dir)
         log.error("the run stopped: %s: %s. Resume with: proper sim --resume %s", type(e).__name__, e, run_dir)
         return 1
     table = run_dir / "table.md"

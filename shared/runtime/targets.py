@@ -67,7 +67,14 @@ def find_target_modules(model: nn.Module, override: list[str] | None = None) -> 
                     found.append(suffix)
     if found:
         return found
-    raise ValueError(
-        f"cannot tell the FFN layers of {type(model).__name__}; pass the LoRA targets "
-        "explicitly (override=[...], e.g. the module-name suffixes of its MLP linears)"
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    some = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+    raise TargetError(
+        f"model {name!r} ({type(model).__name__}): cannot tell its FFN layers (no known layout "
+        f"and no *mlp / *feed_forward module); name the LoRA targets with model.targets=[...] "
+        f"(override=[...]: module-name suffixes of its MLP linears); its linear layer names: {some}"
     )
+
+
+class TargetError(ValueError):
+    """No FFN layers found in a model: the message names the model and its linear layers."""

@@ -15,7 +15,7 @@ import logging
 import torch
 from flwr.app import Message, RecordDict
 
-from server.signatures import signature_start
+from server.signature_rounds import signature_start
 from server.stages.round import SharedRound
 from server.strategies import average_settings, dp_settings
 from server.strategies.chains import sampled_nodes

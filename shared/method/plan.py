@@ -57,25 +57,27 @@ class Step:
         return self.name
 
 
-METHODS = ("proper", "population", "oppu", "loramoe", "mta")   # the choices of the config key `method`
+# a method is an ordered list of stages (the keys: the choices of the config key `method`)
+METHODS = {"proper": ("population", "group", "user"), "population": ("population",),
+           "oppu": ("population", "user"), "loramoe": ("population", "group"), "mta": ("mta",)}
 BASE_CHAT = "base-chat"   # the evaluation stage of the bare backbone asked through its chat template
 
 
+def stage_steps(cfg, stage: str) -> list[Step]:
+    """A stage's steps: its rounds (the user stage has one), then its evaluation where eval.stages asks
+    for it; MTA's two steps are always followed by both of its evaluations."""
+    if stage == "mta":
+        return [Step("mta", "bank"), Step("mta", "user"), Step("eval", "mta_merge"), Step("eval", "mta")]
+    rounds = [Step("user")] if stage == "user" else [Step(stage, str(r)) for r in range(1, cfg[stage].rounds + 1)]
+    return rounds + ([Step("eval", stage)] if stage in cfg.eval.stages else [])
+
+
 def stage_plan(cfg) -> list[Step]:
-    method = cfg.method   # one of METHODS: the config schema refuses any other (shared/runtime/schema.py)
     evals = set(cfg.eval.stages)
     plan = [Step("eval", "base")] if "base" in evals else []
     plan += [Step("eval", BASE_CHAT)] if BASE_CHAT in evals else []
-    if method == "mta":
-        return plan + [Step("mta", "bank"), Step("mta", "user"), Step("eval", "mta_merge"), Step("eval", "mta")]
-    plan += [Step("population", str(r)) for r in range(1, cfg.population.rounds + 1)]
-    plan += [Step("eval", "population")] if "population" in evals else []
-    if method in ("proper", "loramoe"):
-        plan += [Step("group", str(r)) for r in range(1, cfg.group.rounds + 1)]
-        plan += [Step("eval", "group")] if "group" in evals else []
-    if method in ("proper", "oppu"):
-        plan += [Step("user")] + ([Step("eval", "user")] if "user" in evals else [])
-    return plan
+    # cfg.method is one of METHODS: the config schema refuses any other (shared/runtime/schema.py)
+    return plan + [step for stage in METHODS[cfg.method] for step in stage_steps(cfg, stage)]
 
 
 def uses_user_router(cfg) -> bool:

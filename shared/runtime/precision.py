@@ -27,11 +27,24 @@ def autocast(cfg, device: str = "cpu"):
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
-def client_device(client_gpus: float) -> str:
-    """Where a simulated client computes: "cuda" where it was given a GPU (simulation.client_gpus > 0;
-    Ray then sets CUDA_VISIBLE_DEVICES to its share) and CUDA is present, else "cpu". A client given
-    a GPU on a machine without one computes on the CPU rather than failing: CI never has a GPU."""
-    return "cuda" if float(client_gpus or 0) > 0 and torch.cuda.is_available() else "cpu"
+def client_device(client_gpus: float | None = None) -> str:
+    """Where a client computes, decided here alone: "cuda" where a GPU is allowed and CUDA is present,
+    else "cpu". client_gpus: a simulated client's share (simulation.client_gpus): 0 keeps it on the CPU,
+    > 0 allows the GPU Ray gave it (CUDA_VISIBLE_DEVICES names its share); None (`proper local`, a
+    deployed client, serving): any GPU there is. A client given a GPU on a machine without one computes
+    on the CPU rather than failing: CI never has a GPU. On CUDA, TF32 matmuls are allowed (allow_tf32)."""
+    allowed = client_gpus is None or float(client_gpus) > 0
+    if allowed and torch.cuda.is_available():
+        allow_tf32()
+        return "cuda"
+    return "cpu"
+
+
+def allow_tf32():
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (Ampere and newer): the float32
+    master weights' matmuls run at several times the speed, with a 10-bit mantissa. No effect on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def bf16_on(device: str, value) -> bool:

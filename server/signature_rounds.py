@@ -8,7 +8,8 @@ population model, then KMEANS_ROUNDS rounds of k-means give the kinds of input, 
 round sends the best maps, with which each client decides its users' groups and keeps them
 (client/signature_replies.py). Every round is one query.signature message per client; the replies are sums
 over a client's users, summed again here.
-The result (mean, centroids, maps) is kept as the part "signature", so a resumed run does not redo it.
+signature_start returns the result (mean, centroids, maps), which the group stage keeps and
+checkpoints (its state's "signature"), so a resumed run does not redo the rounds.
 """
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ def _summed(replies: list[dict]) -> dict:
     return {key: sum(r[key].double() for r in replies) for key in replies[0]}
 
 
-def signature_start(fed: Federation, step: str):
-    """Run the signature rounds once per run (before the first group round), where configured."""
+def signature_start(fed: Federation, step: str) -> dict | None:
+    """Run the signature rounds (before the first group round), where configured: the result to keep
+    ({mean, centroids, log_maps, log_prior}), or None where the run does not start from signatures.
+    The caller runs it once per run (while it keeps no result)."""
     start = signature_start_of(fed.cfg)
-    if fed.method != "proper" or start is None or fed.parts.get("signature"):
-        return
+    if fed.method != "proper" or start is None:
+        return None
     k, codes, seed, prior = start.k, start.codes, start.seed, start.prior
     stats = _summed(_round(fed, f"{step}/signature-read", {"phase": "read"}, population=fed.arrays("population")))
     S.check_answers(stats)
@@ -71,7 +74,7 @@ def signature_start(fed: Federation, step: str):
     best = int(stats["loglik"].argmax())
     chosen = {**kinds, "log_maps": log_maps[best], "log_prior": log_prior[best]}
     _round(fed, f"{step}/signature-assign", {"phase": "assign"}, chosen)
-    fed.parts["signature"] = {key: v.float() if v.is_floating_point() else v for key, v in chosen.items()}
     log.info("%s: signature start: %d kinds of input (k-means, %d rounds; %d of them hold items), %d answer maps "
              "(EM, %d rounds, %d starts; best log-likelihood %.1f); each client keeps its users' groups",
              step, codes, S.KMEANS_ROUNDS, held, k, rounds, S.EM_RESTARTS, float(stats["loglik"][best]))
+    return {key: v.float() if v.is_floating_point() else v for key, v in chosen.items()}

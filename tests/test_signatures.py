@@ -93,7 +93,7 @@ def test_answer_maps_group_users_whose_few_items_share_no_cell():
 def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, monkeypatch):
     """ClientTrainer.group round 1 with assign_start=signature: assign_experts gets the signature
     groups as its start; a client holding fewer users than experts refuses, naming the option."""
-    import client.trainer as trainer
+    import client.group as group_side
     from client.trainer import ClientTrainer
     from shared.data.lamp import task_spec
     from shared.runtime.config import load_config
@@ -102,7 +102,7 @@ def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, mon
                  "group.signature_codes=2", "train.max_len=64", "group.rounds=2"]
     cfg = load_config("tiny", overrides)
     starts = []
-    real = trainer.assign_experts
+    real = group_side.assign_experts
 
     returned = []
 
@@ -110,7 +110,7 @@ def test_the_client_starts_the_assignment_from_the_signatures_once(tmp_path, mon
         starts.append(None if start is None else start.clone())
         returned.append(real(model, tok, us, c, seed, start, fixed))
         return returned[-1]
-    monkeypatch.setattr(trainer, "assign_experts", spy)
+    monkeypatch.setattr(group_side, "assign_experts", spy)
     spec = task_spec("LaMP_2")
     client = ClientTrainer(cfg, spec, users, str(tmp_path / "state"))
     pop = client.initial("population")

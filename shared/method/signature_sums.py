@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from shared.method.answer_signatures import smoothing_of
 
+KMEANS_ROUNDS = 10      # Lloyd iterations of the codes
 EM_ROUNDS = 100         # EM iterations at most: it stops once converged, as the centralized fit does
 EM_RESTARTS = 10        # random starts fitted side by side, the best kept by likelihood
 EM_TOL = 1e-6           # converged: no start's log-likelihood moved by more than this fraction in a round

@@ -8,7 +8,7 @@ lists what each message carries).
   query.init        the seeded starting point of a shared part (for a server optimizer)
   query.mixtures    the users' mixtures under the group start (the constraint loss's first pool)
   query.signature   group.assign_start=signature: sums of this client's users' answer signatures
-                    (client/signature.py); their groups are decided and kept here
+                    (client/signature_replies.py); their groups are decided and kept here
   evaluate          any stage: its parameters in -> sufficient statistics + per-user scores out
   MTA's handlers:   client/mta.py
 """
@@ -33,7 +33,7 @@ def reply_audit_mod(msg: Message, context: Context, call_next) -> Message:
     names, keys, shapes and bytes (never values), so anyone can see what crosses the wire."""
     out = call_next(msg, context)
     cfg, run_dir = run_config_from_context(context)
-    if cfg.federation.get("audit_replies"):
+    if cfg.federation.audit_replies:
         from client.audit import record_reply
         record_reply(Path(run_dir) / "wire", msg, out, context)
     return out
@@ -96,9 +96,9 @@ def initial_mixtures(msg: Message, context: Context) -> Message:
 
 @app.query("signature")
 def signature(msg: Message, context: Context) -> Message:
-    """One round of the federated signature start (client/signature.py): sums over this client's
+    """One round of the federated signature start (client/signature_replies.py): sums over this client's
     users only; in the last round each user's group is decided and kept on this client."""
-    from client.signature import answer
+    from client.signature_replies import answer
     t = trainer_for(context, "signature")
     sums = answer(t, config_of(msg), arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS))
     return reply(msg, {P.NUM_USERS: len(t.trained)}, {P.SIGNATURE: ArrayRecord(sums)} if sums else None)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from client.data import user_seed
+from client.predict import EvalResult
 from client.runtime import config_of, reply, trainer_for
-from client.trainer import EvalResult, user_seed
 from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
 from shared.method import mta as M

@@ -9,21 +9,26 @@ reported as failed on its own, as a one-user SuperNode would be.
 
 Evaluation is the one place where the clients of a bundle share work: their users' queries are
 predicted together, in the batches one client holding all of them would use, before each virtual
-client's own evaluate runs on its users' predictions (client/trainer.py, prefetched). The replies
+client's own evaluate runs on its users' predictions (client/predict.py reads them from the process
+cache, shared/runtime/process.py, while the bundle is answered). The replies
 are still one per virtual client, computed from its users alone.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.runtime import all_users, simulated_state_dir, users_of_partition
-from client.trainer import ClientTrainer, prefetched
-from shared.method.signatures import refuse_in_federation
+from client.data import all_users, users_of_partition
+from client.runtime import simulated_state_dir
+from client.store import RoutedStore
+from client.trainer import ClientTrainer
+from shared.method.signature_start import refuse_in_federation
 from shared.runtime import protocol as P
 from shared.runtime.persist import UserStore
+from shared.runtime.process import PROCESS
 from shared.runtime.runconfig import run_config_from_context
 from shared.runtime.virtual import ERROR, VIRTUAL, client_ids, packed_name, unpacked_name
 
@@ -66,14 +71,22 @@ def _answer(msg: Message, context: Context, call_next, part: int, n: int) -> Mes
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
 
 
-_IDS: dict[int, list[int]] = {}
-
-
 def client_ids_of(n: int) -> list[int]:
-    if n not in _IDS:
-        _IDS.clear()
-        _IDS[n] = client_ids(n)
-    return _IDS[n]
+    if PROCESS.client_ids is None or PROCESS.client_ids[0] != n:
+        PROCESS.client_ids = (n, client_ids(n))
+    return PROCESS.client_ids[1]
+
+
+@contextmanager
+def prefetched(preds: dict[tuple[str, str], dict[str, list[str]]]):
+    """Predictions made ahead for the users of several virtual clients at once, {(stage, split): {user
+    id: predictions}}, in the process cache while the bundle is answered: each virtual client's
+    evaluate then reads its users' (client/predict.py)."""
+    PROCESS.prefetched = dict(preds)
+    try:
+        yield
+    finally:
+        PROCESS.prefetched = {}
 
 
 def bundle_contents(content: RecordDict, count: int, shared: bool) -> list[RecordDict]:
@@ -90,23 +103,6 @@ def bundle_contents(content: RecordDict, count: int, shared: bool) -> list[Recor
     return out
 
 
-class RoutedStore:
-    """The UserStores of several virtual clients as one: each user's file in its own client's."""
-
-    def __init__(self, stores: dict[str, UserStore]):
-        self.stores = stores
-        self.root = next(iter(stores.values())).root.parent
-
-    def path(self, user_id: str, kind: str):
-        return self.stores[user_id].path(user_id, kind)
-
-    def load(self, user_id: str, kind: str):
-        return self.stores[user_id].load(user_id, kind)
-
-    def save(self, user_id: str, kind: str, tensors, metadata=None):
-        self.stores[user_id].save(user_id, kind, tensors, metadata)
-
-
 def batch_trainer(cfg, run_dir, node_config, parts: list[int], n: int) -> ClientTrainer:
     """One trainer over the users of virtual clients `parts`, each user's private state read from
     its own client's directory: it predicts, it trains nothing."""
@@ -119,9 +115,8 @@ def batch_trainer(cfg, run_dir, node_config, parts: list[int], n: int) -> Client
         store = UserStore(simulated_state_dir(node_config, run_dir, part))
         users += mine
         stores.update({u.user_id: store for u in mine})
-    trainer = ClientTrainer(cfg, spec, users, simulated_state_dir(node_config, run_dir, parts[0]))
-    trainer.store = RoutedStore(stores)
-    return trainer
+    return ClientTrainer(cfg, spec, users, simulated_state_dir(node_config, run_dir, parts[0]),
+                         store=RoutedStore(stores))
 
 
 def prefetch_evaluation(context: Context, parts: list[int], n: int, content: RecordDict) -> dict:

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from shared.data.lamp import Example, User
 from shared.method.stages import constraint_loss, train_group, train_population, train_user, user_mixtures
+from shared.runtime.config import stage_defaults
 from tests.helpers import logits, make_model, randomize
 
 
@@ -18,8 +18,8 @@ def users(n=3, per_user=4):
     return out
 
 
-CFG = OmegaConf.create({"epochs": 1, "batch_size": 4, "lr": 1e-2, "max_len": 48, "bf16": False,
-                        "constraint_weight": 0.5})
+CFG = stage_defaults(epochs=1, batch_size=4, lr=1e-2, max_len=48, bf16=False,
+                        constraint_weight=0.5)
 
 
 def snapshot(model):

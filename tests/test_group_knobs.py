@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from shared.data.synthetic import write_synthetic_lamp
 from shared.method.stages import _group_param_groups
+from shared.runtime.config import stage_defaults
 from tests.helpers import make_model
 
 
@@ -37,10 +38,10 @@ def test_user_lr_scale_puts_w_u_and_the_embeddings_in_their_own_group():
     model.merge_population()
     model.set_stage("group", train=True)
     emb = torch.nn.Parameter(torch.zeros(3, 16))
-    one = _group_param_groups(model, emb, True, OmegaConf.create({"lr": 1e-3, "user_lr_scale": 1.0}))
+    one = _group_param_groups(model, emb, True, stage_defaults(lr=1e-3, user_lr_scale=1.0))
     assert len(one) == 1 and one[0]["params"][-1] is emb
     assert len(one[0]["params"]) == len(model.trainable_parameters()) + 1
-    two = _group_param_groups(model, emb, True, OmegaConf.create({"lr": 1e-3, "user_lr_scale": 10.0}))
+    two = _group_param_groups(model, emb, True, stage_defaults(lr=1e-3, user_lr_scale=10.0))
     rest, user = two
     assert user["lr"] == 1e-2 and "lr" not in rest
     assert any(p is emb for p in user["params"])
@@ -140,8 +141,8 @@ def test_a_tied_user_router_is_one_w_u_that_stays_one_through_training_and_excha
     tied.merge_population()
     _, users = load_lamp(synth(tmp_path / "syn", n_users=4, n_groups=2, min_profile=3, max_profile=4, seed=0))
     before = first.detach().clone()
-    cfg = OmegaConf.create({"lr": 1e-2, "epochs": 1, "batch_size": 4, "max_len": 64, "bf16": False,
-                            "constraint_weight": 0.1, "user_lr_scale": 10.0})
+    cfg = stage_defaults(lr=1e-2, epochs=1, batch_size=4, max_len=64, bf16=False,
+                            constraint_weight=0.1, user_lr_scale=10.0)
     res, _ = train_group(tied, tok, users, torch.randn(4, 16, generator=torch.Generator().manual_seed(0)), cfg)
     state = res.shared
     w_u = [v for key, v in state.items() if key.endswith(".router_u")]
@@ -188,8 +189,8 @@ def test_the_balance_constraint_rewards_decisive_evenly_spread_users_not_distinc
     cons = {}
     for form in ("pairs", "balance"):
         model.reset_part("group", seed=0)
-        cfg = OmegaConf.create({"lr": 1e-2, "epochs": 1, "batch_size": 4, "max_len": 64, "bf16": False,
-                                "constraint_weight": 0.1, "constraint_form": form})
+        cfg = stage_defaults(lr=1e-2, epochs=1, batch_size=4, max_len=64, bf16=False,
+                                constraint_weight=0.1, constraint_form=form)
         cons[form] = train_group(model, tok, users, emb, cfg)[0].metrics["constraint_loss"]
     assert 0 < cons["pairs"] <= 1 and -1 <= cons["balance"] <= 0
     with pytest.raises(ConfigError, match="constraint_form"):
@@ -215,8 +216,8 @@ def test_assignment_by_loss_starts_random_then_follows_the_experts_and_pulls_the
     model.merge_population()
     _, users = load_lamp(write_synthetic_lamp(tmp_path / "syn", n_users=6, n_groups=2, min_profile=3,
                                               max_profile=4, seed=0))
-    cfg = OmegaConf.create({"lr": 2e-2, "epochs": 3, "batch_size": 4, "max_len": 64, "bf16": False,
-                            "constraint_weight": 1.0, "constraint_form": "assign"})
+    cfg = stage_defaults(lr=2e-2, epochs=3, batch_size=4, max_len=64, bf16=False,
+                            constraint_weight=1.0, constraint_form="assign")
     start = assign_experts(model, tok, users, cfg, seed=0)
     assert torch.equal(start, assign_experts(model, tok, users, cfg, seed=0)) and ((start >= 0) & (start < 3)).all()
     assert len(set(start.tolist())) > 1          # a draw, not one expert for everyone
@@ -254,7 +255,7 @@ def test_assignment_starts_from_a_given_clustering_and_the_bench_reads_each_roun
     model.merge_population()
     _, users = load_lamp(write_synthetic_lamp(tmp_path / "syn", n_users=6, n_groups=2, min_profile=3,
                                               max_profile=4, seed=0))
-    cfg = OmegaConf.create({"batch_size": 4, "max_len": 64, "bf16": False})
+    cfg = stage_defaults(batch_size=4, max_len=64, bf16=False)
     given = torch.tensor([2, 2, 0, 1, 0, 2])
     assert torch.equal(assign_experts(model, tok, users, cfg, 0, start=given), given)
     for _, layer in model.layers():   # experts that differ: the loss decides, the start is ignored
@@ -281,7 +282,7 @@ def test_assignment_starts_from_a_given_clustering_and_the_bench_reads_each_roun
 def test_assignment_probe_items_are_kept_out_of_group_training_and_assign_the_user(tmp_path, monkeypatch):
     """group.assign_probe=n: each user's n seeded probe items are what the assignment is measured
     on, and the group stage trains on the rest; a user with n items or fewer keeps them all."""
-    import client.trainer as trainer
+    import client.group as group_side
     from client.trainer import ClientTrainer, load_users
     from shared.method.stages import split_probe
     from shared.runtime.config import load_config
@@ -308,8 +309,8 @@ def test_assignment_probe_items_are_kept_out_of_group_training_and_assign_the_us
     assert [p.train for p in split_probe(users, 2, seed=1)[1]] != [p.train for p in probe[:-1]]
 
     seen = []
-    real = trainer.assign_experts
-    monkeypatch.setattr(trainer, "assign_experts",
+    real = group_side.assign_experts
+    monkeypatch.setattr(group_side, "assign_experts",
                         lambda m, t, us, *a, **kw: seen.append(us) or real(m, t, us, *a, **kw))
     client = ClientTrainer(cfg, spec, users, str(tmp_path / "state"))
     pop = client.population(None, 1).shared

@@ -75,7 +75,7 @@ def test_mixed_generation_and_label_scoring_equal_each_users_own(users_model):
 def test_stage3_evaluation_batches_users_and_predicts_what_each_users_model_does(tmp_path, monkeypatch, mode):
     """The stage-3 evaluation now puts several users in a batch; each user's predictions are those of
     its own model run alone (its user LoRA loaded, one user at a time: the evaluation before)."""
-    import client.trainer
+    import client.predict
     from client.trainer import ClientTrainer, load_users
     from shared.data.synthetic import write_synthetic_lamp
     from shared.evaluation.evaluate import predict
@@ -88,13 +88,13 @@ def test_stage3_evaluation_batches_users_and_predicts_what_each_users_model_does
     group = t.group(pop, None, None, 1).shared
     t.user(pop, group)
     batched = []
-    real = client.trainer.predict
+    real = client.predict.predict
 
     def spy(model, tokenizer, spec, examples, cfg, **kw):
         out = real(model, tokenizer, spec, examples, cfg, **kw)
         batched.append((kw.get("user_rows"), [e.id for e in examples], out))
         return out
-    monkeypatch.setattr(client.trainer, "predict", spy)
+    monkeypatch.setattr(client.predict, "predict", spy)
     t.evaluate("user", pop, group, split="val")
     assert len(batched) == 1 and batched[0][0] is not None          # one pass, every user in it
     got = dict(zip(batched[0][1], batched[0][2]))

@@ -63,12 +63,12 @@ def test_a_fixed_mixture_replaces_the_router():
 def local_runs(tmp_path_factory):
     """proper local on the four users with and without the user with no history; every prediction
     of the run with it, as (stage the model computed, fixed mixture or None, example ids, texts)."""
-    import client.trainer
+    import client.predict
     from shared.runtime.config import load_config
     from sim.local import run_local
     tmp = tmp_path_factory.mktemp("nohist")
     calls = []
-    real = client.trainer.predict
+    real = client.predict.predict
 
     def spy(model, tokenizer, spec, examples, cfg, **kw):
         out = real(model, tokenizer, spec, examples, cfg, **kw)
@@ -80,11 +80,11 @@ def local_runs(tmp_path_factory):
         name = "cold" if with_cold else "warm"
         cfg = load_config("tiny", [f"data.path={write_data(tmp / f'data-{name}', with_cold)}",
                                    "data.holdout=1", "eval.splits=[test,val]"])
-        client.trainer.predict = spy if with_cold else real
+        client.predict.predict = spy if with_cold else real
         try:
             run_local(cfg, tmp / name)
         finally:
-            client.trainer.predict = real
+            client.predict.predict = real
         runs[name] = tmp / name
     return runs, calls
 

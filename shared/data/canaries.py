@@ -80,8 +80,8 @@ def _users_with_history(path: str, task, holdout: int, max_users, longest: bool)
 def run_canaries(cfg, users: list[User] | None = None) -> list[Canary]:
     """The run's canaries (privacy.canaries), chosen among the users of its data: data.path where
     it can be read, else `users` (a deployed client's own files)."""
-    c = cfg.privacy.get("canaries")
-    if c is None or int(c.users) <= 0:
+    c = cfg.privacy.canaries
+    if int(c.users) <= 0:
         return []
     d = cfg.data
     try:

@@ -19,12 +19,11 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
     lr = float(cfg.lr if lr is None else lr)
-    name = str(cfg.get("optimizer", "adamw"))
+    name = str(cfg.optimizer)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.weight_decay))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.0)),
-                               weight_decay=float(cfg.get("weight_decay", 0.0)))
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay))
     raise ValueError(f"train.optimizer: expected one of {OPTIMIZERS}, got {name!r}")
 
 
@@ -45,14 +44,14 @@ def round_lr(cfg, server_round: int) -> float:
     """The client lr of a stage's round `server_round` (1-based) of cfg.rounds: constant, or a cosine
     from lr down to lr_min_ratio * lr at the last round (one round: lr)."""
     lr = float(cfg.lr)
-    schedule = str(cfg.get("lr_schedule", "constant"))
+    schedule = str(cfg.lr_schedule)
     if schedule == "constant":
         return lr
     if schedule != "cosine":
         raise ValueError(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
-    rounds = int(cfg.get("rounds", 1) or 1)
+    rounds = int(cfg.rounds or 1)
     if rounds <= 1:
         return lr
-    floor = lr * float(cfg.get("lr_min_ratio", 0.1))
+    floor = lr * float(cfg.lr_min_ratio)
     t = (min(max(server_round, 1), rounds) - 1) / (rounds - 1)
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))

@@ -5,174 +5,41 @@
   train_user        per user: user LoRA + LoRA-aware router, from that user's stage-2 model
 
 Shared parameters come back as {name: tensor}; private state (embeddings, user LoRAs, LoRA-aware
-routers) goes to the caller's UserStore and never into the returned result.
+routers) goes to the caller's UserStore and never into the returned result. The losses are in
+shared/method/losses.py, the assignment of group.constraint_form=assign in shared/method/assign.py.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from shared.data.canaries import is_canary
 from shared.data.encode import encode_example, encode_users, make_batches, n_batches
+from shared.method.assign import assign_experts, expert_losses, split_probe
+from shared.method.losses import (
+    answer_logits,
+    answer_loss,
+    assignment_loss,
+    balance_loss,
+    constraint_loss,
+    lm_loss,
+    user_mixtures,
+)
 from shared.method.model import ProperModel
 from shared.method.optim import make_optimizer, warmup
 from shared.runtime.precision import autocast
 from shared.runtime.progress import Progress
 
+# the losses and the assignment are imported from here too (their home before the split)
+__all__ = ["RoundResult", "optimizer_step", "train_population", "train_group", "initial_mixtures", "mixtures_by_user",
+           "train_user", "lm_loss", "answer_loss", "answer_logits", "user_mixtures", "constraint_loss", "balance_loss",
+           "assignment_loss", "expert_losses", "assign_experts", "split_probe"]
+
 log = logging.getLogger(__name__)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           labels[:, 1:].reshape(-1), ignore_index=-100)
-
-
-def answer_loss(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """lm_loss, computing the vocabulary projection only where there is a label.
-
-    Only the few answer tokens of each example are learned, yet a full forward projects every
-    position onto the vocabulary (49k x 576 for SmolLM2: ~40 % of the FLOPs and a [B, T, V]
-    tensor); projecting the answer positions alone gives the same loss for a fraction of the cost.
-    """
-    logits, target, _ = answer_logits(lm, ids, mask, labels)
-    return F.cross_entropy(logits.float(), target)
-
-
-def answer_logits(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
-    """(logits [N, V] at the N answer positions, their targets [N], which row each came from [N])."""
-    hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != -100
-    return lm.get_output_embeddings()(hidden[:, :-1][keep]), target[keep], keep.nonzero()[:, 0]
-
-
-# ---------------------------------------------------------------- the constraint loss
-def user_mixtures(betas: list[torch.Tensor], mask: torch.Tensor, users: torch.Tensor):
-    """Per-user mean routing weights p_u: ([U, L, k], the users' indices, tokens per user).
-
-    betas: one [B, T, k] tensor per layer; mask: [B, T] real tokens.
-    """
-    m = mask.to(betas[0].dtype).unsqueeze(-1)                      # [B, T, 1]
-    sums = torch.stack([(b * m).sum(1) for b in betas], dim=1)    # [B, L, k] token sums per row
-    uniq, inv = torch.unique(users, return_inverse=True)
-    per_user = torch.zeros(len(uniq), *sums.shape[1:], dtype=sums.dtype).index_add(0, inv, sums)
-    tokens = torch.zeros(len(uniq), dtype=sums.dtype).index_add(0, inv, mask.sum(1).to(sums.dtype))
-    return per_user / tokens.view(-1, 1, 1), uniq, tokens
-
-
-def constraint_loss(p: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cosine similarity over pairs of different users' mixtures (flattened over layers).
-
-    p: [U, L, k] mixtures of the users in this batch (with gradients);
-    others: [V, L, k] mixtures of other users from the previous round (constants), or None.
-    Minimising it pushes users' mixtures apart, which keeps the experts from collapsing.
-    """
-    a = F.normalize(p.flatten(1), dim=-1)
-    sims = []
-    if len(a) > 1:
-        s = a @ a.T
-        off = ~torch.eye(len(a), dtype=torch.bool)
-        sims.append(s[off])
-    if others is not None and len(others):
-        b = F.normalize(others.flatten(1).to(a.dtype), dim=-1)
-        sims.append((a @ b.T).flatten())
-    if not sims:
-        return p.sum() * 0.0
-    return torch.cat(sims).mean()
-
-
-def balance_loss(p: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
-    """The constraint on groups rather than on pairs (group.constraint_form=balance), per layer and
-    averaged over layers, in units of log k:
-        mean_u H(p_u) - H(mean_u p_u)
-    the negative mutual information between user and expert: low when each user routes to few
-    experts and the experts are evenly used. Unlike the pairwise cosine it does not push two users
-    of one group apart: they may share experts as long as the users as a whole spread over them.
-
-    p: [U, L, k] this batch's users' mixtures (with gradients); others: [V, L, k] other users'
-    mixtures (constants) that join the marginal, so a one-user client still sees how the experts
-    are used by everyone else."""
-    k = p.shape[-1]
-    q = p.float()
-    marginal = q if others is None or not len(others) else torch.cat([q, others.to(q)])
-    own = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()                       # mean over users, layers
-    mean = marginal.mean(0)                                                     # [L, k]
-    spread = -(mean * mean.clamp_min(1e-12).log()).sum(-1).mean()              # mean over layers
-    return (own - spread) / math.log(k)
-
-
-def assignment_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """group.constraint_form=assign: the cross-entropy from each user's mixture, in every layer, to
-    its assigned expert (target [U], from assign_experts): mean over users and layers of
-    -log p_u[l, target_u]."""
-    picked = p.float().gather(-1, target.view(-1, 1, 1).expand(-1, p.shape[1], 1))
-    return -picked.clamp_min(1e-12).log().mean()
-
-
-@torch.no_grad()
-def expert_losses(model: ProperModel, tokenizer, users, cfg) -> torch.Tensor:
-    """[U, k]: each user's mean answer loss over its history with every layer routed to expert e
-    alone (the group part loaded in `model`). Forward passes only: k thirds of a training pass."""
-    items = encode_users(tokenizer, users, cfg.max_len)
-    n_layers, k = len(model.layer_names), model.k
-    total, count = torch.zeros(len(users), k), torch.zeros(len(users))
-    model.set_stage("group")
-    for e in range(k):
-        with model.fixed_mixture(F.one_hot(torch.full((n_layers,), e), k).float()):
-            for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
-                with autocast(cfg):
-                    logits, target, rows = answer_logits(model.lm, ids, mask, labels)
-                token = F.cross_entropy(logits.float(), target, reduction="none")   # answer_loss, per token
-                total[:, e].index_add_(0, uidx, torch.zeros(len(ids)).index_add_(0, rows, token))
-                if e == 0:
-                    count.index_add_(0, uidx, torch.zeros(len(ids)).index_add_(0, rows, torch.ones_like(token)))
-    return total / count.clamp_min(1).view(-1, 1)
-
-
-def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int,
-                   start: torch.Tensor | None = None, fixed: bool = False) -> torch.Tensor:
-    """[U] each user's expert for group.constraint_form=assign, on the user's own client: the expert
-    that fits its history best (IFCA, Ghosh et al. 2020: hard assignment by loss, re-estimated every
-    round). While the experts cannot differ (every expert B is 0: the stage's start) the losses tie,
-    and the user takes `start` [U] where one is given (a clustering of the users), else draws its
-    expert from a hash of (seed, user id): a random, roughly balanced start, the same wherever the
-    user is trained. fixed (group.reassign=false): the start (or the hash) is kept whatever the
-    experts, for the whole stage."""
-    if fixed or all(not layer.expert_B.any() for _, layer in model.layers()):
-        if start is not None:
-            return start.long().clone()
-        return torch.tensor([int(hashlib.sha256(f"{seed}:{u.user_id}".encode()).hexdigest()[:8], 16) % model.k
-                             for u in users])
-    return expert_losses(model, tokenizer, users, cfg).argmin(1)
-
-
-def split_probe(users, n: int, seed: int):
-    """(fit, probe): the same users, each with n of its training items moved out of `fit` into
-    `probe` (group.assign_probe). The assignment is measured on the probe items, which the group stage
-    never trains on, because on its own training items the expert a user was assigned has memorised
-    them and wins again whatever the user's group: the assignment would stick to its random start.
-    A user with n items or fewer keeps them all in both. The items are a seeded draw per user among
-    its own items: a canary copy (privacy.canaries) is never a probe, so it trains as it would without."""
-    fit, probe = [], []
-    for u in users:
-        items = list(u.train)
-        own = [i for i, x in enumerate(items) if not is_canary(x)]
-        if n <= 0 or len(own) <= n:
-            fit.append(u)
-            probe.append(u)
-            continue
-        rng = random.Random(int(hashlib.sha256(f"{seed}:{u.user_id}:probe".encode()).hexdigest()[:8], 16))
-        held = set(rng.sample(own, n))
-        fit.append(replace(u, train=[x for i, x in enumerate(items) if i not in held]))
-        probe.append(replace(u, train=[x for i, x in enumerate(items) if i in held]))
-    return fit, probe
 
 
 # ---------------------------------------------------------------- results
@@ -186,10 +53,10 @@ class RoundResult:
 
 
 def optimizer_step(opt, loss: torch.Tensor, params, cfg):
-    warmup(opt, int(cfg.get("warmup_steps", 0) or 0))
+    warmup(opt, int(cfg.warmup_steps))
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, cfg.get("grad_clip", 1.0))
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
 
 
@@ -243,8 +110,8 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     items = encode_users(tokenizer, users, cfg.max_len)
     params = model.trainable_parameters() + ([emb] if user_router else [])
     opt = make_optimizer(_group_param_groups(model, emb, user_router, cfg), cfg)
-    lam = float(cfg.get("constraint_weight", 0.1)) if user_router else 0.0
-    form = cfg.get("constraint_form", "pairs")
+    lam = float(cfg.constraint_weight) if user_router else 0.0
+    form = cfg.constraint_form
     if form == "assign" and user_router and assignment is None:
         raise ValueError("group.constraint_form=assign needs each user's assigned expert (assign_experts)")
     rng = random.Random(seed)
@@ -293,7 +160,7 @@ def _group_param_groups(model: ProperModel, emb: torch.Tensor, user_router: bool
     and the users' e_u at group.user_lr_scale x lr, the rest at lr. Why a separate rate: a user's
     e_u is stepped only in the batches holding that user's items (a few per epoch), and the mixtures
     stay near uniform when W_u e_u cannot outgrow the token part (docs/decisions.md)."""
-    scale = float(cfg.get("user_lr_scale", 1.0))
+    scale = float(cfg.user_lr_scale)
     if scale == 1.0:  # one group, in the order the stage always used
         return [{"params": model.trainable_parameters() + ([emb] if user_router else [])}]
     user_part = list({id(layer.router_u): layer.router_u for _, layer in model.layers()}.values())  # tied: once

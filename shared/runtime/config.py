@@ -13,7 +13,6 @@ it with read_config.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import yaml
@@ -23,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from shared.runtime.rules import ConfigError
 from shared.runtime.schema import SERVER_KEYS, resolve
 
-__all__ = ["ConfigError", "load_config", "read_config", "stage_cfg", "server_cfg", "to_yaml",
+__all__ = ["ConfigError", "load_config", "read_config", "stage_cfg", "stage_defaults", "server_cfg", "to_yaml",
            "resolve_config_path", "resolve_data_path"]
 
 ROOT = Path(__file__).resolve().parents[2]   # shared/runtime/config.py -> the repository
@@ -57,15 +56,8 @@ def load_config(name: str | Path | None = None, overrides: list[str] | None = No
 def read_config(path: str | Path) -> DictConfig:
     """A run's config.yaml (written by to_yaml), checked again: a run directory made by another
     version of the code is refused here, naming the key, rather than midway through the run."""
-    text = Path(path).read_text()
-    # the apps read the config for every message: checking it costs ~50 ms, a copy ~4
-    if text not in _READ:
-        _READ.clear()
-        _READ[text] = resolve([(str(path), OmegaConf.create(text))])
-    return copy.deepcopy(_READ[text])
-
-
-_READ: dict[str, DictConfig] = {}   # the last config.yaml read, by its text
+    # (the apps read it for every message through runconfig.shared_config, which checks it once per text)
+    return resolve([(str(path), OmegaConf.create(Path(path).read_text()))])
 
 
 def _dotlist(override: str) -> DictConfig:
@@ -81,6 +73,12 @@ def stage_cfg(cfg: DictConfig, stage: str) -> DictConfig:
     override), never a value to merge: merged as is it would erase train's value."""
     own = _container(OmegaConf.select(cfg, stage))
     return OmegaConf.create({**_container(cfg.train), **{k: v for k, v in own.items() if v is not None}})
+
+
+def stage_defaults(stage: str = "group", **values) -> DictConfig:
+    """A stage's settings (stage_cfg) at the schema's defaults, with `values` set: for code that trains
+    outside a run (tests, benchmarks), so that no default is repeated anywhere but in the schema."""
+    return OmegaConf.merge(stage_cfg(resolve([]), stage), values)
 
 
 def _container(node) -> dict:

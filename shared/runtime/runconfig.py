@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from shared.runtime.config import load_config, read_config
+from shared.runtime.process import PROCESS
 
 RESERVED = {"config", "overrides", "run-dir"}
 
@@ -35,18 +36,14 @@ def run_config_from_context(context) -> tuple[DictConfig, Path]:
     return cfg, Path(run_dir).resolve()
 
 
-_SHARED: dict[str, DictConfig] = {}   # the last run config handed to the apps, by its text
-
-
 def shared_config(path: Path) -> DictConfig:
     """The run's config.yaml as the apps read it for every message: one read-only object per text.
     A SuperNode serving virtual clients reads it about three times per client (mods, handler), and
     read_config's private copy cost 23 ms each on 2 loaded cores, more than a tiny client's whole
     evaluation; read-only, so that no reader can change what the next one sees."""
     text = path.read_text()
-    if text not in _SHARED:
+    if PROCESS.config is None or PROCESS.config[0] != text:
         cfg = read_config(path)
         OmegaConf.set_readonly(cfg, True)
-        _SHARED.clear()
-        _SHARED[text] = cfg
-    return _SHARED[text]
+        PROCESS.config = (text, cfg)
+    return PROCESS.config[1]

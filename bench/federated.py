@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from server.strategies.chains import sampled_nodes, split_chains
 from shared.method.plan import initial_pool
+from shared.runtime.config import load_config
 
 STAGES = ("population", "group", "user")
 
@@ -34,15 +35,22 @@ def _users(run: Path) -> int:
     return max(int(r["users"]) for r in rows)
 
 
+def with_defaults(record):
+    """A run's recorded config with the keys it predates at the schema's defaults (what such a run
+    ran with), read as given: keys a later version removed stay, unchecked."""
+    return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(load_config(None, []))), record)
+
+
 def compute(cfg, users: int, federated: bool) -> dict:
     """Passes over the training data per stage, and the modelled client-times of the whole run."""
+    full = with_defaults(cfg)
     sampled, longest_chain = users, users
     if federated:   # the server's own sampling and chains, one user per client
-        nodes = sampled_nodes(range(users), cfg, "population", 1)
-        sampled, longest_chain = len(nodes), max(len(c) for c in split_chains(nodes, cfg.federation.get("chains")))
+        nodes = sampled_nodes(range(users), full, "population", 1)
+        sampled, longest_chain = len(nodes), max(len(c) for c in split_chains(nodes, full.federation.chains))
     share = sampled / users
     # the plan's own rule; runs made before group.initial_pool existed had no first pool
-    first_pool = federated and "initial_pool" in cfg.group and initial_pool(cfg)
+    first_pool = federated and "initial_pool" in cfg.group and initial_pool(full)
     passes, client_times = {}, 0.0
     for stage in STAGES:
         rounds = int(cfg[stage].get("rounds", 1) or 1) if stage != "user" else 1

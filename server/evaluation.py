@@ -76,7 +76,7 @@ def finish(fed: Federation, seconds: float):
     spec, participation = task_of(fed), fed.progress.participation
     rows = eval_rows(spec, fed.progress.evals)
     for row in rows:
-        p = participation.get(f"eval:{row['stage']}", {})
+        p = participation.get(Step("eval", row["stage"]).name, {})
         row["nodes"] = f"{p.get('ok', '')}/{p.get('sent', '')}"
     trained = {}
     for stage, p in fed.progress.trained_steps():

@@ -65,9 +65,8 @@ def note_release(fed, stage: str, server_round: int, updates: int):
 
 
 def users_counted(fed) -> int:
-    participation = fed.progress.participation
-    evals = [p["users"] for s, p in participation.items() if s.startswith("eval:")]
-    return max(evals or [p["users"] for p in participation.values()] or [0])
+    evals = [p["users"] for p in fed.progress.evaluations()]
+    return max(evals or [p["users"] for p in fed.progress.participation.values()] or [0])
 
 
 def mixture_releases(cfg, layers: int) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.method.plan import Step
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -40,14 +42,18 @@ class Progress:
         return cls(**{key: saved[key] for key in cls.KEYS if key in saved})
 
     def trained_steps(self):
-        """(stage, participation) of every training step, queries ("group:1/pool") left out."""
-        for step, p in self.participation.items():
-            stage = step.partition(":")[0]
-            if stage in ("population", "group", "user") and "/" not in step:
-                yield stage, p
+        """(stage, participation) of every training step, queries ("group:1/pool": not the step's own
+        name) left out."""
+        for name, p in self.participation.items():
+            step = Step.parse(name)
+            if step.trains and step.name == name:
+                yield step.kind, p
+
+    def evaluations(self) -> list[dict[str, int]]:
+        return [p for name, p in self.participation.items() if Step.parse(name).kind == "eval"]
 
     def users_evaluated(self) -> int:
-        return max((p["users"] for s, p in self.participation.items() if s.startswith("eval:")), default=0)
+        return max((p["users"] for p in self.evaluations()), default=0)
 
 
 @dataclass

@@ -57,7 +57,7 @@ def load_lamp(path, task=None, holdout: int = 0, max_users=None, longest: bool =
     its profile in file order; the last `holdout` items become `val` (always leaving at least
     one to train on), and its question with the gold output is `test`. A user with an empty
     profile has no history: no training or val items, only its question (the stages skip it in
-    training and serve it with the population's mean mixture, client/trainer.py). `max_users` keeps the
+    training and serve it with the population's mean mixture, client/predict.py). `max_users` keeps the
     first users in file order, or with `longest` the ones with the longest profiles (the
     published per-user baselines use the 100 longest histories), ties kept in file order.
     """

@@ -163,7 +163,7 @@ class Group:
     reassign: bool = True                  # assign: re-estimate each user's expert by loss every round (IFCA);
                                            # false: keep the start for the whole stage
     # reassign=false: a user's e_u starts at its expert's code (expert) or at its own seeded draw
-    # (random); client/trainer.py expert_embedding, docs/decisions.md
+    # (random); client/data.py expert_embedding, docs/decisions.md
     embedding_start: str = "expert"
     user_lr_scale: float = 1.0             # e_u and W_u (the router's user part) learn at this multiple of lr
     # federated: before round 1 the clients send their users' starting mixtures (shuffled, no ids),

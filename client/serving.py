@@ -166,7 +166,10 @@ class Serving:
                 if missing:
                     raise ServingError(f"user {user_id!r}: private state incomplete, missing {'; '.join(missing)}")
                 return store
-        where = ", ".join(str(s.root) for s in self.place.stores) or str(self.place.shared / "clients")
+        stores = self.place.stores
+        # a simulated run has one store per SuperNode (72 for LaMP-2's sample): name the run, not each one
+        where = (str(stores[0].root) if len(stores) == 1 else
+                 f"run {self.place.shared} ({len(stores)} client directories)")
         raise ServingError(f"user {user_id!r}: no private state in {where} (missing {', '.join(PRIVATE.values())}): "
                            "not a user held here; a new user is personalized with `proper enroll`")
 

@@ -266,3 +266,18 @@ def test_generate_refuses_without_the_users_private_state(local_run, proper, tmp
     assert "missing its LoRA-aware router" in out.err[0] and str(router) in out.err[0]
     out = proper("generate", tmp_path / "nowhere", "--user", "u0001", "--prompt", "x")
     assert out.code == 2 and "no such run or state directory" in out.err[0]
+
+
+def test_an_unknown_user_of_a_simulated_run_is_refused_naming_the_run(tmp_path):
+    """One line naming the run, not each of its (72, for LaMP-2's sample) client directories."""
+    from client.serving import Serving, ServingError
+    from shared.runtime.config import load_config, to_yaml
+    run = tmp_path / "run"
+    (run / "population_lora").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(load_config("tiny", [])))
+    for n in range(3):
+        (run / "clients" / str(n)).mkdir(parents=True)
+    with pytest.raises(ServingError) as err:
+        Serving(run).store_of("nobody")
+    text = str(err.value)
+    assert f"run {run} (3 client directories)" in text and "clients/0" not in text and "\n" not in text

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import mta
+from client.hostile import hostile_mod
 from client.privacy import dp_clip_mod
 from client.runtime import arrays_in, arrays_to_evaluate, config_of, reply, server_round, trainer_for
 from client.virtual import virtual_clients_mod
@@ -41,7 +42,7 @@ def reply_audit_mod(msg: Message, context: Context, call_next) -> Message:
 
 # the audit records the reply as it leaves, after privacy.dp's client-side clipping; a SuperNode
 # serving virtual clients runs both once per virtual client, inside its mod (client/virtual.py)
-app = ClientApp(mods=[virtual_clients_mod, reply_audit_mod, dp_clip_mod])
+app = ClientApp(mods=[virtual_clients_mod, reply_audit_mod, hostile_mod, dp_clip_mod])
 mta.register(app)
 
 

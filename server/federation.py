@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from server.checkpoint import Checkpoint
 from server.state import Progress, SharedParts
+from server.validation import ReplyBounds, screen
 from shared.method.plan import Step
 from shared.runtime import protocol as P
 from shared.runtime.config import to_yaml
@@ -53,6 +54,8 @@ class Federation:
             done = self.progress.done
             log.info("resuming %s after %d steps (%s)", run_dir, len(done), done[-1] if done else "-")
         self.timeout = float(cfg.federation.timeout_s)
+        f = cfg.federation   # what a reply may claim (server/validation.py)
+        self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound)
 
     @property
     def method(self) -> str:
@@ -84,27 +87,37 @@ class Federation:
         return self.collect(step, [Message(content, dst_node_id=n, message_type=message_type) for n in self.nodes()])
 
     def collect(self, step: str, msgs: list[Message], accumulate: bool = False) -> list[Message]:
-        """Send, wait up to the timeout, record who answered; return the good replies in an order
-        fixed by their content. accumulate: add to the step's participation (a chained round sends
-        one step's messages in several waves) instead of replacing it."""
+        """Send, wait up to the timeout, record who answered; check every reply against the message it
+        answers (server/validation.py: a reply that fails is dropped and named); return the good
+        replies in an order fixed by their content. accumulate: add to the step's participation (a
+        chained round sends one step's messages in several waves) instead of replacing it."""
         replies = self._exchange(step, msgs)
         # message ids are assigned on sending; a SuperLink-made error carries src_node_id 1
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-        ok = sorted((r for r in replies if not r.has_error()), key=content_order)
-        answered = {sent.get(r.metadata.reply_to_message_id) for r in replies}
-        silent = [n for n in sent.values() if n not in answered]
+        by_id = {m.metadata.message_id: m for m in msgs}
+        answered = {by_id[r.metadata.reply_to_message_id].metadata.dst_node_id for r in replies
+                    if r.metadata.reply_to_message_id in by_id}
+        silent = [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in answered]
         failed = 0
         for r in replies:
             if r.has_error():
                 failed += 1
                 reason = (r.error.reason or "").strip().splitlines()
                 log.warning("%s: a node failed: %s", step, reason[-1][:200] if reason else r.error.code)
+        pairs = [(by_id[r.metadata.reply_to_message_id], r) for r in replies
+                 if not r.has_error() and r.metadata.reply_to_message_id in by_id]
+        kept, dropped = screen(pairs, self.bounds)
+        for node, reason in dropped:
+            log.warning("%s: dropped the reply of node %s: %s", step, node, reason)
+        ok = sorted(kept, key=content_order)
         if silent:
             log.warning("%s: %d node(s) did not answer within %.0f s", step, len(silent), self.timeout)
         users = int(sum(int(r.content[P.METRICS].get(P.NUM_USERS, 0)) for r in ok))
         counts = {"sent": len(msgs), "ok": len(ok), "failed": failed, "silent": len(silent), "users": users}
-        seen = self.progress.participation.get(step) if accumulate else None
-        self.progress.participation[step] = {k: v + (seen or {}).get(k, 0) for k, v in counts.items()}
+        if dropped:   # present only where a reply was dropped: an honest run's record is as it was
+            counts["dropped"] = len(dropped)
+        seen = (self.progress.participation.get(step) if accumulate else None) or {}
+        keys = dict.fromkeys([*counts, *seen])
+        self.progress.participation[step] = {k: counts.get(k, 0) + seen.get(k, 0) for k in keys}
         return ok
 
     def _exchange(self, step: str, msgs: list[Message]) -> list[Message]:

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("proper.server")
 
 
+class TooFewReplies(RuntimeError):
+    """A training step heard back from fewer valid clients than federation.min_replies."""
+
+
 class SharedRound:
     """Subclasses name the stage and build its average (and may add to `start` and `keep`)."""
     name: str
@@ -62,6 +66,11 @@ class SharedRound:
         start = self.state.parameters
         arrays, metrics = chained_round(fed, step.name, self.name, step.round, TrainedReplies(self.optimizer),
                                         fed.arrays(self.name))
+        valid, least = fed.progress.participation.get(step.name, {}).get("ok", 0), self.cfg.federation.min_replies
+        if valid < least:   # the step is not saved: the checkpoint keeps the state after the last step done
+            raise TooFewReplies(f"{step}: {valid} valid replies, fewer than federation.min_replies={least} "
+                                "(failed, silent and dropped nodes are logged above); the run stops at its last "
+                                "checkpoint")
         if arrays is None:
             log.warning("%s: no client succeeded; the %s parameters stay as they were", step, self.name)
             return

@@ -19,7 +19,8 @@ SERVER_KEYS = ("server_opt", "server_lr", "server_momentum", "beta_1", "beta_2",
 
 @rules(users_per_client=at_least(1), chains=at_least(1), clients_per_round=at_least(1), fraction_train=FRACTION,
        server_opt=one_of("fedavg", "fedavgm", "fedadam", "fedyogi"), server_lr=POSITIVE, server_momentum=DECAY,
-       beta_1=DECAY, beta_2=DECAY, tau=POSITIVE, min_available_clients=at_least(1), timeout_s=POSITIVE)
+       beta_1=DECAY, beta_2=DECAY, tau=POSITIVE, min_available_clients=at_least(1), timeout_s=POSITIVE,
+       max_examples=at_least(1), norm_bound=POSITIVE, min_replies=at_least(1))
 @dataclass
 class Federation:
     users_per_client: int = 1              # 1 = cross-device (one SuperNode per user); >1 = cross-silo
@@ -38,6 +39,12 @@ class Federation:
     min_available_clients: int = 1         # the server waits for this many nodes before starting
     timeout_s: int = 3600                  # how long the server waits for a round's replies
     audit_replies: bool = False            # clients write what each reply carries to <run dir>/wire/ (docs/formats.md)
+    # what the server accepts of a reply (server/validation.py; a reply over a bound is dropped and named):
+    # the most examples one reply may claim, so that weight cannot be bought; null = `proper sim` sets it
+    # from the data (the most training items one client holds), a deployment declares it (else no cap)
+    max_examples: Optional[int] = None
+    norm_bound: Optional[float] = None     # an update over this x the step's median update norm is dropped; null = off
+    min_replies: int = 1                   # a training step with fewer valid replies stops the run (clear error)
 
 
 @rules(noise_multiplier=at_least(0), clip=POSITIVE, clipping=one_of("server", "client"),
@@ -80,7 +87,7 @@ class Output:
     name: Optional[str] = None             # the run directory's name; null = <command>-<config>-<timestamp>
 
 
-@rules(slow_seconds=at_least(0))
+@rules(slow_seconds=at_least(0), attack=one_of("nan", "scale", "sign_flip", "claim_examples", "shape"))
 @dataclass
 class Debug:
     """Fault injection, for the tests of a federation that goes on without a node and of --resume."""
@@ -91,6 +98,10 @@ class Debug:
     slow_stages: List[str] = _list()
     slow_seconds: float = 10.0
     record_nodes: bool = False             # simulated clients note the Ray node they ran on (<run dir>/ray_nodes/)
+    # hostile clients (client/hostile.py): these partitions corrupt their population and group replies
+    attack_partitions: List[int] = _list()
+    attack: Optional[str] = None           # nan | scale | sign_flip | claim_examples | shape
+    attack_scale: float = 100.0            # scale: the update is sent this many times over
 
 
 @rules(engine=one_of("ray", "inprocess"), client_cpus=POSITIVE, client_gpus=at_least(0), ray_cpus=at_least(1),

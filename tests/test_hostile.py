@@ -1,0 +1,54 @@
+"""Broken and hostile clients in a whole run (in-process engine, tiny model): each malformed reply
+kind is dropped by the server's checks with its node and reason, the run completes on the honest
+replies, and a step left with too few valid replies stops the run at its last checkpoint."""
+import json
+import logging
+
+import pytest
+
+from sim.run import run_sim
+
+HONEST = ["simulation.engine=inprocess", "data.synthetic.n_users=6", "eval.stages=[user]", "eval.splits=[test]"]
+
+
+def run(tmp, name, *overrides):
+    return run_sim("tiny", [f"output.dir={tmp}", f"output.name={name}", *HONEST, *overrides])
+
+
+def trained(path):
+    rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+    return {(r["stage"], r["round"]): r for r in rows if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("attack, bounds, reason", [
+    ("nan", [], "non-finite values"),
+    ("shape", [], "record 'arrays': key"),
+    ("claim_examples", ["federation.max_examples=50"], "claims 1000000 examples, over the cap of 50"),
+    ("scale", ["federation.norm_bound=10"], "over 10 x the step's median"),
+])
+def test_each_malformed_reply_is_dropped_and_the_run_completes(tmp_path, caplog, attack, bounds, reason):
+    caplog.set_level(logging.WARNING, logger="proper.server")
+    assert run(tmp_path, attack, "debug.attack_partitions=[2]", f"debug.attack={attack}", *bounds) == 0
+    rounds = trained(tmp_path / attack)
+    for stage in ("population", "group"):
+        p = rounds[(stage, 1)]
+        assert p["nodes_dropped"] == 1 and p["nodes_ok"] == 5 and p["nodes_sent"] == 6, p
+    dropped = [r.getMessage() for r in caplog.records if "dropped the reply of node" in r.getMessage()]
+    assert len(dropped) == 2 and all(reason in m for m in dropped), dropped
+    table = json.loads((tmp_path / attack / "table.json").read_text())
+    assert table and all(v == v for r in table for v in r["metrics"].values())   # finite results
+
+
+def test_an_honest_run_drops_nothing(tmp_path):
+    assert run(tmp_path, "honest", "federation.max_examples=50", "federation.norm_bound=10") == 0
+    assert all("nodes_dropped" not in r for r in trained(tmp_path / "honest").values())
+
+
+def test_too_few_valid_replies_stop_the_run_at_its_last_checkpoint(tmp_path, caplog):
+    from server.checkpoint import Checkpoint
+    caplog.set_level(logging.ERROR, logger="proper.sim")
+    assert run(tmp_path, "few", "debug.attack_partitions=[0,1]", "debug.attack=nan", "federation.min_replies=5") == 1
+    stopped = [r.getMessage() for r in caplog.records if "the run stopped" in r.getMessage()]
+    assert stopped and "population:1: 4 valid replies, fewer than federation.min_replies=5" in stopped[0]
+    loaded = Checkpoint(tmp_path / "few").load()
+    assert loaded is None or "population:1" not in loaded[0]["done"]

@@ -180,7 +180,7 @@ class Serving:
         self._check_shared()
         load_user_adapter(model, store, user_id)
         model.set_stage("user")
-        return store.load(user_id, "embedding")["e_u"].float()
+        return store.load(user_id, "embedding")["e_u"].float().to(model.device)
 
     # ---- generation, by the loop the evaluation uses (shared/evaluation/evaluate.py)
     def generate_tokens(self, user_id: str, prompts: list[str], max_new_tokens: int | None = None,
@@ -213,7 +213,7 @@ class Serving:
         for uid in user_ids:
             embs.append(self.load_user(uid))
             parts.append(self.model.part_state("user"))
-        rows = torch.arange(len(user_ids)).repeat_interleave(len(prompts))
+        rows = torch.arange(len(user_ids), device=self.model.device).repeat_interleave(len(prompts))
         with self.model.user_parts(parts):
             tokens = self._generate(prompts * len(user_ids), torch.stack(embs)[rows], max_new_tokens, user_rows=rows)
         texts = self._decode(tokens)

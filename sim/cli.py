@@ -142,6 +142,11 @@ def _dispatch(args) -> int:
     if args.cmd in ("generate", "enroll"):
         _setup_logging(False)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Before torch loads OpenMP: its threads sleep, not spin, while they wait. On a machine shared with
+        # other work, spinning threads made each SmolLM2 forward pass 35x slower (1.9 s against 0.055 s for
+        # one token, 2 threads; bench/gpu.py --parts serve): the cold `proper generate` took 28 s. The
+        # arithmetic is the same either way.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from sim.serve import enroll_main, generate_main
         return generate_main(args) if args.cmd == "generate" else enroll_main(args)
     if args.cmd == "audit":

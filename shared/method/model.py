@@ -60,6 +60,11 @@ class ProperModel(nn.Module):
         return [(n, self.lm.get_submodule(n)) for n in self.layer_names]
 
     @property
+    def device(self) -> torch.device:
+        """Where the model computes (the client's device): batches and users' embeddings go here."""
+        return next(self.lm.parameters()).device
+
+    @property
     def merged(self) -> bool:
         return self.layers()[0][1].merged
 
@@ -94,7 +99,8 @@ class ProperModel(nn.Module):
         out = {}
         for name, layer in self.layers():
             for pname in ProperLinear.PARTS[part]:
-                out[f"{name}.{pname}"] = getattr(layer, pname).detach().clone()
+                # a copy on the CPU: what goes into a reply or a private file (a copy on the CPU already)
+                out[f"{name}.{pname}"] = getattr(layer, pname).detach().to("cpu", copy=True)
         return out
 
     def check_part_state(self, part: str, state: dict[str, torch.Tensor], source: str = "state") -> dict:
@@ -183,7 +189,7 @@ class ProperModel(nn.Module):
         picks from per row, stacked once per layer, so one batch serves many users' stage-3 models
         (what multi-LoRA serving systems do, for ProperLinear's user LoRA and LoRA-aware router)."""
         names = ProperLinear.PARTS["user"]
-        self.ctx.user_stack = [tuple(torch.stack([s[f"{layer}.{p}"] for s in states]) for p in names)
+        self.ctx.user_stack = [tuple(torch.stack([s[f"{layer}.{p}"] for s in states]).to(self.device) for p in names)
                                for layer in self.layer_names]
         try:
             yield self.ctx
@@ -231,5 +237,5 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(state):
         h.update(key.encode())
-        h.update(state[key].detach().float().contiguous().numpy().tobytes())
+        h.update(state[key].detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -35,7 +35,7 @@ def train_embedding(model: ProperModel, tokenizer, user, embedding: torch.Tensor
     if not model.merged:
         raise RuntimeError("enrollment needs the population LoRA merged into the backbone (W_p)")
     model.set_stage("group")  # train=False: nothing of the model is trainable
-    emb = torch.nn.Parameter(embedding.detach().clone().float().view(1, -1))
+    emb = torch.nn.Parameter(embedding.detach().clone().float().view(1, -1).to(model.device))
     items = [encode_example(tokenizer, ex, 0, cfg.max_len) for ex in user.train]
     lr = float(cfg.lr) * float(cfg.get("user_lr_scale", 1.0))
     opt = make_optimizer([emb], cfg, lr=lr)
@@ -45,4 +45,4 @@ def train_embedding(model: ProperModel, tokenizer, user, embedding: torch.Tensor
             with autocast(cfg), model.users(emb.expand(len(ids), -1)):
                 loss = answer_loss(model.lm, ids, mask, labels)
             optimizer_step(opt, loss, [emb], cfg)
-    return emb.detach().view(-1).clone()
+    return emb.detach().view(-1).to("cpu", copy=True)   # for the user's private file

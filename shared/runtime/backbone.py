@@ -54,9 +54,12 @@ def load_backbone(
     dtype: str = "float32",
     cache_dir: str | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ):
     """Return ``(model, tokenizer)``: model in eval mode with every parameter
-    frozen (callers decide what trains), tokenizer with a pad token.
+    frozen (callers decide what trains), tokenizer with a pad token, on ``device``
+    (the client's: shared/runtime/precision.py client_device). Built or read on the
+    CPU first, so "tiny" gets the same seeded weights on every device.
 
     ``cache_dir`` is the cache directory of the embedded model itself (default
     ``$PROPER_CACHE/smollm2-135m-instruct``, else
@@ -71,7 +74,8 @@ def load_backbone(
             model, tok = _build_tiny(seed, torch_dtype)
         else:
             model, tok = _load_local(name, torch_dtype)
-    return _finish(model, tok)
+    model, tok = _finish(model, tok)
+    return model.to(device), tok
 
 
 class _DropLines(logging.Filter):

@@ -35,7 +35,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
+# before torch loads OpenMP: waiting threads sleep rather than spin (sim/cli.py says why; a CPU dry run on a
+# shared machine was many times slower without it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # SmolLM2-135M(-Instruct) and Qwen2-1.5B, from their config.json

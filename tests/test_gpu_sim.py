@@ -85,3 +85,14 @@ def test_an_engine_that_cannot_start_its_clients_ends_the_run_with_one_error(tmp
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "could not start its clients" in errors[0] and "ActorPool is empty" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_simulation_given_gpu_shares_on_a_machine_without_one_runs_on_the_cpu(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, "-m", "sim.cli", "sim", "-c", "tiny", "simulation.client_gpus=0.5",
+                           f"output.dir={tmp_path}", "output.name=run"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("no GPU is visible") == 1
+    assert (tmp_path / "run" / "table.md").is_file()

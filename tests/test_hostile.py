@@ -52,3 +52,23 @@ def test_too_few_valid_replies_stop_the_run_at_its_last_checkpoint(tmp_path, cap
     assert stopped and "population:1: 4 valid replies, fewer than federation.min_replies=5" in stopped[0]
     loaded = Checkpoint(tmp_path / "few").load()
     assert loaded is None or "population:1" not in loaded[0]["done"]
+
+
+@pytest.fixture(scope="module")
+def honest_population(tmp_path_factory):
+    from server.checkpoint import Checkpoint
+    tmp = tmp_path_factory.mktemp("honest")
+    assert run(tmp, "honest") == 0
+    return Checkpoint(tmp / "honest").load()[1]["population"]
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed_mean", "krum"])
+def test_robust_aggregation_keeps_a_scaling_attacker_out(tmp_path, honest_population, aggregation):
+    """No reply is dropped (no norm bound): the robust aggregate itself keeps the x100 update out. With
+    the mean the same attack moves the population LoRA by about 79 (its norm is about 4)."""
+    from server.checkpoint import Checkpoint
+    assert run(tmp_path, aggregation, f"federation.aggregation={aggregation}", "debug.attack_partitions=[2]",
+               "debug.attack=scale") == 0
+    population = Checkpoint(tmp_path / aggregation).load()[1]["population"]
+    moved = sum(float((population[k] - honest_population[k]).norm() ** 2) for k in population) ** 0.5
+    assert moved < 1.0, moved

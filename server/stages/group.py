@@ -19,7 +19,8 @@ from server.signature_rounds import signature_start
 from server.stages.round import SharedRound
 from server.strategies import average_settings, dp_settings
 from server.strategies.chains import sampled_nodes
-from server.strategies.group import GroupAverage, mixture_pool
+from server.strategies.group import mixture_pool
+from server.strategies.robust import group_average
 from shared.method import plan
 from shared.method.plan import Step
 from shared.runtime import protocol as P
@@ -49,8 +50,9 @@ class GroupStage(SharedRound):
         return content
 
     def make_average(self):
-        self.average = GroupAverage(self.fed.parts.population.parameters, self.state.mixtures, int(self.cfg.seed),
-                                    uniform_weights=dp_settings(self.cfg) is not None, **average_settings(self.cfg))
+        self.average = group_average(self.cfg.federation, self.fed.parts.population.parameters, self.state.mixtures,
+                                     int(self.cfg.seed), uniform_weights=dp_settings(self.cfg) is not None,
+                                     **average_settings(self.cfg))
         return self.average
 
     def keep(self):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from server.stages.round import SharedRound
 from server.strategies import average_settings
-from server.strategies.population import PopulationAverage
+from server.strategies.robust import population_average
 
 
 class PopulationStage(SharedRound):
     name = "population"
 
     def make_average(self):
-        return PopulationAverage(**average_settings(self.cfg))
+        return population_average(self.cfg.federation, **average_settings(self.cfg))

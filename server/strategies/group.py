@@ -75,8 +75,12 @@ class GroupAverage(FedAvg):
         if self.uniform_weights:  # a weighted average's sensitivity to one reply is its weight share
             weights = [{"routing_mass": torch.ones_like(r["routing_mass"])} for r in routings]
             examples = [1] * len(contents)
-        agg = group_average([c[P.ARRAYS].to_torch_state_dict() for c in contents], weights, examples)
+        agg = self.combine([c[P.ARRAYS].to_torch_state_dict() for c in contents], weights, examples)
         self.pool = mixture_pool([r["mixtures"] for r in routings], seed=self.seed * 7919 + server_round)
         # the key order of what was sent: FedAvgM zips the two as lists
         keys = [k for k in self.sent_keys if k in agg] or list(agg)
         return ArrayRecord({k: agg[k] for k in keys}), mean_scalar_metrics(contents, P.NUM_EXAMPLES)
+
+    def combine(self, states: list[dict], routings: list[dict], examples: list[int]) -> dict[str, torch.Tensor]:
+        """The hook a robust variant replaces (robust.py): the clients' group parts made one."""
+        return group_average(states, routings, examples)

@@ -284,6 +284,9 @@ def check_privacy(cfg: DictConfig) -> None:
                           "a chain's total update is what must be clipped: use privacy.dp.clipping=server")
     if cfg.method == "mta":
         raise ConfigError("privacy.dp: covers the population and group stages; method=mta has neither")
+    if cfg.federation.aggregation != "mean":   # the accountant's sensitivity is that of a mean of clipped updates
+        raise ConfigError(f"federation.aggregation: privacy.dp accounts a mean of clipped updates, not "
+                          f"{cfg.federation.aggregation}: use federation.aggregation=mean with privacy.dp")
 
 
 def defaults() -> dict:

@@ -20,7 +20,9 @@ SERVER_KEYS = ("server_opt", "server_lr", "server_momentum", "beta_1", "beta_2",
 @rules(users_per_client=at_least(1), chains=at_least(1), clients_per_round=at_least(1), fraction_train=FRACTION,
        server_opt=one_of("fedavg", "fedavgm", "fedadam", "fedyogi"), server_lr=POSITIVE, server_momentum=DECAY,
        beta_1=DECAY, beta_2=DECAY, tau=POSITIVE, min_available_clients=at_least(1), timeout_s=POSITIVE,
-       max_examples=at_least(1), norm_bound=POSITIVE, min_replies=at_least(1))
+       max_examples=at_least(1), norm_bound=POSITIVE, min_replies=at_least(1),
+       aggregation=one_of("mean", "median", "trimmed_mean", "krum"),
+       trim_beta=Rule(lambda v: 0 <= v < 0.5, "in [0, 0.5)"), krum_faulty=at_least(0))
 @dataclass
 class Federation:
     users_per_client: int = 1              # 1 = cross-device (one SuperNode per user); >1 = cross-silo
@@ -45,6 +47,10 @@ class Federation:
     max_examples: Optional[int] = None
     norm_bound: Optional[float] = None     # an update over this x the step's median update norm is dropped; null = off
     min_replies: int = 1                   # a training step with fewer valid replies stops the run (clear error)
+    # the round's replies made one (server/strategies/robust.py): mean | median | trimmed_mean | krum
+    aggregation: str = "mean"
+    trim_beta: float = 0.2                 # trimmed_mean: share of the weight cut at each end, per coordinate
+    krum_faulty: int = 1                   # krum: the faulty replies a round is assumed to hold
 
 
 @rules(noise_multiplier=at_least(0), clip=POSITIVE, clipping=one_of("server", "client"),

@@ -103,6 +103,20 @@ def test_serving_decodes_on_the_client_device():
         check.check()
 
 
+def test_enrollment_trains_a_new_users_embedding_on_the_client_device(tmp_path):
+    """shared/method/serving.py: a new user's e_u, trained on its history (`proper enroll`)."""
+    from shared.method.serving import train_embedding
+    cfg = stage_cfg(load_config("tiny", []), "group")
+    model, tok = make_model()
+    randomize(model, "group")
+    model.merge_population()
+    user = _users(tmp_path)[0]
+    with DeviceCheck(model) as check:
+        e_u = train_embedding(model, tok, user, torch.randn(model.d_user).to(DEVICE), cfg, passes=1, seed=0)
+    check.check()
+    assert e_u.device.type == "cpu"   # for the user's private file
+
+
 def _users(tmp_path, n=2):
     from shared.data.lamp import load_lamp
     from shared.data.synthetic import write_synthetic_lamp

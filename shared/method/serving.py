@@ -42,7 +42,8 @@ def train_embedding(model: ProperModel, tokenizer, user, embedding: torch.Tensor
     rng = random.Random(seed)
     for _ in range(passes):
         for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
-            with autocast(cfg), model.users(emb.expand(len(ids), -1)):
+            ids, mask, labels = (t.to(model.device) for t in (ids, mask, labels))   # the client's device
+            with autocast(cfg, model.device.type), model.users(emb.expand(len(ids), -1)):
                 loss = answer_loss(model.lm, ids, mask, labels)
             optimizer_step(opt, loss, [emb], cfg)
     return emb.detach().view(-1).to("cpu", copy=True)   # for the user's private file

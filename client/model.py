@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shared.method.model import ProperModel
 from shared.runtime.backbone import load_backbone
+from shared.runtime.precision import client_device
 from shared.runtime.process import PROCESS
 from shared.runtime.targets import find_target_modules
 
@@ -27,5 +28,8 @@ def get_model(cfg: DictConfig) -> tuple[ProperModel, object]:
         lm, tok = load_backbone(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
         targets = find_target_modules(lm, list(cfg.model.targets) if cfg.model.targets else None)
         PROCESS.model = None
-        PROCESS.model = (key, (ProperModel(lm, targets, seed=cfg.seed, **cfg.adapters), tok))
+        # built and seeded on the CPU, then moved where this process computes (one decision:
+        # client_device; under Ray, a client given no GPU share sees none)
+        model = ProperModel(lm, targets, seed=cfg.seed, **cfg.adapters).to(client_device())
+        PROCESS.model = (key, (model, tok))
     return PROCESS.model[1]

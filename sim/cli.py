@@ -23,6 +23,13 @@ import time
 import warnings
 from pathlib import Path
 
+# Before anything loads torch (and its OpenMP): idle OpenMP threads sleep instead of spinning. On a
+# machine shared with other work, spinning threads made each SmolLM2 forward pass 35x slower (1.9 s
+# against 0.055 s for one token, 2 threads; bench/gpu.py --parts serve) and a tiny `proper local` 7x;
+# Ray's workers inherit it. The arithmetic is the same either way (the same-numbers check of
+# docs/architecture.md ran with and without it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Exceptions that tell the user what to fix, by (module, class): an exception of a class can only
 # have been raised once its module was imported, so checking costs no import (a failed
 # `proper report` need not load torch). Every other exception is a bug and keeps its traceback.
@@ -33,6 +40,7 @@ USER_ERRORS = (
     ("shared.runtime.persist", "StateFileError"),       # a corrupt or foreign state file
     ("client.serving", "ServingError"),                 # generate / enroll: a missing run part or user state
     ("shared.runtime.backbone", "MissingWheelError"),   # the embedded model's wheel is not installed
+    ("shared.runtime.targets", "TargetError"),          # no FFN layers found in a model: names it and its layers
     ("omegaconf.errors", "GrammarParseError"),          # an override omegaconf cannot parse
     ("yaml", "YAMLError"),                              # a config file that is not YAML
 )
@@ -142,11 +150,6 @@ def _dispatch(args) -> int:
     if args.cmd in ("generate", "enroll"):
         _setup_logging(False)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # Before torch loads OpenMP: its threads sleep, not spin, while they wait. On a machine shared with
-        # other work, spinning threads made each SmolLM2 forward pass 35x slower (1.9 s against 0.055 s for
-        # one token, 2 threads; bench/gpu.py --parts serve): the cold `proper generate` took 28 s. The
-        # arithmetic is the same either way.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from sim.serve import enroll_main, generate_main
         return generate_main(args) if args.cmd == "generate" else enroll_main(args)
     if args.cmd == "audit":

@@ -1,7 +1,12 @@
 """Fixtures shared by the test modules (plain helpers: tests/helpers.py, tests/lamp_files.py)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+# as sim/cli.py does, before torch loads: idle OpenMP threads sleep (spinning ones slowed the suite
+# several times over on a busy 2-core machine); no number changes
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

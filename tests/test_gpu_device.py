@@ -1,11 +1,9 @@
 """Device consistency on a CPU-only machine (CI never has a GPU): tests/device_check.py tags tensors as on
 the client's device or on the host and records every operation that mixes the two, as CUDA would refuse.
 
-What passes here: the model's own computation, every stage's forward, backward and optimizer step, and
-serving's generation, given inputs on the client's device. What is marked xfail(strict=True): the paths
-whose batches and bookkeeping tensors are made on the host by code that does not place them yet (the
-client trainer's stages, the evaluation's generation loop); they pass, and the marks must go, once the
-client runtime's device reaches them."""
+What passes here: the model's own computation, every stage's forward, backward and optimizer step, the
+trainer's population stage and the evaluation's generation loop (their batches placed on the model's
+device), and serving's generation, given inputs on the client's device."""
 from __future__ import annotations
 
 import pytest
@@ -124,10 +122,6 @@ def _users(tmp_path, n=2):
     return load_lamp(data, task="LaMP_2", holdout=0)[1]
 
 
-PENDING = "the client trainer's stages make their batches and sums on the host (not placed yet: client runtime)"
-
-
-@pytest.mark.xfail(strict=True, reason=PENDING)
 def test_the_population_stage_of_the_trainer_stays_on_the_client_device(tmp_path):
     from shared.method.stages import train_population
     cfg = stage_cfg(load_config("tiny", []), "population")
@@ -137,7 +131,6 @@ def test_the_population_stage_of_the_trainer_stays_on_the_client_device(tmp_path
     check.check()
 
 
-@pytest.mark.xfail(strict=True, reason="shared/evaluation/evaluate.py makes its prompt batches on the host")
 def test_the_evaluation_generation_loop_stays_on_the_client_device():
     from shared.evaluation.evaluate import generate_tokens
     model, tok = make_model()
@@ -153,3 +146,21 @@ def test_the_model_is_built_where_the_client_computes():
     moved = model.to(DEVICE)
     assert isinstance(moved, ProperModel)
     assert {p.device.type for p in moved.parameters()} == {torch.device(DEVICE).type}
+
+
+def test_the_group_and_user_stages_of_the_trainer_stay_on_the_client_device(tmp_path):
+    """train_group (with the constraint loss's pool and the routing statistics) and train_user: the
+    e_u, pool and batches are placed on the model's device; what they return is on the CPU."""
+    from shared.method.stages import train_group, train_user
+    cfg = load_config("tiny", [])
+    model, tok = make_model()
+    randomize(model, "population")
+    model.merge_population()
+    users = _users(tmp_path, n=3)
+    emb = torch.randn(len(users), model.d_user)
+    pool = torch.softmax(torch.randn(4, len(model.layer_names), model.k), -1)
+    with DeviceCheck(model) as check:
+        result, e_u = train_group(model, tok, users, emb, stage_cfg(cfg, "group"), others=pool, seed=0)
+        train_user(model, tok, users[0], e_u[0], stage_cfg(cfg, "user"), seed=0)
+    check.check()
+    assert e_u.device.type == "cpu" and result.routing_mass.device.type == "cpu"

@@ -80,3 +80,9 @@ def encode_users(tokenizer, users, max_len, split="train"):
     for i, u in enumerate(users):
         items += [encode_example(tokenizer, ex, i, max_len) for ex in getattr(u, split)]
     return items
+
+
+def placed(batch, device) -> list[torch.Tensor]:
+    """A batch (ids, mask, labels, user indices) on `device`, the client's (decided once:
+    shared/runtime/precision.py client_device, client/model.py); a no-op on the CPU."""
+    return [t.to(device) for t in batch]

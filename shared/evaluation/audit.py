@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from shared.data.encode import encode_example, make_batches
+from shared.data.encode import encode_example, make_batches, placed
 from shared.runtime.precision import autocast
 
 
@@ -85,10 +85,13 @@ def example_losses(model, tokenizer, examples, cfg, user_emb: torch.Tensor | Non
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for ids, mask, labels, idx in make_batches(items, batch_size, tokenizer.pad_token_id, None):
-            emb = None if user_emb is None else user_emb[idx]
-            r = None if rows is None else rows[idx]
-            with autocast(cfg.train), model.users(emb, rows=r):
+        dev = model.device
+        for batch in make_batches(items, batch_size, tokenizer.pad_token_id, None):
+            idx = batch[3]   # on the CPU: it indexes the numpy results
+            ids, mask, labels, at = placed(batch, dev)
+            emb = None if user_emb is None else user_emb.to(dev)[at]
+            r = None if rows is None else rows.to(dev)[at]
+            with autocast(cfg.train, dev.type), model.users(emb, rows=r):
                 logits = model.lm(input_ids=ids, attention_mask=mask).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             target = labels[:, 1:]
@@ -96,7 +99,7 @@ def example_losses(model, tokenizer, examples, cfg, user_emb: torch.Tensor | Non
             nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
             s = nll.sum(1)
             n = keep.sum(1).clamp(min=1)
-            total[idx.numpy()] = s.numpy()
-            mean[idx.numpy()] = (s / n).numpy()
+            total[idx.numpy()] = s.cpu().numpy()
+            mean[idx.numpy()] = (s / n).cpu().numpy()
     model.train(was_training)
     return total, mean

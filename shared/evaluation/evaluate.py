@@ -38,7 +38,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], user_emb: torch.
     put/end interface, batch_size 1. fused: one user's layers served fused (ProperModel.fused;
     serving only, never the evaluation)."""
     out = []
-    pad = tokenizer.pad_token_id
+    pad, dev = tokenizer.pad_token_id, model.device   # inputs go where the model is (the client's device)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
         width = max(len(p) for p in chunk)
@@ -47,9 +47,10 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], user_emb: torch.
         for i, p in enumerate(chunk):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        emb = None if user_emb is None else user_emb[s:s + len(chunk)]
-        rows = None if user_rows is None else user_rows[s:s + len(chunk)]
-        with autocast({"bf16": bf16}), model.users(emb, rows=rows), model.fused(fused):
+        ids, mask = ids.to(dev), mask.to(dev)
+        emb = None if user_emb is None else user_emb[s:s + len(chunk)].to(dev)
+        rows = None if user_rows is None else user_rows[s:s + len(chunk)].to(dev)
+        with autocast({"bf16": bf16}, dev.type), model.users(emb, rows=rows), model.fused(fused):
             gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                                     streamer=streamer)
@@ -70,11 +71,13 @@ def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str]
     targets = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for lab in labels]
     n, width = len(targets), max(len(t) for t in targets)
+    dev = model.device   # inputs go where the model is (the client's device); the scores come back to the CPU
     cont = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
     cont_mask = torch.zeros_like(cont)
     for j, t in enumerate(targets):
         cont[j, :len(t)] = torch.tensor(t)
         cont_mask[j, :len(t)] = 1
+    cont, cont_mask = cont.to(dev), cont_mask.to(dev)
     # batches of similar lengths (little padding), results put back in the caller's order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = []
@@ -87,10 +90,11 @@ def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str]
         for i, p in enumerate(chunk):
             ids[i, plen - len(p):] = torch.tensor(p)
             mask[i, plen - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
         lengths = mask.sum(1)
-        emb = None if user_emb is None else user_emb[idx]
-        who = None if user_rows is None else user_rows[idx]      # each prompt's user (multi-user batch)
-        with autocast({"bf16": bf16}), model.users(emb, rows=who):
+        emb = None if user_emb is None else user_emb[idx].to(dev)
+        who = None if user_rows is None else user_rows[idx].to(dev)   # each prompt's user (multi-user batch)
+        with autocast({"bf16": bf16}, dev.type), model.users(emb, rows=who):
             # only the last position's logits are read: projecting every prompt position onto the
             # 49k-token vocabulary was ~20 % of the prompt forward's FLOPs
             first = model.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
@@ -99,8 +103,8 @@ def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str]
         cache.batch_repeat_interleave(n)                      # row i*n + j: prompt i, label j
         rows = cont.repeat(b, 1)
         rows_mask = torch.cat([mask.repeat_interleave(n, 0), cont_mask.repeat(b, 1)], 1)
-        pos = lengths.repeat_interleave(n).view(-1, 1) + torch.arange(width)
-        with autocast({"bf16": bf16}), model.users(None if emb is None else emb.repeat_interleave(n, 0),
+        pos = lengths.repeat_interleave(n).view(-1, 1) + torch.arange(width, device=dev)
+        with autocast({"bf16": bf16}, dev.type), model.users(None if emb is None else emb.repeat_interleave(n, 0),
                                                    rows=None if who is None else who.repeat_interleave(n)):
             rest = model.lm(input_ids=rows, attention_mask=rows_mask, position_ids=pos, past_key_values=cache,
                             use_cache=True)
@@ -108,7 +112,7 @@ def label_logprobs(model, tokenizer, prompts: list[list[int]], labels: list[str]
         last = first.logits[:, -1:].float().repeat_interleave(n, 0)
         logp = torch.log_softmax(torch.cat([last, rest.logits[:, :-1].float()], 1), -1)
         tok = logp.gather(-1, rows.unsqueeze(-1)).squeeze(-1) * cont_mask.repeat(b, 1)
-        out.append(tok.sum(1).view(b, n))
+        out.append(tok.sum(1).view(b, n).cpu())
     if not out:
         return torch.zeros(0, n)
     result = torch.empty(len(prompts), n)

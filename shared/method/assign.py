@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.data.canaries import is_canary
-from shared.data.encode import encode_users, make_batches
+from shared.data.encode import encode_users, make_batches, placed
 from shared.method.losses import answer_logits
 from shared.method.model import ProperModel
 from shared.runtime.precision import autocast
@@ -23,18 +23,21 @@ def expert_losses(model: ProperModel, tokenizer, users, cfg) -> torch.Tensor:
     alone (the group part loaded in `model`). Forward passes only: k thirds of a training pass."""
     items = encode_users(tokenizer, users, cfg.max_len)
     n_layers, k = len(model.layer_names), model.k
-    total, count = torch.zeros(len(users), k), torch.zeros(len(users))
+    dev = model.device
+    total, count = torch.zeros(len(users), k, device=dev), torch.zeros(len(users), device=dev)
     model.set_stage("group")
     for e in range(k):
-        with model.fixed_mixture(F.one_hot(torch.full((n_layers,), e), k).float()):
-            for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
-                with autocast(cfg):
+        with model.fixed_mixture(F.one_hot(torch.full((n_layers,), e, device=dev), k).float()):
+            for batch in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
+                ids, mask, labels, uidx = placed(batch, dev)
+                with autocast(cfg, dev.type):
                     logits, target, rows = answer_logits(model.lm, ids, mask, labels)
                 token = F.cross_entropy(logits.float(), target, reduction="none")   # answer_loss, per token
-                total[:, e].index_add_(0, uidx, torch.zeros(len(ids)).index_add_(0, rows, token))
+                total[:, e].index_add_(0, uidx, torch.zeros(len(ids), device=dev).index_add_(0, rows, token))
                 if e == 0:
-                    count.index_add_(0, uidx, torch.zeros(len(ids)).index_add_(0, rows, torch.ones_like(token)))
-    return total / count.clamp_min(1).view(-1, 1)
+                    ones = torch.zeros(len(ids), device=dev).index_add_(0, rows, torch.ones_like(token))
+                    count.index_add_(0, uidx, ones)
+    return (total / count.clamp_min(1).view(-1, 1)).cpu()
 
 
 def assign_experts(model: ProperModel, tokenizer, users, cfg, seed: int,

@@ -42,8 +42,8 @@ def user_mixtures(betas: list[torch.Tensor], mask: torch.Tensor, users: torch.Te
     m = mask.to(betas[0].dtype).unsqueeze(-1)                      # [B, T, 1]
     sums = torch.stack([(b * m).sum(1) for b in betas], dim=1)    # [B, L, k] token sums per row
     uniq, inv = torch.unique(users, return_inverse=True)
-    per_user = torch.zeros(len(uniq), *sums.shape[1:], dtype=sums.dtype).index_add(0, inv, sums)
-    tokens = torch.zeros(len(uniq), dtype=sums.dtype).index_add(0, inv, mask.sum(1).to(sums.dtype))
+    per_user = torch.zeros(len(uniq), *sums.shape[1:], dtype=sums.dtype, device=sums.device).index_add(0, inv, sums)
+    tokens = torch.zeros(len(uniq), dtype=sums.dtype, device=sums.device).index_add(0, inv, mask.sum(1).to(sums.dtype))
     return per_user / tokens.view(-1, 1, 1), uniq, tokens
 
 

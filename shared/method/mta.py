@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from shared.data.encode import encode_example, make_batches
+from shared.data.encode import encode_example, make_batches, placed
 from shared.runtime.config import stage_cfg
 from shared.runtime.precision import autocast
 
@@ -57,19 +57,21 @@ def profile_embeddings(model, tokenizer, users, cfg) -> np.ndarray:
     items = [encode_example(tokenizer, ex, i, cfg.train.max_len) for i, u in enumerate(users) for ex in u.train]
     hidden = None
     sums = counts = None
-    for ids, mask, _, uidx in make_batches(items, int(cfg.eval.batch_size), tokenizer.pad_token_id, None):
-        with autocast(cfg.train):
+    dev = model.device
+    for batch in make_batches(items, int(cfg.eval.batch_size), tokenizer.pad_token_id, None):
+        ids, mask, _, uidx = placed(batch, dev)
+        with autocast(cfg.train, dev.type):
             h = model.lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         m = mask.unsqueeze(-1).float()
         pooled = (h.float() * m).sum(1) / m.sum(1).clamp_min(1.0)     # [B, H] mean over tokens
         if hidden is None:
             hidden = pooled.shape[1]
-            sums, counts = torch.zeros(len(users), hidden), torch.zeros(len(users))
+            sums, counts = torch.zeros(len(users), hidden, device=dev), torch.zeros(len(users), device=dev)
         sums.index_add_(0, uidx, pooled)
-        counts.index_add_(0, uidx, torch.ones(len(uidx)))
+        counts.index_add_(0, uidx, torch.ones(len(uidx), device=dev))
     if sums is None:
         raise ValueError("no profile items to embed")
-    return (sums / counts.clamp_min(1.0).unsqueeze(1)).numpy().astype(np.float32)  # mean over items
+    return (sums / counts.clamp_min(1.0).unsqueeze(1)).cpu().numpy().astype(np.float32)  # mean over items
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.data.encode import encode_example, encode_users, make_batches, n_batches
+from shared.data.encode import encode_example, encode_users, make_batches, n_batches, placed
 from shared.method.assign import assign_experts, expert_losses, split_probe
 from shared.method.losses import (
     answer_logits,
@@ -70,8 +70,9 @@ def train_population(model: ProperModel, tokenizer, users, cfg, seed: int = 0) -
     losses, tokens, t0 = [], 0, time.time()
     progress = Progress("population", cfg.epochs * n_batches(items, cfg.batch_size))
     for _ in range(cfg.epochs):
-        for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
-            with autocast(cfg):
+        for batch in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
+            ids, mask, labels, _ = placed(batch, model.device)
+            with autocast(cfg, model.device.type):
                 loss = answer_loss(model.lm, ids, mask, labels)
             optimizer_step(opt, loss, model.trainable_parameters(), cfg)
             losses.append(loss.item())
@@ -106,7 +107,10 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     if not model.merged:
         raise RuntimeError("group stage needs the population LoRA merged into the backbone (W_p)")
     model.set_stage("group", train=True)
-    emb = torch.nn.Parameter(embeddings.detach().clone().float())
+    dev = model.device   # the client's (client/model.py); what the round returns goes back to the CPU
+    emb = torch.nn.Parameter(embeddings.detach().clone().float().to(dev))
+    others = None if others is None else others.to(dev)
+    assignment = None if assignment is None else assignment.to(dev)
     items = encode_users(tokenizer, users, cfg.max_len)
     params = model.trainable_parameters() + ([emb] if user_router else [])
     opt = make_optimizer(_group_param_groups(model, emb, user_router, cfg), cfg)
@@ -116,15 +120,16 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
         raise ValueError("group.constraint_form=assign needs each user's assigned expert (assign_experts)")
     rng = random.Random(seed)
     n_layers = len(model.layer_names)
-    mass = torch.zeros(n_layers, model.k)
-    mix_sum = torch.zeros(len(users), n_layers, model.k)
-    mix_tok = torch.zeros(len(users))
+    mass = torch.zeros(n_layers, model.k, device=dev)
+    mix_sum = torch.zeros(len(users), n_layers, model.k, device=dev)
+    mix_tok = torch.zeros(len(users), device=dev)
     losses, cons, tokens, t0 = [], [], 0, time.time()
     progress = Progress("group", cfg.epochs * n_batches(items, cfg.batch_size))
     for epoch in range(cfg.epochs):
         last = epoch == cfg.epochs - 1
-        for ids, mask, labels, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
-            with autocast(cfg), model.users(emb[uidx] if user_router else None, record=True) as ctx:
+        for batch in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
+            ids, mask, labels, uidx = placed(batch, model.device)
+            with autocast(cfg, dev.type), model.users(emb[uidx] if user_router else None, record=True) as ctx:
                 lm = answer_loss(model.lm, ids, mask, labels)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
             if form == "assign" and user_router:
@@ -144,6 +149,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
                     mass += (pd * ntok.view(-1, 1, 1).float()).sum(0)
             ctx.betas.clear()
     model.set_stage("group")
+    mass, mix_sum, mix_tok = mass.cpu(), mix_sum.cpu(), mix_tok.cpu()
     by_user = mix_sum / mix_tok.view(-1, 1, 1)  # 0 / 0 = NaN for a user with no tokens
     seen = mix_tok > 0
     mixtures = by_user[seen][torch.randperm(int(seen.sum()), generator=torch.Generator().manual_seed(seed))]
@@ -151,8 +157,8 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     metrics["constraint_loss"] = float(sum(cons[-10:]) / max(1, len(cons[-10:]))) if cons else math.nan
     result = RoundResult(len(items), metrics, model.part_state("group"), mass, mixtures)
     if return_user_mixtures:
-        return result, emb.detach().clone(), by_user
-    return result, emb.detach().clone()
+        return result, emb.detach().clone().cpu(), by_user
+    return result, emb.detach().clone().cpu()
 
 
 def _group_param_groups(model: ProperModel, emb: torch.Tensor, user_router: bool, cfg) -> list[dict]:
@@ -188,19 +194,21 @@ def mixtures_by_user(model: ProperModel, tokenizer, users, embeddings: torch.Ten
     model.set_stage("group")
     items = encode_users(tokenizer, users, cfg.max_len)
     n_layers = len(model.layer_names)
-    mix_sum = torch.zeros(len(users), n_layers, model.k)
-    mix_tok = torch.zeros(len(users))
-    emb = embeddings.detach().float()
+    dev = model.device
+    mix_sum = torch.zeros(len(users), n_layers, model.k, device=dev)
+    mix_tok = torch.zeros(len(users), device=dev)
+    emb = embeddings.detach().float().to(dev)
     with torch.no_grad():
-        for ids, mask, _, uidx in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
-            with autocast(cfg), model.users(emb[uidx], record=True) as ctx:
+        for batch in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, None):
+            ids, mask, _, uidx = placed(batch, model.device)
+            with autocast(cfg, dev.type), model.users(emb[uidx], record=True) as ctx:
                 model.lm.base_model(input_ids=ids, attention_mask=mask)
             p, uniq, ntok = user_mixtures(ctx.betas, mask, uidx)
             mix_sum.index_add_(0, uniq, p.float() * ntok.view(-1, 1, 1).float())
             mix_tok.index_add_(0, uniq, ntok.float())
             ctx.betas.clear()
     seen = mix_tok > 0
-    return mix_sum / mix_tok.clamp(min=1).view(-1, 1, 1), seen
+    return (mix_sum / mix_tok.clamp(min=1).view(-1, 1, 1)).cpu(), seen.cpu()
 
 
 # ---------------------------------------------------------------- stage 3: user
@@ -211,11 +219,12 @@ def train_user(model: ProperModel, tokenizer, user, embedding: torch.Tensor, cfg
     items = [encode_example(tokenizer, ex, 0, cfg.max_len) for ex in user.train]
     opt = make_optimizer(model.trainable_parameters(), cfg)
     rng = random.Random(seed)
-    e = embedding.detach().float().view(1, -1)
+    e = embedding.detach().float().view(1, -1).to(model.device)
     losses, tokens, t0 = [], 0, time.time()
     for _ in range(cfg.epochs):
-        for ids, mask, labels, _ in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
-            with autocast(cfg), model.users(e.expand(len(ids), -1)):
+        for batch in make_batches(items, cfg.batch_size, tokenizer.pad_token_id, rng):
+            ids, mask, labels, _ = placed(batch, model.device)
+            with autocast(cfg, model.device.type), model.users(e.expand(len(ids), -1)):
                 loss = answer_loss(model.lm, ids, mask, labels)
             optimizer_step(opt, loss, model.trainable_parameters(), cfg)
             losses.append(loss.item())

@@ -63,7 +63,7 @@ def history_embeddings(client, pop: dict, d: int, seed: int) -> torch.Tensor:
     centred over the users, projected to d dims by a seeded Gaussian matrix and scaled to the norm of
     the usual N(0, I) start. Users who answer alike start close. Centring uses every user's mean:
     a federation would need a shared reference instead (a public prompt set, or a DP mean)."""
-    client._prepare("group", pop)
+    client.prepare("group", pop)
     model, tok = client.model, client.tokenizer
     model.set_stage("population")   # merged: W_p alone, the population model
     users = list(getattr(client, "trained", client.users))
@@ -93,7 +93,7 @@ def update_signatures(client, pop: dict) -> torch.Tensor:
     al. 2020). An experiment of this bench (start=updates), centralized."""
     from shared.method.stages import answer_loss
     from shared.runtime.precision import autocast
-    client._prepare("population", pop)
+    client.prepare("population", pop)
     model, tok = client.model, client.tokenizer
     model.set_stage("population", train=True)
     params = model.trainable_parameters()
@@ -194,9 +194,9 @@ def run_variant(cfg, spec, users, pop: dict, groups: dict, splits: list[str], st
 
 @contextlib.contextmanager
 def _recording_assignments():
-    """Record what client.trainer's assign_experts returns while the block runs (the bench reads the
+    """Record what client.group's assign_experts returns while the block runs (the bench reads the
     assignment's own ARI per round; the trainer itself is unchanged)."""
-    import client.trainer as trainer
+    import client.group as trainer
     real, record = trainer.assign_experts, []
 
     def recorded(*args, **kwargs):
@@ -215,7 +215,7 @@ def _layered(client, cfg, groups: dict) -> dict:
     (shared/evaluation/groups.py layer_recovery) and by k-means over the flattened [L x k]
     mixtures (k = adapters.k clusters, as many as experts: no knowledge of the true count)."""
     users = [u for u in getattr(client, "trained", client.users) if u.user_id in groups]
-    emb = torch.stack([client._embedding(u) for u in users])
+    emb = torch.stack([client.user_embedding(u) for u in users])
     by_user, _ = mixtures_by_user(client.model, client.tokenizer, users, emb, stage_cfg(cfg, "group"))
     true = [groups[u.user_id] for u in users]
     clusters, _ = kmeans(by_user.flatten(1).numpy(), int(cfg.adapters.k), seed=int(cfg.seed))

@@ -70,7 +70,7 @@ def readings(cfg, spec, users, population: Path, cache: Path | None):
         log.info("%s was read from another population LoRA or data set: reading the items again", cache)
     with tempfile.TemporaryDirectory() as state:
         client = ClientTrainer(cfg, spec, users, state)
-        client._prepare("group", population_of(client.model, population))
+        client.prepare("group", population_of(client.model, population))
         users = A.without_canaries(client.trained)
         inp, _, who = A.item_readings(client.model, client.tokenizer, users, int(stage_cfg(cfg, "group").max_len))
     answers = S.answer_index(spec, [x.output for u in users for x in u.train])

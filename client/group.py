@@ -55,12 +55,12 @@ def group_round(t, population: dict, group: dict | None, others: torch.Tensor | 
                 server_round: int) -> RoundResult:
     """ClientTrainer.group: one group round on t's users with a history."""
     sw = t.switches
-    t._prepare("group", population, group)
+    t.prepare("group", population, group)
     if not t.trained:
-        return t._untrained("group")
+        return t.untrained("group")
     if others is not None and len(others):
         others = S.drop_own(t.store, others, server_round)
-    before = torch.stack([t._embedding(u, server_round) for u in t.trained])
+    before = torch.stack([t.user_embedding(u, server_round) for u in t.trained])
     cfg = round_cfg(t.cfg, "group", server_round)
     assignment, fit = None, t.trained
     if sw.assign:
@@ -122,11 +122,11 @@ def assignment_start(t) -> torch.Tensor | None:
 def first_pool(t, population: dict, group: dict | None) -> torch.Tensor:
     """ClientTrainer.initial_mixtures: the users' mixtures under the group part round 1 starts from,
     with their starting e_u (shuffled, no ids). Nothing is trained; what is sent is remembered."""
-    t._prepare("group", population, group)
+    t.prepare("group", population, group)
     empty = torch.zeros(0, len(t.model.layer_names), t.model.k)
     if not t.trained:
         return empty
-    emb = torch.stack([t._embedding(u, 1) for u in t.trained])
+    emb = torch.stack([t.user_embedding(u, 1) for u in t.trained])
     if not t.release.sends_mixtures:   # nothing to send: skip the forward pass
         return empty
     mixtures = initial_mixtures(t.model, t.tokenizer, t.trained, emb, stage_cfg(t.cfg, "group"), seed=t.seed)

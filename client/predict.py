@@ -56,7 +56,7 @@ def predictions(t, stage: str, population: dict | None, group: dict | None, spli
     """ClientTrainer.predictions: every user's predictions for its `split` items at `stage`."""
     chat = stage == BASE_CHAT
     stage = "base" if chat else stage
-    t._prepare(stage, population, group)
+    t.prepare(stage, population, group)
     users = [u for u in t.users if getattr(u, split)]
     routed = stage in ("group", "user") and t.switches.user_router
     cold = [u for u in users if routed and not u.train]   # routed by the mean mixture, not an e_u
@@ -77,7 +77,7 @@ def predict_each(t, users, split: str) -> dict[str, list[str]]:
         chunk = users[s:s + USERS_PER_PASS]
         parts = [read_user_adapter(t.model, t.store, u.user_id) for u in chunk]
         exs = [ex for u in chunk for ex in getattr(u, split)]
-        emb = torch.stack([t._embedding(u) for u in chunk for _ in getattr(u, split)])
+        emb = torch.stack([t.user_embedding(u) for u in chunk for _ in getattr(u, split)])
         rows = torch.tensor([i for i, u in enumerate(chunk) for _ in getattr(u, split)])
         with t.model.user_parts(parts):
             preds = predict(t.model, t.tokenizer, t.spec, exs, t.cfg, user_emb=emb, user_rows=rows)
@@ -94,7 +94,7 @@ def predict_batched(t, stage: str, users, split: str, chat: bool = False) -> dic
     exs = [ex for u in users for ex in getattr(u, split)]
     emb = None
     if stage == "group" and t.switches.user_router:
-        emb = torch.stack([t._embedding(u) for u in users for _ in getattr(u, split)])
+        emb = torch.stack([t.user_embedding(u) for u in users for _ in getattr(u, split)])
     return by_user(users, split, predict(t.model, t.tokenizer, t.spec, exs, t.cfg, user_emb=emb, chat=chat))
 
 

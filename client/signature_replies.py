@@ -36,7 +36,7 @@ def _read(trainer, population: dict) -> dict:
     users = without_canaries(trainer.trained)
     h = trainer.model.lm.config.hidden_size
     if any(u.train for u in users):
-        trainer._prepare("group", population)
+        trainer.prepare("group", population)
         max_len = signature_start_of(trainer.cfg).max_len
         inp, _, who = item_readings(trainer.model, trainer.tokenizer, users, max_len)
     else:

@@ -85,7 +85,7 @@ class ClientTrainer:
         self._signature_start: torch.Tensor | None = None     # group.assign_start=signature, once computed
 
     # ---- putting the model in the state a stage starts from
-    def _prepare(self, stage: str, population=None, group=None):
+    def prepare(self, stage: str, population=None, group=None):
         m = self.model
         if stage in ("base", "population"):
             if m.merged:
@@ -103,7 +103,7 @@ class ClientTrainer:
             else:  # first group round, or a method without one (OPPU): experts start at B = 0, a no-op
                 m.reset_part("group", seed=self.cfg.seed)
 
-    def _embedding(self, user, for_round: int | None = None) -> torch.Tensor:
+    def user_embedding(self, user, for_round: int | None = None) -> torch.Tensor:
         """e_u: the latest, or the one a group round `for_round` starts from. Each save keeps the
         value from before that round too, so a round redone after a crash starts where it did."""
         return embedding(self.store, user.user_id, self.cfg.seed, self.model.d_user, for_round)
@@ -111,10 +111,10 @@ class ClientTrainer:
     def initial(self, part: str, population: dict | None = None) -> dict[str, torch.Tensor]:
         """The starting point of a server-coordinated part, as every client would build it (seeded
         by the run's seed alone): a server needs it to take a server learning-rate step."""
-        self._prepare("population" if part == "population" else "group", population)
+        self.prepare("population" if part == "population" else "group", population)
         return self.model.part_state(part)
 
-    def _untrained(self, part: str) -> RoundResult:
+    def untrained(self, part: str) -> RoundResult:
         """A round on a client none of whose users has a history: the part comes back as it came,
         with zero examples, so it weighs nothing in the average and a chain passes it on unchanged.
         The metrics are zeros, not NaN: weighted by zero examples they must add nothing."""
@@ -127,9 +127,9 @@ class ClientTrainer:
 
     # ---- stage 1
     def population(self, population: dict | None, server_round: int) -> RoundResult:
-        self._prepare("population", population)
+        self.prepare("population", population)
         if not self.trained:
-            return self._untrained("population")
+            return self.untrained("population")
         return train_population(self.model, self.tokenizer, self.trained,
                                 round_cfg(self.cfg, "population", server_round), seed=self.seed + server_round)
 
@@ -145,14 +145,14 @@ class ClientTrainer:
 
     # ---- stage 3
     def user(self, population: dict, group: dict | None) -> dict[str, float]:
-        self._prepare("user", population, group)
+        self.prepare("user", population, group)
         if self.keep_shared:  # the final shared parts: train.user is the last message that carries them
             export_shared_parts(self.model, self.store.root, group is not None, self.cfg.model.name,
                                 to_yaml(self.cfg))
         cfg = stage_cfg(self.cfg, "user")
         losses, seconds, t0, last = [], 0.0, time.time(), time.time()
         for i, u in enumerate(self.trained, 1):
-            m = train_user(self.model, self.tokenizer, u, self._embedding(u), cfg,
+            m = train_user(self.model, self.tokenizer, u, self.user_embedding(u), cfg,
                            seed=user_seed(self.cfg.seed, u.user_id))
             self.save_user_adapter(u.user_id)
             losses.append(m["train_loss"])

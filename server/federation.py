@@ -56,6 +56,9 @@ class Federation:
         self.timeout = float(cfg.federation.timeout_s)
         f = cfg.federation   # what a reply may claim (server/validation.py)
         self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound)
+        if f.max_examples is None:   # `proper sim` sets it from the data; a deployment declares it
+            log.warning("federation.max_examples is not set: the examples a training reply claims are not capped, "
+                        "so one client can buy its weight in the average (set it to the most items a client holds)")
 
     @property
     def method(self) -> str:

@@ -7,8 +7,8 @@ Checks of one reply, in order; the first that fails is the reason given:
             message sent; where the message sent none (a first round from the clients' seeded
             start), those of the most common reply of the step
   finite    every array and every metric value is finite
-  counts    counts are whole and non-negative; num-examples at most the cap the server sets
-            (federation.max_examples), so that weight in an average cannot be bought
+  counts    counts are whole and non-negative; a training reply's num-examples at most the cap the
+            server sets (federation.max_examples), so that weight in an average cannot be bought
   routing   routing mass non-negative, user mixtures in [0, 1]
 Then, over the replies of a step that passed: an update (reply minus what was sent) whose norm is
 over federation.norm_bound times the step's median is dropped (off where norm_bound is null).
@@ -36,6 +36,9 @@ REPLY = {
 # array records whose keys, shapes and dtypes must be those of the shared part the message sent
 SHARED = (P.ARRAYS,)
 COUNTS = (P.NUM_EXAMPLES, P.NUM_USERS, P.NUM_NO_HISTORY)
+# training replies whose num-examples weighs them in an average: the examples cap applies to these
+# (an evaluation's count is of its queries, which weigh nothing)
+WEIGHTED = (P.TRAIN_POPULATION, P.TRAIN_GROUP)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def check_reply(sent: Message, reply: Message, bounds: ReplyBounds,
             if isinstance(v, list) or float(v) < 0 or float(v) != int(v):
                 return f"metric {key!r}: {v!r} is not a count"
     n = metrics.get(P.NUM_EXAMPLES)
-    if bounds.max_examples is not None and n is not None and int(n) > bounds.max_examples:
+    if bounds.max_examples is not None and n is not None and mtype in WEIGHTED and int(n) > bounds.max_examples:
         return f"claims {int(n)} examples, over the cap of {bounds.max_examples} (federation.max_examples)"
     if P.ROUTING in arrays:
         routing = content[P.ROUTING]

@@ -38,14 +38,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from shared.runtime.persist import atomic_write_text
+from shared.runtime.results import STAGE_TITLES
 from sim.report_refs import documented_rows, majority_rows
 from sim.report_run import Run
 from sim.report_write import csv_rows, markdown_tables, plot_metric
 
 BARE = ("base", "base-chat")   # the bare backbone's rows: the same in every run, listed once
-STAGE_TITLES = {"base": "bare backbone", "base-chat": "bare backbone, chat template",
-                "population": "stage 1: population", "group": "stage 2: group",
-                "user": "stage 3: user", "mta_merge": "MTA: merged anchors", "mta": "MTA: merged + stacked LoRA"}
 
 
 # ---------------------------------------------------------------- the report

@@ -17,14 +17,14 @@ import threading
 import time
 from pathlib import Path
 
-from shared.method.signatures import refuse_in_federation
+from shared.method.signature_start import refuse_in_federation
 from shared.runtime.config import ConfigError, load_config, read_config, to_yaml
 from shared.runtime.persist import atomic_write_text
 
 log = logging.getLogger("proper.sim")
 
 
-def _count_users(cfg) -> int:
+def _checked_users(cfg) -> list:
     """The run's users, read as the clients will read them: a malformed file is refused here, in one
     line naming the file and record, before any SuperNode starts."""
     from client.trainer import load_users
@@ -33,7 +33,17 @@ def _count_users(cfg) -> int:
     if not any(u.train for u in users):  # users with no history are served, but someone must train
         raise LampDataError(f"{cfg.data.path}: every user's profile is empty, nothing to train on")
     refuse_in_federation(cfg, spec)
-    return len(users)
+    return users
+
+
+def examples_cap(cfg, users: list) -> int:
+    """federation.max_examples where the config leaves it null: the most training examples one
+    simulated client holds (its block of users, canary items included), which is what an honest
+    training reply claims at most (server/validation.py)."""
+    from shared.data.canaries import run_canaries, with_canaries
+    users = with_canaries(users, run_canaries(cfg, users))
+    per_client = int(cfg.federation.users_per_client)
+    return max(sum(len(u.train) for u in users[i:i + per_client]) for i in range(0, len(users), per_client))
 
 
 def prepare_run(config: str | None, overrides: list[str], resume: str | None) -> Path:
@@ -58,8 +68,8 @@ def prepare_run(config: str | None, overrides: list[str], resume: str | None) ->
 def run_sim(config: str | None, overrides: list[str], resume: str | None = None) -> int:
     run_dir = prepare_run(config, overrides, resume)
     cfg = read_config(run_dir / "config.yaml")
-    n_users = _count_users(cfg)
-    per_client = int(cfg.federation.users_per_client)
+    users = _checked_users(cfg)
+    n_users, per_client = len(users), int(cfg.federation.users_per_client)
     n_clients = math.ceil(n_users / per_client)
     virtual = cfg.simulation.get("virtual_clients")
     # virtual clients: M SuperNodes serve the N clients (shared/runtime/virtual.py); the server,
@@ -68,6 +78,9 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     changed = virtual and cfg.simulation.get("num_clients") != n_clients
     if virtual:
         cfg.simulation.num_clients = n_clients
+    if cfg.federation.max_examples is None:   # the server caps what a reply may claim (issue 35)
+        cfg.federation.max_examples = max(1, examples_cap(cfg, users))
+        changed = True
     if int(cfg.federation.min_available_clients) < n_clients:
         # The simulation starts every SuperNode, but they register one by one: without this the
         # server began while some were still registering, and its first steps left them out.

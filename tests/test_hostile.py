@@ -23,7 +23,8 @@ def trained(path):
 @pytest.mark.parametrize("attack, bounds, reason", [
     ("nan", [], "non-finite values"),
     ("shape", [], "record 'arrays': key"),
-    ("claim_examples", ["federation.max_examples=50"], "claims 1000000 examples, over the cap of 50"),
+    # no cap given: proper sim sets federation.max_examples from the data (the most items one client holds)
+    ("claim_examples", [], "claims 1000000 examples, over the cap of"),
     ("scale", ["federation.norm_bound=10"], "over 10 x the step's median"),
 ])
 def test_each_malformed_reply_is_dropped_and_the_run_completes(tmp_path, caplog, attack, bounds, reason):
@@ -35,6 +36,9 @@ def test_each_malformed_reply_is_dropped_and_the_run_completes(tmp_path, caplog,
         assert p["nodes_dropped"] == 1 and p["nodes_ok"] == 5 and p["nodes_sent"] == 6, p
     dropped = [r.getMessage() for r in caplog.records if "dropped the reply of node" in r.getMessage()]
     assert len(dropped) == 2 and all(reason in m for m in dropped), dropped
+    from shared.runtime.config import read_config
+    cap = read_config(tmp_path / attack / "config.yaml").federation.max_examples
+    assert cap is not None and 4 <= cap <= 8   # tiny's synthetic users hold 4 to 8 items, one per client
     table = json.loads((tmp_path / attack / "table.json").read_text())
     assert table and all(v == v for r in table for v in r["metrics"].values())   # finite results
 

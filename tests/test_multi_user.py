@@ -101,7 +101,7 @@ def test_stage3_evaluation_batches_users_and_predicts_what_each_users_model_does
     assert len(set(batched[0][0].tolist())) == len(users)
     for u in users:
         t.load_user_adapter(u.user_id)
-        emb = t._embedding(u).view(1, -1).expand(len(u.val), -1)
+        emb = t.user_embedding(u).view(1, -1).expand(len(u.val), -1)
         own = predict(t.model, t.tokenizer, spec, u.val, cfg, user_emb=emb)
         assert [got[e.id] for e in u.val] == own, u.user_id
 

@@ -87,15 +87,15 @@ def uses_user_router(cfg) -> bool:
 def uses_assignment(cfg) -> bool:
     """Whether the group stage assigns each user an expert (group.constraint_form=assign, IFCA-style):
     the assignment is a target for the user-aware router, so a token-only router (LoRAMoE) has none.
-    The one test for it: the client's group round (client/trainer.py), the signature start
-    (shared/method/signatures.py) and the first pool (initial_pool, below) all read it here."""
+    The one test for it: the client's group round (client/group.py), the signature start
+    (shared/method/signature_start.py) and the first pool (initial_pool, below) all read it here."""
     return cfg.group.constraint_form == "assign" and uses_user_router(cfg)
 
 
 def starts_at_expert_code(cfg) -> bool:
     """Whether a user's first e_u is its expert's code (group.embedding_start=expert): only where the
     assignment is kept for the stage (group.reassign=false), so the expert is known at the start and
-    the router's user part learns the k codes' directions (client/trainer.py expert_embedding). A user
+    the router's user part learns the k codes' directions (client/data.py expert_embedding). A user
     enrolled after such a run starts at the code of the expert that fits its history (client/serving.py)."""
     return uses_assignment(cfg) and not cfg.group.reassign and cfg.group.embedding_start == "expert"
 

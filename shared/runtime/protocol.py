@@ -42,7 +42,7 @@ BANK = "bank"              # MTA's meta-LoRA bank
 CONFIG = "config"
 METRICS = "metrics"
 MEAN_MIXTURE = "mean-mixture"  # {"mixture": [L, k]}: the mean of the pool, for users with no history
-SIGNATURE = "signature"    # a query.signature reply's sums (shared/method/signatures.py, federated)
+SIGNATURE = "signature"    # a query.signature reply's sums (shared/method/signature_sums.py)
 INFO = "info"              # {"task": name}: the server holds no data and learns the task from here
 
 # keys

@@ -151,7 +151,7 @@ class Group:
     # assign: where the assignment starts while the experts are identical. random: a seeded hash of
     # the user; signature: a clustering of the users' (kind of input, answer) counts, computed by one
     # client holding every user or, in a federation, by signature rounds of sums over each client's
-    # users (shared/method/signatures.py, server/signatures.py)
+    # users (shared/method/signature_start.py, server/signature_rounds.py)
     assign_start: str = "random"
     # signature: kinds of input the items are quantised into; 15 = LaMP-2's tag count, so the federated
     # k-means starts from every answer's mean reading (docs/decisions.md, "The signature start in a federation")

@@ -117,7 +117,7 @@ class Simulation:
     """`proper sim`'s engine and Ray resources (docs/deployment.md)."""
     engine: str = "ray"                    # ray (Flower's simulation engine) | inprocess (sim/inprocess.py: no Ray)
     client_cpus: Optional[float] = None    # CPUs per simulated ClientApp; null = 1 (all of Ray's with chains=1)
-    client_gpus: float = 0.0               # GPUs Ray reserves per ClientApp (they still compute on CPU: decisions.md)
+    client_gpus: float = 0.0               # GPU share Ray reserves per ClientApp (0.25: four per GPU); 0 = the CPU
     ray_cpus: Optional[int] = None         # CPUs Ray may use; null = all; ignored with RAY_ADDRESS
     # M: this many SuperNodes serve the run's clients as virtual clients, each still one client to the
     # server (shared/runtime/virtual.py, docs/decisions.md "Virtual clients"); null = one SuperNode per client

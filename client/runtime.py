@@ -8,6 +8,7 @@ federation.users_per_client users per node. Private state lives under node_confi
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -26,9 +27,12 @@ __all__ = ["all_users", "users_of_partition", "inject_faults", "arrays_to_evalua
            "note_ray_node", "trainer_for", "arrays_in", "config_of", "server_round", "reply"]
 
 
-def inject_faults(cfg, context: Context, stage: str):
+def inject_faults(cfg, context: Context, stage: str, run_dir: Path | None = None):
     """debug.fail_partitions / debug.slow_partitions (with *_stages): make a client raise or
-    stall in a stage, to test that the federation goes on without it."""
+    stall in a stage, to test that the federation goes on without it. A stalled client answers once
+    the server has gone on without it (a step of `stage` in its checkpoint) or after
+    debug.slow_seconds, whichever comes first: it is late whatever the machine's speed, and the
+    test waits no longer than the server's timeout."""
     dbg = cfg.debug
     if not (dbg.fail_partitions or dbg.slow_partitions):
         return
@@ -36,7 +40,18 @@ def inject_faults(cfg, context: Context, stage: str):
     if part in list(dbg.fail_partitions) and stage in list(dbg.fail_stages):
         raise RuntimeError(f"injected failure: partition {part}, stage {stage}")
     if part in list(dbg.slow_partitions) and stage in list(dbg.slow_stages):
-        time.sleep(float(dbg.slow_seconds))
+        progress = None if run_dir is None else Path(run_dir) / "checkpoint" / "progress.json"
+        deadline = time.monotonic() + float(dbg.slow_seconds)
+        while time.monotonic() < deadline and not _server_went_on(progress, stage):
+            time.sleep(0.2)
+
+
+def _server_went_on(progress: Path | None, stage: str) -> bool:
+    try:
+        done = json.loads(progress.read_text())["done"] if progress is not None else []
+    except (OSError, ValueError, KeyError):   # not written yet, or being replaced
+        return False
+    return any(step.split(":")[0] == stage for step in done)
 
 
 def arrays_to_evaluate(msg: Message, name: str) -> dict[str, torch.Tensor] | None:
@@ -72,7 +87,7 @@ def note_ray_node(cfg, run_dir, context: Context):
 
 def trainer_for(context: Context, stage: str) -> ClientTrainer:
     cfg, run_dir = run_config_from_context(context)
-    inject_faults(cfg, context, stage)
+    inject_faults(cfg, context, stage, run_dir)
     note_ray_node(cfg, run_dir, context)
     nc = context.node_config
     key = (str(run_dir), tuple(sorted((k, str(v)) for k, v in nc.items())))

@@ -138,17 +138,16 @@ def test_noised_mixtures_are_sent_noised(tmp_path):
     spec, users = load_users(cfg)
     t = ClientTrainer(cfg, spec, users, str(tmp_path / "state"))
     mix = torch.full((50, 3, 5), 0.2)
-    a, b = t._release_mixtures(mix, 1), t._release_mixtures(mix, 1)
+    a, b = t.release.mixtures(mix, 1), t.release.mixtures(mix, 1)
     assert torch.equal(a, b) and (a - mix).std().item() == pytest.approx(0.5, rel=0.1)
-    assert not torch.equal(t._release_mixtures(mix, 2), a)     # new noise every round
-    t.cfg = OmegaConf.merge(cfg, {"privacy": {"mixtures": "local"}})
-    assert t._release_mixtures(mix, 1).shape == (0, 3, 5)
+    assert not torch.equal(t.release.mixtures(mix, 2), a)     # new noise every round
+    local = OmegaConf.merge(cfg, {"privacy": {"mixtures": "local"}})
+    assert ClientTrainer(local, spec, users, str(tmp_path / "local")).release.mixtures(mix, 1).shape == (0, 3, 5)
     # the routing mass (the group average's expert weights) would give a one-user client's mixture
     # away: under noise and local every expert is weighted by the reply's examples instead
-    pop = t.initial("population", None)
     for how in ("share", "noise", "local"):
-        t.cfg = OmegaConf.merge(cfg, {"privacy": {"mixtures": how}})
-        r = t.group(pop, None, None, 1)
+        t = ClientTrainer(OmegaConf.merge(cfg, {"privacy": {"mixtures": how}}), spec, users, str(tmp_path / how))
+        r = t.group(t.initial("population", None), None, None, 1)
         flat = torch.equal(r.routing_mass, torch.full_like(r.routing_mass, float(r.num_examples)))
         assert flat == (how != "share") and r.num_examples > 0, how
 
@@ -180,19 +179,13 @@ def test_a_memorized_canary_is_less_exposed_under_strong_noise(tmp_path):
 def test_users_with_no_history_get_a_mixture_under_every_privacy_mixtures_setting():
     """share: the pool's mean as it is; noise: negative weights cut, rows summed to 1 again; local
     (no pool anywhere): every expert the same, not the random start of an e_u."""
-    from types import SimpleNamespace
-
-    from server.evaluation import mean_mixture
+    from server.stages.group import mean_mixture
     group = {f"l{i}.router_h": torch.zeros(3, 8) for i in range(4)}
-
-    def fed(how, pool):
-        return SimpleNamespace(parts={"mixtures": pool, "group": group}, method="proper",
-                               cfg=OmegaConf.create({"privacy": {"mixtures": how}}))
     pool = torch.softmax(torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0)), -1)
-    assert torch.equal(mean_mixture(fed("share", pool)), pool.mean(0))
+    assert torch.equal(mean_mixture("share", pool, group, "proper"), pool.mean(0))
     noisy = pool + torch.randn(pool.shape, generator=torch.Generator().manual_seed(1))
-    got = mean_mixture(fed("noise", noisy))
+    got = mean_mixture("noise", noisy, group, "proper")
     assert (got >= 0).all() and torch.allclose(got.sum(-1), torch.ones(4))
     assert (noisy.mean(0) < 0).any()      # the cut acted
-    assert torch.equal(mean_mixture(fed("local", None)), torch.full((4, 3), 1 / 3))
-    assert mean_mixture(fed("share", None)) is None
+    assert torch.equal(mean_mixture("local", None, group, "proper"), torch.full((4, 3), 1 / 3))
+    assert mean_mixture("share", None, group, "proper") is None

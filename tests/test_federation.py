@@ -164,8 +164,10 @@ def test_inprocess_engine_lands_on_the_parameters_of_the_ray_run(tmp_path, four_
 
 @pytest.mark.slow
 def test_failed_and_slow_clients_do_not_stop_the_run(tmp_path):
+    """The stalled client answers only once the server has gone on without it (client/runtime.py
+    inject_faults), so it is silent in population:1 however fast the machine is."""
     rc = sim(tmp_path, "faults", "debug.fail_partitions=[1]", "debug.fail_stages=[group]",
-             "debug.slow_partitions=[2]", "debug.slow_stages=[population]", "debug.slow_seconds=80",
+             "debug.slow_partitions=[2]", "debug.slow_stages=[population]", "debug.slow_seconds=900",
              "federation.timeout_s=40")
     assert rc == 0
     progress, _ = Checkpoint(tmp_path / "faults").load()

@@ -70,12 +70,18 @@ def test_every_stage_trains_on_the_client_device(stage):
     check.check()
 
 
-def test_several_users_in_one_batch_stay_on_the_client_device():
-    model, _ = make_model()
+def stage3_model():
+    """The tiny model with every part random, the population merged, in the user stage."""
+    model, tok = make_model()
     for part in ("population", "group", "user"):
         randomize(model, part)
     model.merge_population()
     model.set_stage("user")
+    return model, tok
+
+
+def test_several_users_in_one_batch_stay_on_the_client_device():
+    model, _ = stage3_model()
     parts = [model.part_state("user") for _ in range(2)]
     with DeviceCheck(model) as check, torch.no_grad():
         check.client(*[t for p in parts for t in p.values()])
@@ -87,11 +93,7 @@ def test_several_users_in_one_batch_stay_on_the_client_device():
 
 def test_serving_decodes_on_the_client_device():
     """HF generate over ProperModel's stage-3 model, the fused serving path too (client/serving.py)."""
-    model, tok = make_model()
-    for part in ("population", "group", "user"):
-        randomize(model, part)
-    model.merge_population()
-    model.set_stage("user")
+    model, tok = stage3_model()
     for fused in (False, True):
         with DeviceCheck(model) as check, torch.no_grad():
             ids = _ids().to(DEVICE)

@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import (
 
 from server.strategies.held_records import DP_WEIGHT, HeldRecords
 from server.strategies.metrics import mean_scalar_metrics
+from server.strategies.wrapper import Wrapper
 from shared.runtime import protocol as P
 
 
@@ -57,7 +58,7 @@ def dp_metrics(contents, _weight_key) -> MetricRecord:
     return out
 
 
-class PrivateAverage(Strategy):
+class PrivateAverage(Wrapper):
     """`average` under Flower's DP wrapper for privacy.dp (`dp`: its settings); `updates` is the
     number of clipped updates the last round averaged (for the accountant, server/privacy.py)."""
 
@@ -65,7 +66,7 @@ class PrivateAverage(Strategy):
         wrapper = (DifferentialPrivacyClientSideFixedClipping if dp.clipping == "client"
                    else DifferentialPrivacyServerSideFixedClipping)
         self.held: dict[int, dict] = {}   # a reply's routing statistics, held aside while Flower clips
-        self.dp = wrapper(HeldRecords(average, self.held), float(dp.noise_multiplier), float(dp.clip), 1)
+        super().__init__(wrapper(HeldRecords(average, self.held), float(dp.noise_multiplier), float(dp.clip), 1))
         self.stage, self.noise_seed = stage, dp.seed
         self.sent_order: list[str] = []
         self.updates = 0
@@ -75,7 +76,7 @@ class PrivateAverage(Strategy):
             raise RuntimeError(f"{self.stage}:{server_round}: DP clips updates against the round's start, "
                                "and the server has none (query.init)")
         self.sent_order = list(arrays.keys())
-        return self.dp.configure_train(server_round, in_order(arrays, sorted(self.sent_order)), config, grid)
+        return self.inner.configure_train(server_round, in_order(arrays, sorted(self.sent_order)), config, grid)
 
     def aggregate_train(self, server_round: int, replies):
         ok = [r for r in replies if not r.has_error()]
@@ -88,19 +89,10 @@ class PrivateAverage(Strategy):
             for name in self.held[id(r)]:
                 del r.content[name]
             r.content[P.ARRAYS] = in_order(r.content[P.ARRAYS], sorted(self.sent_order))
-        self.dp.num_sampled_clients = self.updates = len(ok)
+        self.inner.num_sampled_clients = self.updates = len(ok)
         with seeded_noise(self.noise_seed, self.stage, server_round):
-            arrays, metrics = self.dp.aggregate_train(server_round, ok)
+            arrays, metrics = self.inner.aggregate_train(server_round, ok)
         return (None if arrays is None else in_order(arrays, self.sent_order)), metrics
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.dp.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.dp.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.dp.summary()
 
 
 def in_order(record: ArrayRecord, keys: list[str]) -> ArrayRecord:

@@ -9,7 +9,9 @@
                                              centroids, log_maps, log_prior)
 
 The tensors are written first under a new name, then progress.json (atomically) points to them,
-then older tensor files are removed: a crash at any moment leaves a consistent checkpoint.
+then older tensor files are removed: a crash at any moment, or a full disk, leaves the last
+consistent checkpoint. A corrupt or truncated one is refused on load (StateFileError, naming the
+file) before anything is written.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from shared.runtime.persist import atomic_write_text, load_tensors, save_tensors
+from shared.runtime.persist import StateFileError, atomic_write_text, load_tensors, save_tensors
 
 
 class Checkpoint:
@@ -29,7 +31,12 @@ class Checkpoint:
         path = self.dir / "progress.json"
         if not path.exists():
             return None
-        progress = json.loads(path.read_text())
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError) as e:   # truncated or overwritten: say which file, touch nothing
+            raise StateFileError(f"{path}: corrupt checkpoint, not JSON ({e}); nothing was overwritten") from e
+        if not isinstance(progress, dict) or not isinstance(progress.get("done"), list):
+            raise StateFileError(f"{path}: not a checkpoint of a proper-fl run (no list of steps done)")
         tensors, parts = {}, {"population": None, "group": None, "mixtures": None}
         if progress.get("tensors"):
             tensors, _ = load_tensors(self.dir / progress["tensors"])

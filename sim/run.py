@@ -67,6 +67,9 @@ def prepare_run(config: str | None, overrides: list[str], resume: str | None) ->
 
 def run_sim(config: str | None, overrides: list[str], resume: str | None = None) -> int:
     run_dir = prepare_run(config, overrides, resume)
+    if resume:   # a corrupt checkpoint is refused here, naming its file, before any engine starts
+        from server.checkpoint import Checkpoint
+        Checkpoint(run_dir).load()
     cfg = read_config(run_dir / "config.yaml")
     users = _checked_users(cfg)
     n_users, per_client = len(users), int(cfg.federation.users_per_client)

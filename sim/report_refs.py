@@ -29,7 +29,7 @@ def majority_rows(cfg, splits: list[str]) -> list[dict]:
         from shared.data.lamp import apply_template
         users = apply_template(users, spec.name, d.template)
     overall = Counter(ex.output for u in users for ex in u.train).most_common(1)[0][0]
-    lookup = _other_users_labels(users)
+    lookup = other_users_labels(users)
     rows = []
     for split in splits:
         for name, pick in ((f"most frequent training label overall ({overall!r})", lambda u, ex: overall),
@@ -55,7 +55,7 @@ def majority_rows(cfg, splits: list[str]) -> list[dict]:
     return rows
 
 
-def _other_users_labels(users):
+def other_users_labels(users):
     """What remembering other users' training items gives: for a query, the most frequent label
     that other users' training items with exactly the same input carry (None if there are none)."""
     by_input: dict[str, list[tuple[str, str]]] = {}

@@ -10,7 +10,7 @@ import torch
 import transformers as hf
 from torch import nn
 
-from shared.runtime.backbone import _byte_tokenizer, load_backbone
+from shared.runtime.backbone import byte_tokenizer, load_backbone
 from shared.runtime.targets import TargetError, find_target_modules
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -31,7 +31,7 @@ IDS = torch.tensor([[5, 70, 80, 90, 100, 3, 44, 60]])
 def build_family(name: str, out) -> str:
     """A random `name` model saved with the byte tokenizer into `out`; its directory."""
     config_cls, model_cls, sizes, _ = FAMILIES[name]
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     config = config_cls(**sizes, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):

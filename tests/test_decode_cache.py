@@ -5,7 +5,7 @@ never be served from the cache, whoever changed it and however."""
 import pytest
 import torch
 
-from shared.method.adapters import _folds
+from shared.method.adapters import folds
 from shared.method.model import ProperModel
 from shared.runtime.backbone import load_backbone
 from shared.runtime.targets import find_target_modules
@@ -82,8 +82,8 @@ def test_a_scaling_that_cannot_fold_stays_exact():
 
 
 def test_folds_only_powers_of_two_from_one():
-    assert _folds(1.0) and _folds(2.0) and _folds(8.0)
-    assert not _folds(0.5) and not _folds(1.5) and not _folds(3.0)
+    assert folds(1.0) and folds(2.0) and folds(8.0)
+    assert not folds(0.5) and not folds(1.5) and not folds(3.0)
 
 
 def _change_by_load(model, _):

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from shared.data.synthetic import write_synthetic_lamp
-from shared.method.stages import _group_param_groups
+from shared.method.stages import group_param_groups
 from shared.runtime.config import stage_defaults
 from tests.helpers import make_model
 
@@ -38,10 +38,10 @@ def test_user_lr_scale_puts_w_u_and_the_embeddings_in_their_own_group():
     model.merge_population()
     model.set_stage("group", train=True)
     emb = torch.nn.Parameter(torch.zeros(3, 16))
-    one = _group_param_groups(model, emb, True, stage_defaults(lr=1e-3, user_lr_scale=1.0))
+    one = group_param_groups(model, emb, True, stage_defaults(lr=1e-3, user_lr_scale=1.0))
     assert len(one) == 1 and one[0]["params"][-1] is emb
     assert len(one[0]["params"]) == len(model.trainable_parameters()) + 1
-    two = _group_param_groups(model, emb, True, stage_defaults(lr=1e-3, user_lr_scale=10.0))
+    two = group_param_groups(model, emb, True, stage_defaults(lr=1e-3, user_lr_scale=10.0))
     rest, user = two
     assert user["lr"] == 1e-2 and "lr" not in rest
     assert any(p is emb for p in user["params"])

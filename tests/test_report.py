@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from shared.data.lamp import Example, User
 from shared.runtime.config import load_config
 from sim.local import run_local
-from sim.report_refs import _other_users_labels, majority_rows
+from sim.report_refs import majority_rows, other_users_labels
 from sim.report_run import Run
 
 
@@ -69,7 +69,7 @@ def test_lookup_reference_uses_other_users_items_only():
         return Example(i, "", inp, out)
     a = User("a", [ex("1", "m1", "comedy"), ex("2", "m2", "action")], [], [ex("q", "m1", "?")])
     b = User("b", [ex("3", "m1", "romance"), ex("4", "m1", "romance"), ex("5", "m3", "classic")], [], [])
-    pick = _other_users_labels([a, b])
+    pick = other_users_labels([a, b])
     assert pick(a, a.test[0]) == "romance"          # b's label for m1, not a's own "comedy"
     assert pick(b, ex("x", "m1", "?")) == "comedy"  # a's label, not b's own
     assert pick(a, ex("y", "m9", "?")) is None

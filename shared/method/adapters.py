@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.method.layer_serving import ServingPaths, _folds
+from shared.method.layer_serving import ServingPaths, folds
 
 STAGES = ("base", "population", "group", "user")
 
@@ -98,7 +98,7 @@ class ProperLinear(ServingPaths, nn.Module):
         self.merged = False  # True once the population LoRA is folded into base.weight (W_p)
         self.unmerged_weight: torch.Tensor | None = None  # W while merged
         self._kept: dict = {}  # serving: weights derived from the parameters, kept (see _keep)
-        self._fold_g, self._fold_u = _folds(self.expert_scaling), _folds(self.user_scaling)
+        self._fold_g, self._fold_u = folds(self.expert_scaling), folds(self.user_scaling)
         self.reset_population(generator)
         self.reset_group(generator)
         self.reset_user(generator)

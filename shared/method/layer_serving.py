@@ -40,7 +40,7 @@ class ServingPaths:
 
     def _serving_weights(self, dtype: torch.dtype) -> tuple:
         """(router + expert A [k + k*r, in], expert B [out, k*r], A_u, B_u, W_g, b_g) in the dtype the
-        matmuls compute in; a power-of-two scaling folded into B (see _folds)."""
+        matmuls compute in; a power-of-two scaling folded into B (see folds)."""
         k, r = self.k, self.r_group
 
         def build(dt):
@@ -152,7 +152,7 @@ class ServingPaths:
         return out.view(h.shape)
 
 
-def _folds(scaling: float) -> bool:
+def folds(scaling: float) -> bool:
     """Whether serving may move a LoRA scaling from the activations onto the kept B without changing
     a bit: a power of two >= 1 (the defaults: alpha / r = 2). Multiplying by 2^n, n >= 0, is exact in
     binary floating point short of overflow and commutes with rounding to bfloat16, so (s z) B and

@@ -113,7 +113,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     assignment = None if assignment is None else assignment.to(dev)
     items = encode_users(tokenizer, users, cfg.max_len)
     params = model.trainable_parameters() + ([emb] if user_router else [])
-    opt = make_optimizer(_group_param_groups(model, emb, user_router, cfg), cfg)
+    opt = make_optimizer(group_param_groups(model, emb, user_router, cfg), cfg)
     lam = float(cfg.constraint_weight) if user_router else 0.0
     form = cfg.constraint_form
     if form == "assign" and user_router and assignment is None:
@@ -161,7 +161,7 @@ def train_group(model: ProperModel, tokenizer, users, embeddings: torch.Tensor, 
     return result, emb.detach().clone().cpu()
 
 
-def _group_param_groups(model: ProperModel, emb: torch.Tensor, user_router: bool, cfg) -> list[dict]:
+def group_param_groups(model: ProperModel, emb: torch.Tensor, user_router: bool, cfg) -> list[dict]:
     """The group stage's optimizer groups: the user part of the user-aware router (W_u of every layer)
     and the users' e_u at group.user_lr_scale x lr, the rest at lr. Why a separate rate: a user's
     e_u is stepped only in the batches holding that user's items (a few per epoch), and the mixtures

@@ -222,7 +222,7 @@ def _load_cache(cache: Path, dtype: torch.dtype):
 # --------------------------------------------------------------------------- tiny
 
 
-def _byte_tokenizer():
+def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens + <pad> <bos> <eos>) built from
     nothing, so every string round-trips and no download is needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -250,7 +250,7 @@ def _byte_tokenizer():
 def _build_tiny(seed: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,

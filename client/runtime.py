@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from client.data import all_users, load_users, users_of_partition
 from client.trainer import ClientTrainer
+from shared.method.plan import Step
 from shared.method.signature_start import refuse_in_federation
 from shared.runtime import protocol as P
 from shared.runtime.process import PROCESS
@@ -51,7 +52,7 @@ def _server_went_on(progress: Path | None, stage: str) -> bool:
         done = json.loads(progress.read_text())["done"] if progress is not None else []
     except (OSError, ValueError, KeyError):   # not written yet, or being replaced
         return False
-    return any(step.split(":")[0] == stage for step in done)
+    return any(Step.parse(step).kind == stage for step in done)
 
 
 def arrays_to_evaluate(msg: Message, name: str) -> dict[str, torch.Tensor] | None:

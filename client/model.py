@@ -20,16 +20,20 @@ def model_key(cfg: DictConfig) -> str:
     return key
 
 
+def build_model(cfg: DictConfig) -> tuple[ProperModel, object]:
+    """A new (ProperModel, tokenizer) for `cfg`, owned by the caller. Built and seeded on the CPU, then
+    moved where this process computes (one decision: client_device; under Ray, a client given no GPU
+    share sees none)."""
+    lm, tok = load_backbone(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
+    targets = find_target_modules(lm, list(cfg.model.targets) if cfg.model.targets else None)
+    return ProperModel(lm, targets, seed=cfg.seed, **cfg.adapters).to(client_device()), tok
+
+
 def get_model(cfg: DictConfig) -> tuple[ProperModel, object]:
     """(ProperModel, tokenizer) for `cfg`: the process's one, built the first time its key is seen; a new
     key replaces the old model (a process holds one backbone)."""
     key = model_key(cfg)
     if PROCESS.model is None or PROCESS.model[0] != key:
-        lm, tok = load_backbone(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
-        targets = find_target_modules(lm, list(cfg.model.targets) if cfg.model.targets else None)
         PROCESS.model = None
-        # built and seeded on the CPU, then moved where this process computes (one decision:
-        # client_device; under Ray, a client given no GPU share sees none)
-        model = ProperModel(lm, targets, seed=cfg.seed, **cfg.adapters).to(client_device())
-        PROCESS.model = (key, (model, tok))
+        PROCESS.model = (key, build_model(cfg))
     return PROCESS.model[1]

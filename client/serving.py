@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from client.model import build_model
 from client.trainer import (
     expert_embedding,
     get_model,
@@ -111,9 +112,14 @@ def read_users(cfg: DictConfig, data_path: str | Path, user_ids: list[str] | Non
 class Serving:
     """A finished run's shared parts, loaded once (on first use), and its users' models on top."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, exclusive: bool = False):
+        """exclusive: this Serving builds a backbone of its own instead of using the process's one
+        (client/model.py), so nothing else changes it: the population merge keeps no copy of the
+        backbone's weights to undo it (a copy of every target weight saved), and the shared parts are
+        not checked again before each user. `proper generate` / `proper enroll` serve this way."""
         self.place = locate(path)
         self.cfg = self.place.cfg
+        self.exclusive = exclusive
         self._model = self._tokenizer = None
 
     # ---- the shared parts: population merged, experts and user-aware router loaded
@@ -121,7 +127,7 @@ class Serving:
         """(model, tokenizer), the backbone loaded and the shared parts put in on first use: a refusal
         (a missing run part or user state) comes before that cost."""
         if self._model is None:
-            self._model, self._tokenizer = get_model(self.cfg)
+            self._model, self._tokenizer = build_model(self.cfg) if self.exclusive else get_model(self.cfg)
             self._load_shared()
         return self._model, self._tokenizer
 
@@ -136,20 +142,21 @@ class Serving:
     def _load_shared(self):
         m, shared = self._model, self.place.shared
         import_peft_adapter(m, "population", shared / "population_lora")
-        m.merge_population(m.part_state("population"))  # undoes a merge of another population LoRA first
+        # undoes a merge of another population LoRA first (what an exclusive process never holds)
+        m.merge_population(m.part_state("population"), keep=not self.exclusive)
         if (shared / "group.safetensors").is_file():
             load_group(m, shared / "group.safetensors")
         else:  # OPPU: no group stage, the experts stay the seeded no-ops its run had
             m.reset_part("group", seed=self.cfg.seed)
-        self._shared_fp = self._fingerprints()
+        self._shared_fp = None if self.exclusive else self._fingerprints()
 
     def _fingerprints(self) -> tuple:
         return self._model.population_fingerprint, fingerprint(self._model.part_state("group"))
 
     def _check_shared(self):
-        """The process holds one backbone (client/trainer.py:get_model): whatever else used it since
+        """The process holds one backbone (client/model.py get_model): whatever else used it since
         (a client's training, another run's Serving), put this run's shared parts back."""
-        if self._fingerprints() != self._shared_fp:
+        if not self.exclusive and self._fingerprints() != self._shared_fp:
             self._load_shared()
 
     @property

@@ -83,7 +83,7 @@ class TextStream:
 
 def generate_main(args) -> int:
     from client.serving import Serving
-    serving = Serving(args.place)
+    serving = Serving(args.place, exclusive=True)  # this process serves nothing else
     users = list(dict.fromkeys(args.user))
     for uid in users:  # refuse before loading the model or reading stdin
         serving.store_of(uid)
@@ -101,7 +101,7 @@ def generate_main(args) -> int:
 
 def enroll_main(args) -> int:
     from client.serving import Serving, read_users
-    serving = Serving(args.place)
+    serving = Serving(args.place, exclusive=True)  # this process serves nothing else
     users = read_users(serving.cfg, args.data, args.user)
     for uid, paths in serving.enroll(users).items():
         for path in paths:

@@ -233,6 +233,26 @@ def test_generate_fused_serves_the_user_through_the_fused_layers(local_run, prop
     assert out.out == serving.tokenizer.decode(tokens[0], skip_special_tokens=True).strip() + "\n"
 
 
+def test_exclusive_serving_owns_its_backbone_and_keeps_no_copy_of_it(local_run):
+    """`proper generate`'s Serving (exclusive): a backbone of its own, merged without the copy that an
+    unmerge needs, the same tokens as the shared-backbone Serving, and the process's model untouched."""
+    from client.serving import Serving
+    from shared.runtime.process import PROCESS
+    run = local_run[0]
+    prompt = ["Generate a headline for the following article: frost"]
+    shared = Serving(run)
+    want = shared.generate_tokens("u0002", prompt)
+    process_model = PROCESS.model[1][0]
+    own = Serving(run, exclusive=True)
+    assert own.generate_tokens("u0002", prompt) == want
+    assert own.model is not process_model and PROCESS.model[1][0] is process_model
+    layers = [layer for _, layer in own.model.layers()]
+    assert all(layer.merged and layer.unmerged_weight is None for layer in layers)
+    assert all(layer.unmerged_weight is not None for _, layer in process_model.layers())
+    with pytest.raises(RuntimeError, match="not kept at the merge"):
+        own.model.unmerge_population()
+
+
 def test_serving_puts_its_run_back_after_other_use_of_the_backbone(local_run):
     """The process holds one backbone: after something else changed its shared parts (a client's
     training, another run), serving a user gives what it gave before."""

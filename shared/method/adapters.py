@@ -134,13 +134,14 @@ class ProperLinear(ServingPaths, nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge_population(self):
+    def merge_population(self, keep: bool = True):
         if self.merged:
             raise RuntimeError("population LoRA is already merged")
-        # kept to unmerge exactly: W + d - d differs from W in the last bits, and Adam's first steps
+        # W kept to unmerge exactly: W + d - d differs from W in the last bits, and Adam's first steps
         # (about lr * sign(g)) turn that into different training when a long-lived client moves
-        # back to the bare backbone, e.g. between runs
-        self.unmerged_weight = self.base.weight.detach().clone()
+        # back to the bare backbone, e.g. between runs. A process that never moves back (`proper
+        # generate`) passes keep=False and saves a copy of every target weight.
+        self.unmerged_weight = self.base.weight.detach().clone() if keep else None
         self.base.weight += self._population_delta().to(self.base.weight.dtype)
         self.merged = True
 
@@ -149,8 +150,8 @@ class ProperLinear(ServingPaths, nn.Module):
         if not self.merged:
             raise RuntimeError("population LoRA is not merged")
         if self.unmerged_weight is None:
-            raise RuntimeError("the weight was changed by another fold (shared/method/mta.py folded); "
-                               "let it restore it")
+            raise RuntimeError("the backbone's weight was not kept at the merge (merged with keep=False, "
+                               "or folded by shared/method/mta.py, which restores it itself)")
         self.base.weight.copy_(self.unmerged_weight)
         self.unmerged_weight = None
         self.merged = False

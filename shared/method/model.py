@@ -143,11 +143,13 @@ class ProperModel(nn.Module):
 
     # ---- the population merge, idempotent per population LoRA
     @torch.no_grad()
-    def merge_population(self, population_state: dict[str, torch.Tensor] | None = None):
+    def merge_population(self, population_state: dict[str, torch.Tensor] | None = None, keep: bool = True):
         """Fold the population LoRA into the backbone: W_p = W + s B_p A_p.
 
         Called with a state, it first undoes a merge of a different population LoRA, so a
         long-lived process (a Flower client) can move between runs without reloading the model.
+        keep=False: the backbone's W is not kept, so this merge cannot be undone (a process that
+        serves one run and nothing else: it saves a copy of the target weights).
         """
         if population_state is not None:
             fp = fingerprint(population_state)
@@ -159,7 +161,7 @@ class ProperModel(nn.Module):
         elif self.merged:
             return
         for _, layer in self.layers():
-            layer.merge_population()
+            layer.merge_population(keep)
         self.clear_cache()
         self.population_fingerprint = fingerprint(self.part_state("population"))
 

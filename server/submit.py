@@ -22,6 +22,31 @@ def _flwr_json(args: list[str], env, cwd) -> dict:
         return {"success": False, "error-message": (res.stdout + res.stderr).strip()}
 
 
+STATUS_EVERY_S = 30   # while the log streams, how often the run's status is asked
+LOST_S = 30           # how long the SuperLink may not answer before `proper submit` gives up
+
+
+def _status(run_id: str, env, cwd) -> tuple[str, str] | None:
+    """The run's status and its details from `flwr list`; None when the SuperLink does not answer."""
+    info = _flwr_json(["list", CONNECTION, "--run-id", run_id], env, cwd)
+    if info.get("success") is False:
+        return None
+    runs = info.get("runs") or [{}]
+    return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
+
+
+def _watch(run_id: str, env, cwd) -> str | None:
+    """While the log streams: None if the SuperLink answers (within LOST_S), else why not. The stream
+    has no read timeout, so a SuperLink host that vanishes without closing the connection would
+    otherwise leave `flwr log --stream` waiting for ever."""
+    since = time.time()
+    while _status(run_id, env, cwd) is None:
+        if time.time() - since >= LOST_S:
+            return f"it did not answer for {LOST_S} s"
+        time.sleep(2)
+    return None
+
+
 def run_config_file(config: str | None, overrides: list[str], run_dir: str | None, path: Path) -> Path:
     """The run config as a TOML file (`flwr run --run-config FILE.toml`): no quoting trouble."""
     import tomli_w
@@ -75,30 +100,50 @@ def _submit(args, tmp: Path) -> int:
         print(run_id)
         return 0
     # `flwr log --stream` returns when the run has finished; it exits 0 whatever the outcome,
-    # so the run's status comes from `flwr list --run-id` (polled: it may lag the log briefly)
+    # so the run's status comes from `flwr list --run-id` (polled: it may lag the log briefly).
+    # A SuperLink that dies under us (crash, reboot) must end this command, not hang it: the stream
+    # is watched with a status query every STATUS_EVERY_S, and LOST_S without an answer ends it
+    # with the way back (docs/deployment.md, "Faults": restart the server, submit the same --run-dir)
     log_cmd = ["flwr", "log", run_id, CONNECTION, "--stream"]
     deadline = time.time() + args.timeout if args.timeout else None
-    status, details = "", ""
+    status, details, lost = "", "", None
+    next_check = time.time() + STATUS_EVERY_S
     with subprocess.Popen(log_cmd, env=env, cwd=tmp) as streamer:
         try:
-            while streamer.poll() is None:
+            while streamer.poll() is None and lost is None:
                 if deadline and time.time() > deadline:
                     say(f"run {run_id}: still running after {args.timeout} s; stopping it")
                     _flwr_json(["stop", run_id, CONNECTION], env, tmp)
                     break
+                if time.time() >= next_check:
+                    lost = _watch(run_id, env, tmp)
+                    next_check = time.time() + STATUS_EVERY_S
                 time.sleep(1)
         finally:
             if streamer.poll() is None:
                 streamer.terminate()
-    for _ in range(120):
-        info = _flwr_json(["list", CONNECTION, "--run-id", run_id], env, tmp)
-        runs = info.get("runs") or [{}]
-        status, details = str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
-        if status.startswith("finished"):
-            break
-        if streamer.returncode not in (None, 0) and not status:
-            break
+    unanswered_since = None
+    for _ in range(120 if lost is None else 0):
+        found = _status(run_id, env, tmp)
+        if found is None:   # the SuperLink does not answer
+            unanswered_since = unanswered_since or time.time()
+            if time.time() - unanswered_since >= LOST_S:
+                lost = "it does not answer"
+                break
+        else:
+            unanswered_since = None
+            status, details = found
+            if status.startswith("finished"):
+                break
+            if streamer.returncode not in (None, 0) and not status:
+                break
         time.sleep(1)
+    if lost is not None:
+        where = args.run_dir or f"runs/flwr-run-{run_id}"
+        say(f"run {run_id}: lost the SuperLink ({lost}) after {time.time() - t0:.0f} s; the run did not finish. "
+            f"Its checkpoint keeps every finished step: start `proper server` again with the same --dir, then "
+            f"submit again with the same config and --run-dir {where} to resume it (docs/deployment.md, 'Faults')")
+        return 1
     if not status.startswith("finished"):
         say(f"run {run_id}: the log stream ended while the run is {status or 'in an unknown state'} "
             "(did the server stop?); `flwr list` shows it later")

@@ -7,6 +7,10 @@
   no history         a user with no e_u and no user LoRA is served by the group-stage model with the
                      population's mean mixture (the server's), at the group and user stages
   base-chat          the bare backbone asked through its chat template (plan.BASE_CHAT)
+  rag                the bare backbone asked with each user's retrieved items (plan.RAG, method=rag)
+
+The stages but base and base-chat put the users' retrieved items (retrieval.k > 0, attached on this
+client: client/trainer.py) before each question; base and base-chat ask the question alone.
 
 Only sufficient statistics and per-user scores (no ids) leave the client (client/client_app.py).
 """
@@ -20,7 +24,7 @@ import torch
 from client.store import read_user_adapter
 from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
-from shared.method.plan import BASE_CHAT
+from shared.method.plan import BASE_CHAT, RAG, retrieves
 from shared.runtime.process import PROCESS
 
 USERS_PER_PASS = 64   # users whose stage-3 parts one evaluation pass stacks (predict_each)
@@ -54,14 +58,15 @@ def evaluate(t, stage: str, population: dict | None, group: dict | None, split: 
 def predictions(t, stage: str, population: dict | None, group: dict | None, split: str,
                 mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
     """ClientTrainer.predictions: every user's predictions for its `split` items at `stage`."""
-    chat = stage == BASE_CHAT
-    stage = "base" if chat else stage
+    chat, retrieved = stage == BASE_CHAT, retrieves(stage)
+    stage = "base" if stage in (BASE_CHAT, RAG) else stage
     t.prepare(stage, population, group)
     users = [u for u in t.users if getattr(u, split)]
     routed = stage in ("group", "user") and t.switches.user_router
     cold = [u for u in users if routed and not u.train]   # routed by the mean mixture, not an e_u
     warm = [u for u in users if u not in cold]
-    preds = predict_each(t, warm, split) if stage == "user" else predict_batched(t, stage, warm, split, chat=chat)
+    preds = predict_each(t, warm, split) if stage == "user" else \
+        predict_batched(t, stage, warm, split, chat=chat, retrieved=retrieved)
     preds.update(predict_no_history(t, cold, split, mean_mixture))
     return preds
 
@@ -85,9 +90,10 @@ def predict_each(t, users, split: str) -> dict[str, list[str]]:
     return out
 
 
-def predict_batched(t, stage: str, users, split: str, chat: bool = False) -> dict[str, list[str]]:
+def predict_batched(t, stage: str, users, split: str, chat: bool = False,
+                    retrieved: bool = True) -> dict[str, list[str]]:
     """One batched pass over everyone, routed per row in the group stage; chat: the prompts in
-    the chat template (stage base-chat)."""
+    the chat template (stage base-chat); retrieved: with the users' retrieved items (not stage base)."""
     if not users:
         return {}
     t.model.set_stage(stage)
@@ -95,7 +101,8 @@ def predict_batched(t, stage: str, users, split: str, chat: bool = False) -> dic
     emb = None
     if stage == "group" and t.switches.user_router:
         emb = torch.stack([t.user_embedding(u) for u in users for _ in getattr(u, split)])
-    return by_user(users, split, predict(t.model, t.tokenizer, t.spec, exs, t.cfg, user_emb=emb, chat=chat))
+    return by_user(users, split, predict(t.model, t.tokenizer, t.spec, exs, t.cfg, user_emb=emb, chat=chat,
+                                         retrieved=retrieved))
 
 
 def predict_no_history(t, users, split: str, mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:

@@ -34,9 +34,10 @@ from client.trainer import (
 )
 from shared.data.encode import encode_prompt
 from shared.data.lamp import apply_template, load_lamp
+from shared.data.retrieval import with_retrieval
 from shared.evaluation.evaluate import MAX_NEW_TOKENS, generate_tokens
 from shared.method.model import fingerprint
-from shared.method.plan import starts_at_expert_code
+from shared.method.plan import retrieval_k, starts_at_expert_code
 from shared.method.serving import train_embedding
 from shared.method.stages import expert_losses, train_user
 from shared.runtime.config import read_config, stage_cfg
@@ -97,9 +98,10 @@ def _has(store: UserStore, user_id: str, kind: str) -> bool:
 
 
 def read_users(cfg: DictConfig, data_path: str | Path, user_ids: list[str] | None = None):
-    """Users from LaMP files, read as the run read its own (task, held-out items, prompt template)."""
+    """Users from LaMP files, read as the run read its own (task, held-out items, prompt template, the
+    items each query retrieves from the user's own history where the run did: retrieval.k)."""
     spec, users = load_lamp(data_path, task=cfg.data.task, holdout=cfg.data.holdout)
-    users = apply_template(users, spec.name, cfg.data.template)
+    users = with_retrieval(apply_template(users, spec.name, cfg.data.template), spec, retrieval_k(cfg))
     if not user_ids:
         return users
     by_id = {u.user_id: u for u in users}

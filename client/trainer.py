@@ -35,6 +35,8 @@ from client.store import (
     save_user_adapter,
 )
 from shared.data.canaries import run_canaries, with_canaries
+from shared.data.retrieval import with_retrieval
+from shared.method.plan import retrieval_k
 from shared.method.stages import RoundResult, train_population, train_user
 from shared.runtime.config import stage_cfg, to_yaml
 from shared.runtime.persist import UserStore
@@ -64,6 +66,9 @@ class ClientTrainer:
         self.canaries = [c for c in run_canaries(cfg, users) if c.user in {u.user_id for u in users}]
         if self.canaries:
             users = with_canaries(users, self.canaries)
+        # retrieval.k > 0 or method=rag: each query's top items of its user's own history, ranked here,
+        # on the client that holds the user (shared/data/retrieval.py; docs/decisions.md "Retrieval")
+        users = with_retrieval(users, spec, retrieval_k(cfg))
         self.cfg, self.spec, self.users = cfg, spec, users
         # users with a history train; one with none (an empty profile) is only evaluated
         self.trained = [u for u in users if u.train]

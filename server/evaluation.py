@@ -12,7 +12,7 @@ from server.privacy import privacy_note
 from server.stages.user import model_content
 from server.strategies import server_settings
 from shared.data.lamp import task_spec
-from shared.method.plan import BASE_CHAT, Step
+from shared.method.plan import BARE, Step
 from shared.runtime import protocol as P
 from shared.runtime.results import STAGE_TITLES, eval_rows, table_notes, write_results
 
@@ -23,8 +23,9 @@ def evaluate(fed: Federation, step: Step, mean_mixture):
     """step.arg: the stage evaluated. mean_mixture: the group stage's, how users with no history are
     routed (server/stages/group.py), sent with the group and user evaluations."""
     stage, splits = step.arg, list(fed.cfg.eval.splits)
-    # the bare backbone (base, and base-chat: asked through its chat template) needs no parameters
-    content = RecordDict() if stage in ("base", BASE_CHAT) else model_content(fed)
+    # the bare backbone (base; base-chat: asked through its chat template; rag: with each user's
+    # retrieved items, which the clients retrieve themselves) needs no parameters
+    content = RecordDict() if stage in BARE else model_content(fed)
     content[P.CONFIG] = ConfigRecord({"stage": stage, "splits": ",".join(splits)})
     mean = mean_mixture() if stage in ("group", "user") else None
     if mean is not None:
@@ -82,11 +83,13 @@ def finish(fed: Federation, seconds: float):
     for stage, p in fed.progress.trained_steps():
         trained[stage] = min(trained.get(stage, p["users"]), p["users"])
     how_run = ["users = users evaluated; nodes = SuperNodes that answered / asked; users covered by training "
-               "(fewest over rounds): " + ", ".join(f"{STAGE_TITLES[s]} {n}" for s, n in trained.items()),
+               "(fewest over rounds): " + (", ".join(f"{STAGE_TITLES[s]} {n}" for s, n in trained.items())
+                                           or "none, nothing trained"),
                f"federated: {max((p['sent'] for p in participation.values()), default=0)} {hosts(fed)} holding "
                f"{max((p['users'] for p in participation.values()), default=0)} users; {schedule_note(fed)}; "
                f"server wall time {seconds:.0f} s",
-               f"client compute in passes over the training data (users trained x epochs): {client_compute(fed)}"]
+               f"client compute in passes over the training data (users trained x epochs): "
+               f"{client_compute(fed) or 'none'}"]
     failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}
     findings = ["steps with failed or silent nodes: " + "; ".join(
         f"{s}: {p['failed']} failed, {p['silent']} silent" for s, p in failures.items())] if failures else []

@@ -35,7 +35,7 @@ def test_choice_lists_agree_with_the_code_that_uses_them():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=fedprox", "method: expected one of proper | population | oppu | loramoe | mta, got 'fedprox'"),
+    ("method=fedprox", "method: expected one of proper | population | oppu | loramoe | mta | rag, got 'fedprox'"),
     ("eval.mode=sample", "eval.mode: expected one of generate | score"),
     ("train.bf16=fast", "train.bf16: expected true, false or auto, got 'fast'"),
     ("train.bf16=1", "train.bf16: expected true, false or auto, got 1"),

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.data.retrieval import fit
+
 ANSWER = "\nAnswer:"
 
 
@@ -17,10 +19,16 @@ class Encoded:
     user: int           # index of the user in the caller's user list
 
 
-def encode_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
-    """Prompt ids, cut in the body (not the answer cue) when too long."""
-    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer, text: str, max_prompt: int, context=None) -> list[int]:
+    """Prompt ids, cut in the body (not the answer cue) when too long. context: the user's items
+    retrieved for this query (shared/data/retrieval.py Retrieved), written before the question and cut
+    first, so the question stays whole while any of them fits; None (retrieval off) = the question alone."""
     cue = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    if context is not None:
+        ids = fit(tokenizer, context, text, max_prompt - len(cue))
+        if ids is not None:
+            return ids + cue
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
     return body[: max(1, max_prompt - len(cue))] + cue
 
 
@@ -47,7 +55,7 @@ def encode_chat_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
 def encode_example(tokenizer, ex, user: int, max_len: int) -> Encoded:
     target = tokenizer(" " + ex.output.strip(), add_special_tokens=False)["input_ids"][: max_len // 2]
     target = target + [tokenizer.eos_token_id]
-    prompt = encode_prompt(tokenizer, ex.input, max_len - len(target))
+    prompt = encode_prompt(tokenizer, ex.input, max_len - len(target), getattr(ex, "context", None))
     return Encoded(prompt + target, [-100] * len(prompt) + target, user)
 
 

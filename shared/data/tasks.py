@@ -44,6 +44,9 @@ class Example:
     user: str
     input: str  # full prompt, in the task's official question style
     output: str  # target text
+    # retrieval.k > 0 or method=rag: the user's own items retrieved for this query, which go into its
+    # prompt before the question (shared/data/retrieval.py Retrieved); None = the question alone
+    context: object = None
 
 
 @dataclass

@@ -128,14 +128,19 @@ def score_labels(model, tokenizer, prompts, labels: list[str], user_emb, bf16: b
 
 
 def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None = None,
-            user_rows: torch.Tensor | None = None, chat: bool = False) -> list[str]:
+            user_rows: torch.Tensor | None = None, chat: bool = False, retrieved: bool = True) -> list[str]:
     """Predictions for `examples` (all routed with user_emb rows, if given; in stage 3 with each
     example's user part, user_rows, among those given to model.user_parts), post-processed.
     chat: the prompts in the tokenizer's chat template instead of the training format (the
-    zero-shot row of the bare instruct model, stage base-chat)."""
+    zero-shot row of the bare instruct model, stage base-chat), without retrieved items.
+    retrieved: an example's retrieved items (ex.context, retrieval.k > 0) go before its question;
+    False asks the question alone (the bare row, stage base)."""
     max_len = cfg.train.max_len
-    encode = encode_chat_prompt if chat else encode_prompt
-    prompts = [encode(tokenizer, ex.input, max_len) for ex in examples]
+    if chat:
+        prompts = [encode_chat_prompt(tokenizer, ex.input, max_len) for ex in examples]
+    else:
+        prompts = [encode_prompt(tokenizer, ex.input, max_len, getattr(ex, "context", None) if retrieved else None)
+                   for ex in examples]
     bf16 = use_bf16(cfg.train.bf16)
     if spec.kind == "label" and cfg.eval.mode == "score":
         return score_labels(model, tokenizer, prompts, spec.labels, user_emb, bf16, int(cfg.eval.batch_size),

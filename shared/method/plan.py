@@ -8,6 +8,12 @@
   mta         MTA (Merge-then-Adapt, docs/decisions.md "MTA"): a bank of anchor-user LoRAs, retrieval and
               fusion per user, a stacked small LoRA per user (shared/method/mta.py); no population stage.
               Evaluated as "mta_merge" (merged anchors only) and "mta" (merged + stacked LoRA)
+  rag         the LaMP paper's retrieval baseline: nothing trained, the frozen backbone asked with the
+              user's top retrieval.k profile items (BM25 on the client) before the question (eval stage
+              "rag"; shared/data/retrieval.py, docs/decisions.md "Retrieval")
+
+retrieval.k > 0 puts the user's retrieved items into every trained stage's inputs, at training and
+evaluation (as OPPU does); the bare rows ("base", "base-chat") are always asked without them.
 
 The bare backbone is evaluated in the training format ("eval:base") and, with "base-chat" in
 eval.stages, asked through its own chat template ("eval:base-chat", the instruct model's zero-shot
@@ -59,8 +65,26 @@ class Step:
 
 # a method is an ordered list of stages (the keys: the choices of the config key `method`)
 METHODS = {"proper": ("population", "group", "user"), "population": ("population",),
-           "oppu": ("population", "user"), "loramoe": ("population", "group"), "mta": ("mta",)}
+           "oppu": ("population", "user"), "loramoe": ("population", "group"), "mta": ("mta",),
+           "rag": ("rag",)}
 BASE_CHAT = "base-chat"   # the evaluation stage of the bare backbone asked through its chat template
+RAG = "rag"               # the evaluation stage of the bare backbone asked with the user's retrieved items
+BARE = ("base", BASE_CHAT, RAG)   # the stages evaluated on the bare backbone: no parameters sent
+# method=rag's items per query where retrieval.k is null: a few items, as in the LaMP paper's in-prompt
+# augmentation, and what a short prompt holds (the items are cut to fit train.max_len; docs/decisions.md)
+RAG_K = 4
+
+
+def retrieval_k(cfg) -> int:
+    """Items retrieved per query (retrieval.k): null = RAG_K for method=rag, 0 (off) for the others."""
+    k = cfg.retrieval.k
+    return int(k) if k is not None else (RAG_K if cfg.method == "rag" else 0)
+
+
+def retrieves(stage: str) -> bool:
+    """Whether a stage's queries carry the retrieved items (where retrieval_k > 0): every stage but
+    the bare backbone's plain rows."""
+    return stage not in ("base", BASE_CHAT)
 
 
 def stage_steps(cfg, stage: str) -> list[Step]:
@@ -68,6 +92,8 @@ def stage_steps(cfg, stage: str) -> list[Step]:
     for it; MTA's two steps are always followed by both of its evaluations."""
     if stage == "mta":
         return [Step("mta", "bank"), Step("mta", "user"), Step("eval", "mta_merge"), Step("eval", "mta")]
+    if stage == RAG:
+        return [Step("eval", RAG)]
     rounds = [Step("user")] if stage == "user" else [Step(stage, str(r)) for r in range(1, cfg[stage].rounds + 1)]
     return rounds + ([Step("eval", stage)] if stage in cfg.eval.stages else [])
 

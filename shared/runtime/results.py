@@ -22,6 +22,7 @@ import numpy as np
 from shared.runtime.persist import atomic_write_text
 
 STAGE_TITLES = {"base": "bare backbone", "base-chat": "bare backbone, chat template",
+                "rag": "RAG: bare backbone + the user's retrieved items",
                 "population": "stage 1: population",
                 "group": "stage 2: group", "user": "stage 3: user",
                 "mta_merge": "MTA: merged anchors", "mta": "MTA: merged + stacked LoRA"}

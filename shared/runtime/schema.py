@@ -192,6 +192,16 @@ class Eval:
     # (base-chat: the bare backbone asked through its chat template, beside base: a zero-shot row)
 
 
+@rules(k=at_least(0))
+@dataclass
+class Retrieval:
+    """BM25 over the user's own profile on its client; the top k items go into each query's prompt
+    (shared/data/retrieval.py, docs/decisions.md "Retrieval")."""
+    # items per query: null = 4 for method=rag (shared/method/plan.py RAG_K), 0 (off) for the others;
+    # k > 0 with a trained method: the items in its inputs at training and evaluation (as OPPU does)
+    k: Optional[int] = None
+
+
 @overrides(Train)
 @rules(epochs=at_least(1), lr=POSITIVE)
 @dataclass
@@ -231,7 +241,7 @@ class Mta:
 @dataclass
 class Config:
     seed: int = 0
-    method: str = "proper"                 # proper | population | oppu | loramoe | mta (shared/method/plan.py)
+    method: str = "proper"                 # proper | population | oppu | loramoe | mta | rag (shared/method/plan.py)
     model: Model = field(default_factory=Model)
     data: Data = field(default_factory=Data)
     adapters: Adapters = field(default_factory=Adapters)
@@ -240,6 +250,7 @@ class Config:
     group: Group = field(default_factory=Group)
     user: User = field(default_factory=User)
     eval: Eval = field(default_factory=Eval)
+    retrieval: Retrieval = field(default_factory=Retrieval)
     federation: Federation = field(default_factory=Federation)
     privacy: Privacy = field(default_factory=Privacy)
     mta: Mta = field(default_factory=Mta)
@@ -260,7 +271,15 @@ def resolve(layers: list[tuple[str, Any]]) -> DictConfig:
     cfg = merge(Config, layers, GONE)
     check_privacy(cfg)
     check_splits(cfg)
+    check_retrieval(cfg)
     return cfg
+
+
+def check_retrieval(cfg: DictConfig) -> None:
+    """method=rag with no item retrieved would be the bare backbone's row again."""
+    if cfg.method == "rag" and cfg.retrieval.k == 0:
+        raise ConfigError("retrieval.k: method=rag asks the backbone with the user's top k items; with k=0 it "
+                          "is the bare backbone (eval stage base): set retrieval.k >= 1, or null for the default")
 
 
 def check_splits(cfg: DictConfig) -> None:

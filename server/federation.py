@@ -55,7 +55,8 @@ class Federation:
             log.info("resuming %s after %d steps (%s)", run_dir, len(done), done[-1] if done else "-")
         self.timeout = float(cfg.federation.timeout_s)
         f = cfg.federation   # what a reply may claim (server/validation.py)
-        self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound)
+        self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound,
+                                  noised_mixtures=str(cfg.privacy.mixtures) == "noise")
         if f.max_examples is None:   # `proper sim` sets it from the data; a deployment declares it
             log.warning("federation.max_examples is not set: the examples a training reply claims are not capped, "
                         "so one client can buy its weight in the average (set it to the most items a client holds)")

@@ -12,10 +12,18 @@ the clipped updates averaged, noise of std z * C / n. The server records each re
   another), one user's data changes it within the ball of radius C, but it stays in the sum: that
   is replacing the user's data, sensitivity 2C, so the user's epsilon is counted at z / 2 (the same
   Gaussian mechanism for adding or removing at half the noise multiplier).
-- Sampling: the round's clients are a seeded shuffle (server/strategies/chains.py), reproducible by
-  anyone who knows the run's seed, so no amplification by sampling is claimed: every round counts
-  as a full release, for every user (an upper bound: a user not sampled in a round risks nothing
-  there).
+- Sampling, federation.sampling=shuffle (the default): the round's clients are a seeded shuffle
+  (server/strategies/chains.py), reproducible by anyone who knows the run's seed, so no
+  amplification by sampling is claimed: every round counts as a full release, for every user (an
+  upper bound: a user not sampled in a round risks nothing there).
+- Sampling, federation.sampling=poisson: each client joins a round alone with probability
+  q = m / N (m = clients_per_round or fraction_train of the N clients), drawn from the operating
+  system's entropy under DP; the mean of the clipped updates has the fixed denominator m
+  (server/strategies/privacy.py). Each round is one Poisson-subsampled Gaussian release, add or
+  remove one user (SamplingMethod.POISSON in Flower's accountant; the config refuses chains and
+  several users per client with it), counted for every round of the stage, an empty sample's
+  included. The guarantee assumes the adversary (whoever sees the released parameters) does not
+  learn who was sampled: a client knows only its own participation, the run records only counts.
 - delta: privacy.dp.delta, else 1 / (number of users), the users the evaluations counted.
 """
 from __future__ import annotations
@@ -30,9 +38,11 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from server.strategies import dp_settings
-from server.strategies.chains import sampled_nodes, split_chains
-from shared.method.plan import initial_pool
+from server.strategies import dp_settings, needs_start
+from server.strategies.chains import expected_clients, round_nodes, split_chains
+from shared.method.plan import METHODS, initial_pool
+from shared.runtime import protocol as P
+from shared.runtime.releases import protection_of, release_table, unaccounted
 
 STAGES = ("population", "group")
 
@@ -40,28 +50,54 @@ STAGES = ("population", "group")
 def epsilon(releases: list[tuple[float, int]], delta: float, orders: tuple[float, ...] | None = None) -> float:
     """epsilon at delta of the composition of Gaussian releases [(noise multiplier, how many)], with
     no amplification by sampling. inf where any noise multiplier is 0 (clipping without noise)."""
+    return epsilon_sampled([(z, count, 1, 1) for z, count in releases], delta, orders, poisson=False)
+
+
+def epsilon_sampled(releases: list[tuple[float, int, int, int]], delta: float,
+                    orders: tuple[float, ...] | None = None, poisson: bool = True) -> float:
+    """epsilon at delta of the composition of Poisson-subsampled Gaussian releases [(noise multiplier,
+    how many, m, N)], each with sampling rate q = m / N, add or remove one (Flower's RdpAccountant,
+    SamplingMethod.POISSON: Mironov, Talwar and Zhang, 2019, through Google's dp-accounting).
+    Flower's events state q as sample_size / population_size with one population per accountant:
+    releases over different N are put on their least common multiple, q exactly as given."""
     if not releases:
         return 0.0
-    if any(z <= 0 for z, _ in releases):
+    if any(z <= 0 for z, *_ in releases):
         return math.inf
-    config = PrivacyConfig(target_delta=delta, population_size=1,
+    population = math.lcm(*(int(n) for *_, n in releases))
+    config = PrivacyConfig(target_delta=delta, population_size=population,
                            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                           sampling_method=SamplingMethod.NO_AMPLIFICATION)
+                           sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.NO_AMPLIFICATION)
     acc = RdpAccountant(config, orders=orders)
-    for z, count in releases:
-        acc.compose(GaussianPrivacyEvent(noise_multiplier=float(z), sample_size=1, population_size=1), int(count))
+    for z, count, m, n in releases:
+        acc.compose(GaussianPrivacyEvent(noise_multiplier=float(z), sample_size=int(m) * (population // int(n)),
+                                         population_size=population), int(count))
     return float(acc.get_epsilon(delta))
+
+
+def noise_for(target: float, rounds: int, expected: int, population: int, delta: float) -> float:
+    """The smallest noise multiplier z (to 0.1 %) whose `rounds` Poisson-sampled releases at q =
+    expected / population stay within epsilon `target` at `delta`: for planning a study."""
+    lo, hi = 1e-3, 1e3
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if epsilon_sampled([(mid, rounds, expected, population)], delta) > target else (lo, mid)
+    return hi
 
 
 def note_release(fed, stage: str, server_round: int, updates: int):
     """Record one noised release of `stage` (a round that aggregated `updates` clipped updates)."""
     cfg = fed.cfg
-    nodes = sampled_nodes(fed.nodes(), cfg, stage, server_round)
-    longest_chain = max((len(c) for c in split_chains(nodes, cfg.federation.chains)), default=1)
+    nodes = round_nodes(fed, stage, server_round)
+    longest_chain = max((len(c) for c in split_chains(nodes, cfg.federation.chains)), default=1) if nodes else 1
     shared = int(cfg.federation.users_per_client) > 1 or longest_chain > 1
     rounds = fed.progress.privacy.setdefault(stage, [])
     rounds[:] = [r for r in rounds if r["round"] != server_round]   # a redone round counts once
-    rounds.append({"round": server_round, "updates": int(updates), "shared": bool(shared)})
+    record = {"round": server_round, "updates": int(updates), "shared": bool(shared)}
+    if str(cfg.federation.sampling) == "poisson":   # q = expected / population, the accountant's sampling rate
+        population = len(fed.nodes())
+        record.update(sampling="poisson", expected=expected_clients(cfg, population), population=population)
+    rounds.append(record)
 
 
 def users_counted(fed) -> int:
@@ -106,24 +142,66 @@ def privacy_summary(fed) -> dict:
     out = {"dp": True, "noise_multiplier": z, "clip": float(dp.clip), "clipping": str(dp.clipping),
            "delta": delta, "stages": {}}
     releases = []
+    sampled = any(r.get("sampling") == "poisson" for stage in STAGES for r in recorded.get(stage, []))
+
+    def account(rs):   # a round without sampling is a Poisson release at q = 1 / 1: the Gaussian mechanism's
+        return epsilon_sampled(rs, delta) if sampled else epsilon([(zr, count) for zr, count, _, _ in rs], delta)
     for stage in STAGES:
         rounds = recorded.get(stage, [])
         if not rounds:
             continue
         shared = any(r["shared"] for r in rounds)
-        stage_releases = [(z / 2 if r["shared"] else z, 1) for r in rounds]
+        stage_releases = [(z / 2 if r["shared"] else z, 1, r.get("expected", 1), r.get("population", 1))
+                          for r in rounds]
         releases += stage_releases
-        out["stages"][stage] = {"rounds": len(rounds), "epsilon": epsilon(stage_releases, delta),
+        out["stages"][stage] = {"rounds": len(rounds), "epsilon": account(stage_releases),
                                 "unit": "a user sharing a clipped update (replace-one: z / 2)" if shared
                                 else "one user per clipped update (add or remove: z)"}
-    out["epsilon"] = epsilon(releases, delta)
+        poisson = [r for r in rounds if r.get("sampling") == "poisson"]
+        if poisson:
+            out["stages"][stage]["sampling"] = {"method": "poisson", "expected": poisson[-1]["expected"],
+                                                "population": poisson[-1]["population"],
+                                                "q": poisson[-1]["expected"] / poisson[-1]["population"]}
+    out["epsilon"] = account(releases)
+    out["unaccounted"] = [f"{r.message} {r.record}/{','.join(r.keys)}" for r in
+                          unaccounted(fed.cfg, messages_of(fed.cfg))]   # shared/runtime/releases.py
+    if sampled:
+        out["sampling"] = "poisson"
     if mix["mixtures"] != "share":
         out["mixtures"] = mix
-    if "noise_multiplier" in mix and layers:   # replace-one throughout: every DP release counted at z / 2
+    if "noise_multiplier" in mix and layers and not sampled:   # replace-one throughout: DP releases at z / 2
         dp_rounds = sum(len(recorded.get(stage, [])) for stage in STAGES)
         out["epsilon_with_mixtures"] = epsilon([(z / 2, dp_rounds), (mix["noise_multiplier"], mix["releases"])],
                                                delta)
     return out
+
+
+def messages_of(cfg) -> tuple[str, ...]:
+    """The message types a run of `cfg` sends (proper and the baselines; MTA is refused with DP)."""
+    out, stages = [], METHODS.get(str(cfg.method), ())
+    if "population" in stages and int(cfg.population.rounds) > 0:
+        out.append(P.TRAIN_POPULATION)
+    if "group" in stages and int(cfg.group.rounds) > 0:
+        out.append(P.TRAIN_GROUP)
+        if initial_pool(cfg) and str(cfg.privacy.mixtures) != "local":
+            out.append(P.QUERY_MIXTURES)
+        if str(cfg.group.assign_start) == "signature":
+            out.append(P.QUERY_SIGNATURE)
+    if "user" in stages:
+        out.append(P.TRAIN_USER)
+    if any(needs_start(cfg, stage) for stage in STAGES):
+        out.append(P.QUERY_INIT)
+    return (*out, P.EVALUATE)
+
+
+def release_note(cfg) -> str:
+    """Under privacy.dp: what the epsilon does not cover, by name, and the run's release table
+    (shared/runtime/releases.py)."""
+    messages = messages_of(cfg)
+    left = unaccounted(cfg, messages)
+    names = "; ".join(f"{r.message} {r.record}/{','.join(r.keys)} ({protection_of(r, cfg)})" for r in left)
+    return (f"releases not covered by the epsilon above ({len(left)}): {names}. Every record a client sends "
+            f"in this run, and its protection:\n\n{release_table(cfg, messages)}\n")
 
 
 def _eps(value: float) -> str:
@@ -135,8 +213,6 @@ def privacy_note(fed) -> str:
     summary = privacy_summary(fed)
     fed.run_dir.log({"kind": "privacy", "stage": "run", **summary})
     mix = summary.get("mixtures", {"mixtures": "share"})
-    mixtures = {"share": "the shared mixtures of the group stage, ",
-                "local": "", "noise": ""}.get(mix["mixtures"], "")
     if mix["mixtures"] == "noise":
         eps = mix.get("epsilon", math.nan)
         mix_note = (f"; the group stage's mixtures noised (std {mix['std']:g}, noise multiplier "
@@ -156,9 +232,14 @@ def privacy_note(fed) -> str:
                      "epsilon here is nominal (a study's setting, not a deployment's)")
     if not summary["dp"]:
         return ("privacy: no formal DP (privacy.dp off): the shared parameters are released as trained" + mix_note)
-    stages = ", ".join(f"epsilon {_eps(s['epsilon'])} ({name}, {s['rounds']} round(s); {s['unit']})"
+    def sampling(s):
+        q = s.get("sampling")
+        return f"; Poisson sampling, q = {q['expected']}/{q['population']}" if q else ""
+    stages = ", ".join(f"epsilon {_eps(s['epsilon'])} ({name}, {s['rounds']} round(s); {s['unit']}{sampling(s)})"
                        for name, s in summary["stages"].items())
+    how = ("amplified by Poisson sampling (secret draws, fixed denominator q N)" if summary.get("sampling")
+           else "no amplification by sampling")
     return (f"privacy: client-level DP, clip {summary['clip']:g} ({summary['clipping']} side), noise multiplier "
-            f"{summary['noise_multiplier']:g}, RDP accountant, no amplification by sampling: {stages or 'no release'}; "
-            f"composed epsilon {_eps(summary['epsilon'])} at delta {summary['delta']:.3g}{mix_note}. Not covered: "
-            f"{mixtures}the routing mass, training metrics and evaluation statistics")
+            f"{summary['noise_multiplier']:g}, RDP accountant, {how}: {stages or 'no release'}; "
+            f"composed epsilon {_eps(summary['epsilon'])} at delta {summary['delta']:.3g}{mix_note}; "
+            + release_note(fed.cfg))

@@ -9,7 +9,8 @@ Checks of one reply, in order; the first that fails is the reason given:
   finite    every array and every metric value is finite
   counts    counts are whole and non-negative; a training reply's num-examples at most the cap the
             server sets (federation.max_examples), so that weight in an average cannot be bought
-  routing   routing mass non-negative, user mixtures in [0, 1]
+  routing   routing mass non-negative, user mixtures in [0, 1] (not under privacy.mixtures=noise:
+            noised mixtures leave [0, 1] by design)
 Then, over the replies of a step that passed: an update (reply minus what was sent) whose norm is
 over federation.norm_bound times the step's median is dropped (off where norm_bound is null).
 """
@@ -47,6 +48,7 @@ class ReplyBounds:
     norm_bound: an update may be at most this times the step's median update norm (None: off)."""
     max_examples: int | None = None
     norm_bound: float | None = None
+    noised_mixtures: bool = False   # privacy.mixtures=noise: mixtures are not held to [0, 1]
 
 
 def layout(record) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -98,7 +100,7 @@ def check_reply(sent: Message, reply: Message, bounds: ReplyBounds,
         routing = content[P.ROUTING]
         if "routing_mass" in routing and (routing["routing_mass"].numpy() < 0).any():
             return "negative routing mass"
-        if "mixtures" in routing:
+        if "mixtures" in routing and not bounds.noised_mixtures:
             m = routing["mixtures"].numpy()
             if m.size and ((m < 0).any() or (m > 1).any()):
                 return "user mixtures outside [0, 1]"

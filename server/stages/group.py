@@ -18,7 +18,7 @@ from flwr.app import Message, RecordDict
 from server.signature_rounds import signature_start
 from server.stages.round import SharedRound
 from server.strategies import average_settings, dp_settings
-from server.strategies.chains import sampled_nodes
+from server.strategies.chains import round_nodes
 from server.strategies.group import mixture_pool
 from server.strategies.robust import group_average
 from shared.method import plan
@@ -69,7 +69,7 @@ class GroupStage(SharedRound):
         if self.mixtures == "local":   # nothing would come back: no messages
             return
         content = RecordDict({P.POPULATION: fed.arrays("population"), P.ARRAYS: fed.arrays("group")})
-        nodes = sampled_nodes(fed.nodes(), self.cfg, "group", step.round)
+        nodes = round_nodes(fed, "group", step.round)
         ok = fed.collect(f"{step}/pool", [Message(content, dst_node_id=n, message_type=P.QUERY_MIXTURES)
                                           for n in nodes])
         if ok:

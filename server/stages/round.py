@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from server.privacy import note_release
 from server.state import PartState
 from server.strategies import load_state, make_strategy, needs_start, state_tensors
-from server.strategies.chains import chained_round
+from server.strategies.chains import chained_round, expected_clients, round_nodes
 from server.strategies.privacy import PrivateAverage
 from server.strategies.trained_replies import TrainedReplies
 from shared.method.plan import Step
@@ -64,6 +64,15 @@ class SharedRound:
             self.optimizer = make_strategy(self.cfg, self.name, self.make_average())
             load_state(self.optimizer, self.state.optimizer)
         start = self.state.parameters
+        private = self.optimizer.average if isinstance(self.optimizer.average, PrivateAverage) else None
+        if not round_nodes(fed, self.name, step.round):   # an empty Poisson sample: nothing sent, nothing kept
+            log.warning("%s: no client sampled (federation.sampling=poisson); the %s parameters stay", step, self.name)
+            if private is not None:   # accounted all the same: the accountant counts every round (server/privacy.py)
+                note_release(fed, self.name, step.round, 0)
+            return
+        if private is not None and str(self.cfg.federation.sampling) == "poisson":
+            # the fixed denominator of the sensitivity analysis: m = q N, not the realised count
+            private.expected = expected_clients(self.cfg, len(fed.nodes()))
         arrays, metrics = chained_round(fed, step.name, self.name, step.round, TrainedReplies(self.optimizer),
                                         fed.arrays(self.name))
         valid, least = fed.progress.participation.get(step.name, {}).get("ok", 0), self.cfg.federation.min_replies
@@ -80,8 +89,8 @@ class SharedRound:
                                  for k, v in arrays.to_torch_state_dict().items()}
         self.keep()
         self.state.optimizer = state_tensors(self.optimizer) or None
-        if isinstance(self.optimizer.average, PrivateAverage):   # privacy.dp: a noised release, for the accountant
-            note_release(fed, self.name, step.round, self.optimizer.average.updates)
+        if private is not None:   # privacy.dp: a noised release, for the accountant
+            note_release(fed, self.name, step.round, private.updates)
         m = dict(metrics or {})
         fed.log_train(step, m)
         log.info("%s: loss %.4f over %d examples", step, m.get("train_loss", float("nan")), m.get(P.NUM_EXAMPLES, 0))

@@ -1,7 +1,9 @@
 """The chained schedule (federation.chains = C): how a round's clients are visited.
 
-A round samples its clients (federation.clients_per_round or fraction_train, seeded by the run's
-seed, the stage and the round), shuffles them in a seeded order and splits them into C chains.
+A round samples its clients (federation.sampling: shuffle, the default, takes exactly
+clients_per_round or fraction_train of them, seeded by the run's seed, the stage and the round;
+poisson lets each join alone with probability q, see round_nodes), visits them in a seeded order
+and splits them into C chains.
 Chains run in parallel; inside a chain each client trains what the one before it returned. The C
 chain results then go through the stage's strategy (average + server optimizer) as if each were
 one client's reply, weighted by the examples the whole chain trained on (and, in the group stage,
@@ -41,14 +43,49 @@ class NodesView:
         return list(self.nodes)
 
 
-def sampled_nodes(nodes, cfg, stage: str, server_round: int) -> list[int]:
+def expected_clients(cfg, population: int) -> int:
+    """m, the clients a round takes: exactly (shuffle) or on average (poisson, q = m / population)."""
+    fed = cfg.federation
+    n = fed.clients_per_round or math.ceil(float(fed.fraction_train) * population)
+    return max(1, min(int(n), population)) if population else 0
+
+
+def sampled_nodes(nodes, cfg, stage: str, server_round: int, draw: random.Random | None = None) -> list[int]:
     """The round's clients in the order the chains visit them: a seeded shuffle, new every round
-    (as a centralized epoch reshuffles its batches), cut to clients_per_round or fraction_train."""
+    (as a centralized epoch reshuffles its batches), cut to expected_clients (shuffle) or each kept
+    with probability q = expected_clients / nodes by `draw` (poisson; draw: poisson_draw)."""
     order = sorted(nodes)
     random.Random(f"{int(cfg.seed)}:{stage}:{server_round}").shuffle(order)
-    fed = cfg.federation
-    n = fed.clients_per_round or math.ceil(float(fed.fraction_train) * len(order))
-    return order[:max(1, min(int(n), len(order)))] if order else []
+    m = expected_clients(cfg, len(order))
+    if str(cfg.federation.sampling) != "poisson":
+        return order[:m]
+    draw = draw or poisson_draw(cfg, stage, server_round)
+    q = m / len(order) if order else 0.0
+    return [n for n in order if draw.random() < q]
+
+
+def poisson_draw(cfg, stage: str, server_round: int) -> random.Random:
+    """The generator of a round's Poisson draws. Amplification by sampling holds only if whoever
+    sees the released parameters cannot tell who was sampled (docs/decisions.md "Privacy"): under
+    privacy.dp the draws come from the operating system's entropy (random.SystemRandom), kept by no
+    one; the run records only how many clients each round asked. privacy.dp.seed (a study's
+    reproducible noise, already called nominal in the table) seeds them too; without DP the run's
+    seed does (reproducible, nothing claimed)."""
+    dp = cfg.privacy.dp
+    if dp.noise_multiplier is not None and dp.seed is None:
+        return random.SystemRandom()
+    seed = dp.seed if dp.noise_multiplier is not None else cfg.seed
+    return random.Random(f"{int(seed)}:{stage}:{server_round}:poisson")
+
+
+def round_nodes(fed, stage: str, server_round: int) -> list[int]:
+    """sampled_nodes of a round, drawn once per server process: the first-pool query, the round
+    and the accountant's record see the same clients (a resumed run draws a redone round anew)."""
+    samples = fed.__dict__.setdefault("round_samples", {})
+    key = (stage, int(server_round))
+    if key not in samples:
+        samples[key] = sampled_nodes(fed.nodes(), fed.cfg, stage, server_round)
+    return samples[key]
 
 
 def split_chains(nodes: list[int], chains: int | None) -> list[list[int]]:
@@ -88,7 +125,10 @@ def _chain_result(replies: list[Message]) -> Message:
 def chained_round(fed, step: str, stage: str, server_round: int, strategy, start: ArrayRecord):
     """One round of `stage`: (arrays, metrics) from the strategy's aggregation, (None, None) when no
     client succeeded."""
-    nodes = sampled_nodes(fed.nodes(), fed.cfg, stage, server_round)
+    nodes = round_nodes(fed, stage, server_round)
+    if not nodes:   # a Poisson sample can be empty: no message, the stage's parameters stay
+        log.warning("%s: the round's Poisson sample is empty", step)
+        return None, None
     chains = split_chains(nodes, fed.cfg.federation.chains)
     config = ConfigRecord({P.SERVER_ROUND: server_round})
     first = {m.metadata.dst_node_id: m for m in

@@ -19,6 +19,13 @@ What PrivateAverage adds around Flower's wrapper:
   changes, and a share that depends on the data (examples, routing mass) is not bounded by 1 / n;
 - num_sampled_clients is the number of replies averaged, each round, so the noise std is exactly
   z * C / (the average's denominator) whether or not every sampled client answered;
+- under federation.sampling=poisson the denominator is fixed instead: m = q N, the expected number
+  of clients (`expected`, set by the round), as the subsampled Gaussian's analysis needs (McMahan et
+  al., 2018, the fixed-denominator estimator): with the realised count n in the denominator, adding
+  a user would also rescale every other update by n / (n + 1), which the sensitivity C / m does not
+  cover. Flower's wrapper averages the n clipped updates and adds noise of std z C / n; the noised
+  update (average minus the round's start) is then scaled by n / m: start + (sum + N(0, (z C)^2)) / m,
+  exactly the sum over m with noise of std z C / m (docs/decisions.md "Privacy");
 - a group reply also carries routing statistics (record "routing"): Flower's server-side clipping
   clips every ArrayRecord of a reply against the sent parameters, so they are held aside while it
   clips and put back for the group average (which under DP no longer weighs by them);
@@ -35,7 +42,7 @@ import hashlib
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -69,14 +76,17 @@ class PrivateAverage(Wrapper):
         super().__init__(wrapper(HeldRecords(average, self.held), float(dp.noise_multiplier), float(dp.clip), 1))
         self.stage, self.noise_seed = stage, dp.seed
         self.sent_order: list[str] = []
+        self.start: ArrayRecord | None = None
         self.updates = 0
+        self.expected: int | None = None   # poisson sampling: the fixed denominator m (set per round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         if not len(arrays):
             raise RuntimeError(f"{self.stage}:{server_round}: DP clips updates against the round's start, "
                                "and the server has none (query.init)")
         self.sent_order = list(arrays.keys())
-        return self.inner.configure_train(server_round, in_order(arrays, sorted(self.sent_order)), config, grid)
+        self.start = in_order(arrays, sorted(self.sent_order))
+        return self.inner.configure_train(server_round, self.start, config, grid)
 
     def aggregate_train(self, server_round: int, replies):
         ok = [r for r in replies if not r.has_error()]
@@ -92,7 +102,18 @@ class PrivateAverage(Wrapper):
         self.inner.num_sampled_clients = self.updates = len(ok)
         with seeded_noise(self.noise_seed, self.stage, server_round):
             arrays, metrics = self.inner.aggregate_train(server_round, ok)
+        if arrays is not None and self.expected:
+            arrays = rescaled(arrays, self.start, len(ok) / float(self.expected))
         return (None if arrays is None else in_order(arrays, self.sent_order)), metrics
+
+
+def rescaled(arrays: ArrayRecord, start: ArrayRecord, factor: float) -> ArrayRecord:
+    """start + factor * (arrays - start), array by array, in the arrays' dtype."""
+    out = {}
+    for key in arrays.keys():
+        a, s = arrays[key].numpy(), start[key].numpy()
+        out[key] = Array(np.asarray(s.astype(np.float64) + factor * (a.astype(np.float64) - s), dtype=a.dtype))
+    return ArrayRecord(out)
 
 
 def in_order(record: ArrayRecord, keys: list[str]) -> ArrayRecord:

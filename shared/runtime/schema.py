@@ -303,6 +303,13 @@ def check_privacy(cfg: DictConfig) -> None:
                           "a chain's total update is what must be clipped: use privacy.dp.clipping=server")
     if cfg.method == "mta":
         raise ConfigError("privacy.dp: covers the population and group stages; method=mta has neither")
+    f = cfg.federation
+    if f.sampling == "poisson" and (int(f.users_per_client) > 1 or f.chains is not None):
+        # Flower's accountant models Poisson sampling for adding or removing one unit only; a clipped
+        # update holding several users' data is replacement for each of them (docs/decisions.md "Privacy")
+        raise ConfigError("federation.sampling: poisson sampling under privacy.dp is accounted for one user per "
+                          "clipped update (add or remove); use federation.users_per_client=1 and no "
+                          "federation.chains, or federation.sampling=shuffle")
     if cfg.federation.aggregation != "mean":   # the accountant's sensitivity is that of a mean of clipped updates
         raise ConfigError(f"federation.aggregation: privacy.dp accounts a mean of clipped updates, not "
                           f"{cfg.federation.aggregation}: use federation.aggregation=mean with privacy.dp")

@@ -18,6 +18,7 @@ SERVER_KEYS = ("server_opt", "server_lr", "server_momentum", "beta_1", "beta_2",
 
 
 @rules(users_per_client=at_least(1), chains=at_least(1), clients_per_round=at_least(1), fraction_train=FRACTION,
+       sampling=one_of("shuffle", "poisson"),
        server_opt=one_of("fedavg", "fedavgm", "fedadam", "fedyogi"), server_lr=POSITIVE, server_momentum=DECAY,
        beta_1=DECAY, beta_2=DECAY, tau=POSITIVE, min_available_clients=at_least(1), timeout_s=POSITIVE,
        max_examples=at_least(1), norm_bound=POSITIVE, min_replies=at_least(1),
@@ -31,6 +32,10 @@ class Federation:
     chains: Optional[int] = None
     clients_per_round: Optional[int] = None  # clients sampled per round (seeded); null = fraction_train of the nodes
     fraction_train: float = 1.0            # share of the nodes a round samples when clients_per_round is null
+    # shuffle: exactly that many clients, a seeded shuffle (no amplification claimed); poisson: each client
+    # joins a round alone with probability q = (that many) / clients, drawn secretly under privacy.dp
+    # (server/strategies/chains.py, docs/decisions.md "Privacy")
+    sampling: str = "shuffle"
     # the server optimizer (Flower's) on the round's averaged update: fedavg | fedavgm | fedadam | fedyogi
     server_opt: str = "fedavg"
     server_lr: float = 1.0                 # fedavg(m): start + lr * (average - start); fedadam / fedyogi: eta

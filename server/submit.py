@@ -7,7 +7,9 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,8 @@ def _flwr_json(args: list[str], env, cwd) -> dict:
 
 
 STATUS_EVERY_S = 30   # while the log streams, how often the run's status is asked
-LOST_S = 30           # how long the SuperLink may not answer before `proper submit` gives up
+LOST_S = 60           # how long the SuperLink may not answer (and at least LOST_TRIES times in a row)
+LOST_TRIES = 3        # before `proper submit` gives up: a busy SuperLink may miss one answer
 
 
 def _status(run_id: str, env, cwd) -> tuple[str, str] | None:
@@ -35,14 +38,47 @@ def _status(run_id: str, env, cwd) -> tuple[str, str] | None:
     return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
 
 
+MAX_ATTACH = 100      # how often a log stream that ended before the run did is attached again
+
+
+class _Tee(threading.Thread):
+    """Copies a `flwr log --stream` process's output to ours, leaving out the first `skip` bytes: a
+    stream attached again starts from the beginning of the run's log, which was shown already."""
+
+    def __init__(self, pipe, skip: int):
+        super().__init__(daemon=True)
+        self.pipe, self.skip, self.seen = pipe, skip, 0
+
+    def run(self):
+        out = getattr(sys.stdout, "buffer", None)
+        for chunk in iter(lambda: self.pipe.read1(65536), b""):
+            self.seen += len(chunk)
+            cut = min(self.skip, len(chunk))
+            self.skip -= cut
+            if chunk[cut:]:
+                if out is not None:
+                    out.write(chunk[cut:])
+                else:
+                    sys.stdout.write(chunk[cut:].decode(errors="replace"))
+                sys.stdout.flush()
+
+
+def _attach(log_cmd: list[str], env, cwd, skip: int) -> tuple[subprocess.Popen, _Tee]:
+    streamer = subprocess.Popen(log_cmd, env=env, cwd=cwd, stdout=subprocess.PIPE)
+    tee = _Tee(streamer.stdout, skip)
+    tee.start()
+    return streamer, tee
+
+
 def _watch(run_id: str, env, cwd) -> str | None:
     """While the log streams: None if the SuperLink answers (within LOST_S), else why not. The stream
     has no read timeout, so a SuperLink host that vanishes without closing the connection would
     otherwise leave `flwr log --stream` waiting for ever."""
-    since = time.time()
+    since, tries = time.time(), 0
     while _status(run_id, env, cwd) is None:
-        if time.time() - since >= LOST_S:
-            return f"it did not answer for {LOST_S} s"
+        tries += 1
+        if tries >= LOST_TRIES and time.time() - since >= LOST_S:
+            return f"it did not answer for {time.time() - since:.0f} s"
         time.sleep(2)
     return None
 
@@ -108,12 +144,16 @@ def _submit(args, tmp: Path) -> int:
     deadline = time.time() + args.timeout if args.timeout else None
     status, details, lost = "", "", None
     next_check = time.time() + STATUS_EVERY_S
-    with subprocess.Popen(log_cmd, env=env, cwd=tmp) as streamer:
+    shown, attaches = 0, 0
+    while True:
+        streamer, tee = _attach(log_cmd, env, tmp, skip=shown)
+        ended_by_us = False
         try:
             while streamer.poll() is None and lost is None:
                 if deadline and time.time() > deadline:
                     say(f"run {run_id}: still running after {args.timeout} s; stopping it")
                     _flwr_json(["stop", run_id, CONNECTION], env, tmp)
+                    ended_by_us = True
                     break
                 if time.time() >= next_check:
                     lost = _watch(run_id, env, tmp)
@@ -122,16 +162,29 @@ def _submit(args, tmp: Path) -> int:
         finally:
             if streamer.poll() is None:
                 streamer.terminate()
-    unanswered_since = None
+            streamer.wait()
+            tee.join(timeout=10)
+            shown = max(shown, tee.seen)
+        if lost is not None or ended_by_us or attaches >= MAX_ATTACH:
+            break
+        # the stream also ends without the run ending (seen with 30 SuperNodes on 2 busy cores,
+        # docs/results/reliability.md): attach again while the SuperLink says the run goes on
+        found = _status(run_id, env, tmp)
+        if found is None or not found[0] or found[0].startswith("finished"):
+            break
+        attaches += 1
+        say(f"run {run_id}: the log stream ended while the run is {found[0]}; attaching again")
+        time.sleep(2)
+    unanswered_since, tries = None, 0
     for _ in range(120 if lost is None else 0):
         found = _status(run_id, env, tmp)
         if found is None:   # the SuperLink does not answer
-            unanswered_since = unanswered_since or time.time()
-            if time.time() - unanswered_since >= LOST_S:
-                lost = "it does not answer"
+            unanswered_since, tries = unanswered_since or time.time(), tries + 1
+            if tries >= LOST_TRIES and time.time() - unanswered_since >= LOST_S:
+                lost = f"it did not answer for {time.time() - unanswered_since:.0f} s"
                 break
         else:
-            unanswered_since = None
+            unanswered_since, tries = None, 0
             status, details = found
             if status.startswith("finished"):
                 break

@@ -54,6 +54,8 @@ class Federation:
             done = self.progress.done
             log.info("resuming %s after %d steps (%s)", run_dir, len(done), done[-1] if done else "-")
         self.timeout = float(cfg.federation.timeout_s)
+        # each round's sampled clients, drawn once in this process (server/strategies/chains.py round_nodes)
+        self.round_samples: dict[tuple[str, int], list[int]] = {}
         f = cfg.federation   # what a reply may claim (server/validation.py)
         self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound,
                                   noised_mixtures=str(cfg.privacy.mixtures) == "noise")

@@ -74,7 +74,7 @@ def test_poisson_sampling_is_secret_under_dp_and_seeded_otherwise():
     assert expected_clients(private, len(nodes)) == 20
     draws = {tuple(sampled_nodes(nodes, private, "population", 1)) for _ in range(5)}
     assert len(draws) > 1                                   # the operating system's entropy: no seed repeats it
-    fed = SimpleNamespace(cfg=private, nodes=lambda: nodes)
+    fed = SimpleNamespace(cfg=private, nodes=lambda: nodes, round_samples={})
     assert round_nodes(fed, "group", 1) == round_nodes(fed, "group", 1)   # drawn once per round
     seeded = load_config("tiny", [*DP, "federation.sampling=poisson", "privacy.dp.seed=3"])
     assert not isinstance(poisson_draw(seeded, "population", 1), random.SystemRandom)

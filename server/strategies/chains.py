@@ -81,11 +81,10 @@ def poisson_draw(cfg, stage: str, server_round: int) -> random.Random:
 def round_nodes(fed, stage: str, server_round: int) -> list[int]:
     """sampled_nodes of a round, drawn once per server process: the first-pool query, the round
     and the accountant's record see the same clients (a resumed run draws a redone round anew)."""
-    samples = fed.__dict__.setdefault("round_samples", {})
     key = (stage, int(server_round))
-    if key not in samples:
-        samples[key] = sampled_nodes(fed.nodes(), fed.cfg, stage, server_round)
-    return samples[key]
+    if key not in fed.round_samples:
+        fed.round_samples[key] = sampled_nodes(fed.nodes(), fed.cfg, stage, server_round)
+    return fed.round_samples[key]
 
 
 def split_chains(nodes: list[int], chains: int | None) -> list[list[int]]:

@@ -228,7 +228,8 @@ def test_the_privacy_unit_and_delta_of_a_run():
     logged = []
 
     def fed(*overrides):
-        return SimpleNamespace(cfg=load_config("tiny", [*DP, *overrides]), nodes=lambda: [11, 12, 13, 14], round_samples={},
+        return SimpleNamespace(cfg=load_config("tiny", [*DP, *overrides]), nodes=lambda: [11, 12, 13, 14],
+                               round_samples={},
                                progress=Progress(participation={"eval:base": {"users": 8}}), parts=SharedParts(),
                                run_dir=SimpleNamespace(log=logged.append))
 

@@ -130,7 +130,8 @@ def test_the_account_of_poisson_rounds():
     from server.state import Progress, SharedParts
     nodes = list(range(40))
     cfg = load_config("tiny", [*DP, "federation.sampling=poisson", "federation.clients_per_round=4"])
-    fed = SimpleNamespace(cfg=cfg, nodes=lambda: nodes, round_samples={}, progress=Progress(participation={"eval:base": {"users": 40}}),
+    fed = SimpleNamespace(cfg=cfg, nodes=lambda: nodes, round_samples={},
+                          progress=Progress(participation={"eval:base": {"users": 40}}),
                           parts=SharedParts(), run_dir=SimpleNamespace(log=lambda r: None))
     note_release(fed, "population", 1, 3)
     note_release(fed, "population", 2, 0)   # an empty sample counts all the same

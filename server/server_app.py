@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.evaluation import evaluate, finish
 from server.federation import Federation
 from server.mta import mta_step
+from server.patient_grid import PatientGrid
 from server.stages.group import GroupStage
 from server.stages.population import PopulationStage
 from server.stages.user import user_stage
@@ -70,6 +71,6 @@ class FederatedRun:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, run_dir = run_config_from_context(context)
-    fed = Federation(virtual_grid(grid, cfg), cfg, run_dir)
+    fed = Federation(virtual_grid(PatientGrid(grid), cfg), cfg, run_dir)
     fed.wait_for_nodes(int(cfg.federation.min_available_clients))
     run(stage_plan(cfg), FederatedRun(fed))

@@ -76,7 +76,7 @@ def overrides(cell: dict, data: Path, runs: Path, users: int, args) -> list[str]
 def read_run(run_dir: Path) -> dict:
     """What a finished (or stopped) run directory says: stage-3 val, router ARI, replies dropped."""
     out: dict = {"val_accuracy": None, "val_macro_f1": None, "val_questions": None, "ari": None,
-                 "purity": None, "dropped": 0}
+                 "purity": None, "dropped": 0, "population_loss": None, "group_loss": None}
     table = run_dir / "table.json"
     if table.is_file():
         for row in json.loads(table.read_text()):
@@ -91,6 +91,8 @@ def read_run(run_dir: Path) -> dict:
                 out.update(ari=r.get("ari"), purity=r.get("purity"))
             elif r.get("kind") == "train":
                 out["dropped"] += int(r.get("nodes_dropped", 0))
+                if r.get("stage") in ("population", "group"):   # the training loss of the stage's last round
+                    out[f"{r['stage']}_loss"] = r.get("train_loss")
     return out
 
 
@@ -144,6 +146,10 @@ def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def _loss(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _ari(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -161,26 +167,31 @@ def table(results: list[dict], cells: list[dict]) -> tuple[str, list[dict]]:
         rows.append({**c, "ran": r is not None, "finished": r["finished"] if r else None,
                      "val_accuracy": r.get("val_accuracy") if r else None, "ari": r.get("ari") if r else None,
                      "dropped": r.get("dropped") if r else None, "wall_s": r.get("wall_s") if r else None,
+                     "group_loss": r.get("group_loss") if r else None,
                      "honest_val_accuracy": honest.get("val_accuracy") if honest else None,
                      "honest_ari": honest.get("ari") if honest else None, "val_delta": delta,
                      "val_questions": r.get("val_questions") if r else None})
     lines = ["| attack | share | aggregation | finished | stage-3 val | honest val | val - honest | router ARI | "
-             "honest ARI | replies dropped | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "honest ARI | group loss | replies dropped | wall s |", "|---" * 12 + "|"]
     for row in rows:
         share = f"{round(row['fraction'] * 100)} %"
         if not row["ran"]:
-            lines.append(f"| {row['kind'] or 'none'} | {share} | {row['aggregation']} | not run | | | | | | | |")
+            lines.append(f"| {row['kind'] or 'none'} | {share} | {row['aggregation']} | not run | | | | | | | | |")
             continue
         d = "-" if row["val_delta"] is None else f"{100 * row['val_delta']:+.1f}"
         done = "yes" if row["finished"] else "no"
         lines.append(f"| {row['kind'] or 'none'} | {share} | {row['aggregation']} | {done} | "
                      f"{_pct(row['val_accuracy'])} | {_pct(row['honest_val_accuracy'])} | {d} | {_ari(row['ari'])} | "
-                     f"{_ari(row['honest_ari'])} | {row['dropped']} | {row['wall_s']:.0f} |")
+                     f"{_ari(row['honest_ari'])} | {_loss(row['group_loss'])} | {row['dropped']} | "
+                     f"{row['wall_s']:.0f} |")
     return "\n".join(lines) + "\n", rows
 
 
 def write_table(out: Path, cells: list[dict]) -> tuple[str, list[dict]]:
     results = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    for r in results:   # read again: a column added to read_run reaches cells recorded before it
+        if (out / "runs" / r["name"]).is_dir():
+            r.update(read_run(out / "runs" / r["name"]))
     md, rows = table(results, cells)
     atomic_write_text(out / "attacks.md", md)
     atomic_write_text(out / "attacks.json", json.dumps(rows, indent=1))

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from bench.fleet import Processes, family, wait_for
 from client.deploy import split_lamp
 from server.certs import make_certs
 from shared.data.synthetic import write_synthetic_lamp
@@ -27,66 +26,6 @@ pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
 USERS, CLIENTS = 6, 3
 TINY = ["data.task=LaMP_2", "federation.timeout_s=240"]
-
-
-class Processes:
-    """Processes started by a test, each stopped by its pid with its descendants."""
-
-    def __init__(self, root: Path, env: dict):
-        self.root, self.env, self.procs = root, env, {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=self.root, start_new_session=True)
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    @staticmethod
-    def family(pid: int) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 30):
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        family = self.family(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        # what it spawned exits on its own (Flower's processes watch their parent); make sure
-        _, alive = psutil.wait_procs(family[1:], timeout=15)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-
-    def stop_all(self):
-        for name in reversed(list(self.procs)):
-            self.stop(name)
-
-
-def wait_for(what: str, predicate, limit_s: float, every: float = 1.0):
-    deadline = time.time() + limit_s
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {limit_s:.0f} s waiting for {what}")
 
 
 def online_nodes(root: Path, env: dict) -> int:
@@ -210,11 +149,11 @@ def test_late_join_dropout_rejoin_and_server_restart_resume(federation):
     wait_for("population:1 under way", lambda: receiving(1) > before_1, 180)
     fed.start_client(3)  # late: the first round went out to two nodes
     wait_for("population:2 at client 2", lambda: receiving(2) >= before_2 + 2, 300)
-    supernode = next(p for p in fed.procs.family(fed.procs.procs["client-2"].pid)
+    supernode = next(p for p in family(fed.procs.procs["client-2"].pid)
                      if "flower-supernode" in " ".join(p.cmdline()))
-    family = fed.procs.family(supernode.pid)
+    kin = family(supernode.pid)
     supernode.kill()  # a crash in the middle of the round
-    psutil.wait_procs(family, timeout=15)
+    psutil.wait_procs(kin, timeout=15)
     assert first.wait(timeout=420) == 1  # the injected crash: `proper submit` reports the failure
     fed.procs.stop("submit-faults-1")
     done = fed.progress("faults")

@@ -149,14 +149,14 @@ class Fleet:
         split_lamp(self.root / "data" / "all", nodes, self.root / "data")
 
     # ---- the server
-    def start_server(self, limit_s: float | None = None):
+    def start_server(self, limit_s: float | None = None, state: str = "file"):
         """`proper server` with every client's key; waits until it says ready (each key is
         registered by a `flwr supernode register` process: seconds each on a busy machine)."""
         limit_s = limit_s or 120 + 10 * self.n
         keys = [str(self.certs / f"node-{i}.pub") for i in range(1, self.n + 1)]
         before = self.procs.log("server").count("SuperLink ready")
         self.procs.start("server", "server", "--dir", "srv", "--host", "127.0.0.1", "--port", str(self.port),
-                         "--certs", str(self.certs), "--node-keys", *keys)
+                         "--certs", str(self.certs), "--state", state, "--node-keys", *keys)
         wait_for("the SuperLink", lambda: self.procs.log("server").count("SuperLink ready") > before, limit_s,
                  every=0.5)
 

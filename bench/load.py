@@ -58,7 +58,7 @@ def drive(fleet: Fleet, p: dict, args, mem: MemoryPeaks) -> dict:
     def look():
         online_seen.append({"t": round(time.time() - t0, 1), "online": fleet.online()})
 
-    fleet.start_server()
+    fleet.start_server(state=args.state)
     event("server ready")
     first = list(range(1, p["initial"] + 1))
     for i in first:
@@ -102,8 +102,8 @@ def drive(fleet: Fleet, p: dict, args, mem: MemoryPeaks) -> dict:
     rc = submit.wait()
     event(f"submit exited with {rc}")
     look()
-    return {"events": events, "online": online_seen, "submit_rc": rc, "wall_s": round(time.time() - t0, 1),
-            "phase": phase}
+    return {"events": events, "state": args.state, "online": online_seen, "submit_rc": rc,
+            "wall_s": round(time.time() - t0, 1), "phase": phase}
 
 
 def summarize(fleet: Fleet, p: dict, happened: dict, mem: MemoryPeaks, starts: int) -> dict:
@@ -117,7 +117,7 @@ def summarize(fleet: Fleet, p: dict, happened: dict, mem: MemoryPeaks, starts: i
         steps.append({"step": name, "seconds": round(float(progress["seconds"].get(name, 0.0)), 1),
                       **{k: part.get(k) for k in ("sent", "ok", "failed", "silent", "users")}})
     train = [r for r in rounds if r.get("kind") == "train"]
-    return {"plan": p, "completed": happened["submit_rc"] == 0 and bool(table),
+    return {"plan": p, "state": happened.get("state", "file"), "completed": happened["submit_rc"] == 0 and bool(table),
             "memory_guard_mib": None if mem.exhausted is None else round(mem.exhausted / MiB),
             "nodes_started": p["nodes"], "client_starts": starts,
             "online_max": max((o["online"] for o in happened["online"]), default=0),
@@ -135,7 +135,8 @@ def summarize(fleet: Fleet, p: dict, happened: dict, mem: MemoryPeaks, starts: i
 
 def markdown(s: dict) -> str:
     p = s["plan"]
-    lines = [f"Load test: {p['nodes']} SuperNodes over TLS with SuperNode authentication, one user each, tiny model",
+    lines = [f"Load test: {p['nodes']} SuperNodes over TLS with SuperNode authentication, one user each, tiny model; "
+             f"the SuperLink's state {'in memory' if s['state'] == 'memory' else 'in its SQLite file'}",
              "",
              "| what | value |", "|---|---|",
              f"| nodes started | {s['nodes_started']} ({p['initial']} at first, {p['late']} during population:1; "
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-rounds", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=900, help="federation.timeout_s of the run")
     ap.add_argument("--limit-s", type=float, default=3600, help="stop the run after this long")
+    ap.add_argument("--state", choices=("file", "memory"), default="file",
+                    help="the SuperLink's state: SQLite file (the default deployment) or in memory")
     ap.add_argument("--look-every", type=float, default=20, help="seconds between `flwr supernode ls` counts")
     ap.add_argument("--memory-floor-gib", type=float, default=2.0,
                     help="kill the whole fleet when the machine's available memory falls below this")

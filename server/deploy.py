@@ -68,6 +68,11 @@ def add_parsers(sub):
     s.add_argument("--node-keys", nargs="*", default=[],
                    help="SuperNode public keys (files, or directories of *.pub) to register")
     s.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (never in production)")
+    s.add_argument("--state", choices=("file", "memory"), default="file",
+                   help="where the SuperLink keeps runs, nodes and messages: 'file' (<dir>/state.db, SQLite; "
+                        "survives a restart) or 'memory' (Flower's in-memory state: no SQLite lock waits when "
+                        "many SuperNodes reply at once; a restart forgets runs and registrations, the run's "
+                        "own checkpoint still resumes it)")
 
     s = sub.add_parser("register", help="register SuperNode public keys with a running `proper server`")
     s.add_argument("--dir", default="proper-server", help="the server's --dir")

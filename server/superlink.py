@@ -90,8 +90,9 @@ def _cert_paths(args) -> tuple[str, str, str]:
 
 
 def superlink_command(args, workdir: Path) -> list[str]:
-    cmd = ["flower-superlink", "--host", args.host, "--port", str(args.port),
-           "--database", str(workdir / "state.db")]
+    cmd = ["flower-superlink", "--host", args.host, "--port", str(args.port)]
+    if getattr(args, "state", "file") == "file":  # no --database: Flower keeps its state in RAM
+        cmd += ["--database", str(workdir / "state.db")]
     if args.insecure:
         return cmd + ["--insecure"]
     ca, cert, key = _cert_paths(args)
@@ -152,7 +153,8 @@ def run_server(args) -> int:
         if args.node_keys:
             say("--insecure: SuperNode authentication is off, the --node-keys are not used")
     cmd = superlink_command(args, workdir)
-    if not (workdir / "state.db").exists():  # a new database knows no registrations
+    if getattr(args, "state", "file") == "memory" or not (workdir / "state.db").exists():
+        # a new (or in-memory) state knows no registrations: register every key again
         (workdir / "registered-keys.json").unlink(missing_ok=True)
     address = f"{connect_host(args.host)}:{args.port}"
     write_connection(flwr_home, address, None if args.insecure else _cert_paths(args)[0], args.insecure)

@@ -78,13 +78,20 @@ def test_superlink_killed_mid_round_restarted_and_resubmitted_resumes(tmp_path):
 
 def test_load_nodes_joining_and_leaving(tmp_path):
     """bench/load.py with 8 nodes: 6 at first, 2 join during population:1, 1 leaves during
-    population:2 and comes back; the run completes and its table adds up."""
+    population:2 and comes back; the run completes and its table adds up. With the SuperLink's
+    state in memory (`proper server --state memory`, what many nodes on few cores need; the file
+    state is what the other deployment tests run on)."""
     from bench.load import main
     nodes = 8
     assert main(["--nodes", str(nodes), "--out", str(tmp_path / "load"), "--population-rounds", "2",
-                 "--group-rounds", "1", "--look-every", "15"]) == 0
+                 "--group-rounds", "1", "--look-every", "15", "--state", "memory"]) == 0
     s = json.loads((tmp_path / "load" / "load.json").read_text())
     assert (tmp_path / "load" / "load.md").read_text().startswith("Load test: 8 SuperNodes")
+    assert s["state"] == "memory" and "state in memory" in (tmp_path / "load" / "load.md").read_text()
+    started = [line for line in (tmp_path / "load" / "server.log").read_text().splitlines()
+               if "starting: flower-superlink" in line]
+    assert started and "--database" not in started[0]
+    assert not (tmp_path / "load" / "srv" / "state.db").exists()
     p = s["plan"]
     assert (p["initial"], p["late"], p["stop"], p["back"]) == (6, 2, 1, 1)
     assert s["completed"] and s["submit_rc"] == 0

@@ -2,7 +2,7 @@
 robust strategies as the population stage uses them)."""
 import torch
 
-from shared.method.robust import krum_choice, robust_group, weighted_trimmed_mean
+from shared.method.robust import clip_to_median, krum_choice, robust_group, weighted_trimmed_mean
 
 
 def test_trimmed_mean_with_equal_weights_is_the_textbook_one():
@@ -37,6 +37,29 @@ def test_group_experts_by_routing_mass_routers_alike():
     assert torch.allclose(out["l.router_h"], torch.tensor([2.0]))              # median of 1, 2, 50
     assert torch.allclose(out["l.expert_A"][1], torch.tensor([50.0]))          # expert 1: only client 2 routed there
     assert torch.allclose(out["l.expert_A"][0], torch.tensor([1.0]))           # expert 0: weighted median of 1, 2
+
+
+def test_updates_clipped_to_the_median_norm_before_the_weighted_median():
+    """A client alone on an expert decides it, but by no more than the median update: start 0,
+    updates of norm 1, 2 and 300 -> the 300 scaled to 2 (the median) before the weighted median."""
+    def part(a, r):
+        experts = torch.tensor([[a], [a]])
+        return {"l.expert_A": experts, "l.expert_B": experts.clone(), "l.router_h": torch.tensor([r])}
+    start = part(0.0, 0.0)
+    # norms over all five numbers: sqrt(5) * a
+    states = [part(1.0, 1.0), part(2.0, 2.0), part(300.0, 300.0)]
+    masses = [torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])]
+    clipped = clip_to_median(states, start)
+    assert torch.allclose(clipped[2]["l.expert_A"], torch.tensor([[2.0], [2.0]]))
+    assert torch.allclose(clipped[0]["l.router_h"], torch.tensor([1.0]))      # under the median: as sent
+    out = robust_group(states, masses, ["l"], 0.5, start=start)
+    assert torch.allclose(out["l.expert_A"][1], torch.tensor([2.0]))           # not 300
+    assert torch.allclose(out["l.router_h"], torch.tensor([2.0]))
+    # the clip is relative to the start, not to zero
+    moved = {k: v + 10.0 for k, v in start.items()}
+    shifted = [{k: v + 10.0 for k, v in s.items()} for s in states]
+    out = robust_group(shifted, masses, ["l"], 0.5, start=moved)
+    assert torch.allclose(out["l.expert_A"][1], torch.tensor([12.0]))
 
 
 def test_krum_picks_the_state_in_the_crowd():

@@ -50,10 +50,12 @@ class GroupAverage(FedAvg):
         self.population, self.pool, self.seed = population, pool, seed
         self.uniform_weights = uniform_weights
         self.sent_keys: list[str] = []
+        self.start: dict[str, torch.Tensor] | None = None   # the group part this round sent
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.sent_keys = list(arrays.keys())
+        self.start = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         population = ArrayRecord(self.population) if self.population else ArrayRecord()
         others = ArrayRecord({"mixtures": self.pool}) if self.pool is not None else ArrayRecord()

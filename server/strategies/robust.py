@@ -2,9 +2,11 @@
 clients (docs/results/reliability.md). The server optimizer then steps on it as on the mean.
 
   mean          FedAvg (population: by examples; group: experts by routing mass, routers by examples)
-  median        population: Flower's FedMedian; group: the routing-mass weighted median
-  trimmed_mean  population: Flower's FedTrimmedAvg(beta); group: the weighted mean with beta of the
-                weight cut at each end, per coordinate (shared/method/robust.py)
+  median        population: Flower's FedMedian; group: every update clipped to the step's median norm
+                (FLAME), then the routing-mass weighted median
+  trimmed_mean  population: Flower's FedTrimmedAvg(beta); group: clipped as for median, then the
+                weighted mean with beta of the weight cut at each end, per coordinate
+                (shared/method/robust.py)
   krum          population: Flower's Krum (num_malicious_nodes = federation.krum_faulty); group: the
                 reply with the best Krum score
 None of them reads the claimed num-examples, so weight cannot be bought there either.
@@ -43,7 +45,7 @@ class RobustGroupAverage(GroupAverage):
             return {k: v.float() for k, v in states[krum_choice(states, self.faulty)].items()}
         layers = [k[: -len(".expert_A")] for k in states[0] if k.endswith(".expert_A")]
         return robust_group(states, [r["routing_mass"] for r in routings], layers,
-                            0.5 if self.how == "median" else self.beta)
+                            0.5 if self.how == "median" else self.beta, start=self.start)
 
 
 def population_average(f, **kw) -> PopulationAverage:

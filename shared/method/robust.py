@@ -7,6 +7,12 @@ sorted and the lowest and highest `beta` of the weight (the routing mass for an 
 client for the routers) are cut away before the weighted mean; beta = 0.5 is the weighted median.
 Krum keeps the one reply whose update is closest to its n - f - 2 nearest others (Blanchard et al.,
 2017), as Flower's Krum does for the population LoRA.
+
+Why the clip first: routing-mass weights let a client that holds most of an expert's mass (an
+attacker alone on an expert, or one honest user with a group of its own) decide that expert under
+any trimming. So, as FLAME does (Nguyen et al., 2022), every client's whole update is first clipped
+to the step's median update norm: an expert can still follow the one client routed to it, but by no
+more than an ordinary step.
 """
 from __future__ import annotations
 
@@ -29,10 +35,28 @@ def weighted_trimmed_mean(values: torch.Tensor, weights: torch.Tensor, beta: flo
     return (order.values * keep).sum(0) / keep.sum(0).clamp_min(1e-30)
 
 
+def clip_to_median(states: list[dict[str, torch.Tensor]], start: dict[str, torch.Tensor]
+                   ) -> list[dict[str, torch.Tensor]]:
+    """Each state's update (state - start, over all its tensors) scaled down to at most the median
+    update norm of the states; an update at or under the median is kept as it is."""
+    deltas = [{k: s[k].float() - start[k].float() for k in s} for s in states]
+    norms = torch.stack([torch.sqrt(sum((d ** 2).sum() for d in dl.values())) for dl in deltas])
+    bound = norms.median()   # the lower middle for an even count: never an outlier's
+    out = []
+    for dl, n in zip(deltas, norms):
+        scale = 1.0 if n <= bound else float(bound / n)
+        out.append({k: start[k].float() + scale * d for k, d in dl.items()})
+    return out
+
+
 def robust_group(states: list[dict[str, torch.Tensor]], masses: list[torch.Tensor], layer_names: list[str],
-                 beta: float) -> dict[str, torch.Tensor]:
+                 beta: float, start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The group part from the clients' parts: experts by the routing mass sent to them (an expert no
-    client routed to: every client alike), routers alike for every client, each trimmed by `beta`."""
+    client routed to: every client alike), routers alike for every client, each trimmed by `beta`.
+    start: the group part the clients started from; given, every update is first clipped to the
+    median update norm (module doc)."""
+    if start is not None:
+        states = clip_to_median(states, start)
     ones = torch.ones(len(states))
     out = {k: weighted_trimmed_mean(torch.stack([s[k].float() for s in states]), ones, beta) for k in states[0]}
     mass = torch.stack([m.float() for m in masses])                # [C, L, k]

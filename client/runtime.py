@@ -99,17 +99,18 @@ def trainer_for(context: Context, stage: str) -> ClientTrainer:
             # state): a later run must not start from an earlier run's embeddings or user LoRAs
             state_dir = (str(Path(str(nc["state-dir"])) / Path(run_dir).name) if nc.get("state-dir")
                          else str(Path(run_dir) / "clients" / Path(str(nc["data-path"])).name))
-            client_seed, keep_shared = 0, True
+            client_seed, keep_shared, data_path = 0, True, str(nc["data-path"])
         else:
             part, n_parts = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
             spec, everyone = all_users(cfg)
             users = users_of_partition(everyone, part, n_parts, int(cfg.federation.users_per_client))
             state_dir = simulated_state_dir(nc, run_dir, part)
             client_seed, keep_shared = part, False  # the run directory gets one copy (sim/run.py)
+            data_path = None
         refuse_in_federation(cfg, spec)
         PROCESS.trainer = None  # one client's users at a time per process keeps memory flat at scale
         PROCESS.trainer = (key, ClientTrainer(cfg, spec, users, state_dir, client_seed=client_seed,
-                                              keep_shared=keep_shared, federated=True))
+                                              keep_shared=keep_shared, federated=True, data_path=data_path))
     return PROCESS.trainer[1]
 
 

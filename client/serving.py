@@ -4,6 +4,7 @@ generate`), and personalization of users who join after the run (`proper enroll`
     from client.serving import Serving
     s = Serving("runs/<run>")                  # or a client's state directory
     s.generate("u0001", ["<prompt>"])          # -> ["<text>"]
+    Serving("runs/<run>", data="data/elsewhere")   # where the users' histories are (retrieval.k > 0)
     s.enroll(read_users(s.cfg, "data/new"))    # -> the private files written per user
 
 Where a run's parts are (docs/formats.md):
@@ -14,6 +15,15 @@ Where a run's parts are (docs/formats.md):
   a client's state directory  its users' private state; a deployed client also keeps the run's
                               config.yaml and final shared parts there (written on train.user), a
                               simulated one (<run>/clients/<n>/) uses its run directory's
+
+A run trained with retrieval.k > 0 is served in its training format: each prompt of user U gets U's
+top-k training items, ranked by BM25 against the prompt and fitted into the budget exactly as its
+evaluation's questions got them (shared/data/retrieval.py Profile, shared/data/encode.py). U's
+history is read from the LaMP files (Serving.history): `data` where given (`proper generate
+--data`), else the files an enrolled user was enrolled from (its e_u's metadata), else a deployed
+client's own files (data_path.txt in its state directory), else the run's data.path; U not in the
+files chosen is refused (ServingError), never served without its items. A user whose
+profile there is empty gets no items: the prompt goes as it is.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from omegaconf import DictConfig
 
 from client.model import build_model
 from client.trainer import (
+    DATA_PATH,
     expert_embedding,
     get_model,
     initial_embedding,
@@ -32,16 +43,17 @@ from client.trainer import (
     save_user_adapter,
     user_seed,
 )
+from shared.data.canaries import run_canaries, with_canaries
 from shared.data.encode import encode_prompt
 from shared.data.lamp import apply_template, load_lamp
-from shared.data.retrieval import with_retrieval
+from shared.data.retrieval import Profile, with_retrieval
 from shared.evaluation.evaluate import MAX_NEW_TOKENS, generate_tokens
 from shared.method.model import fingerprint
 from shared.method.plan import retrieval_k, starts_at_expert_code
 from shared.method.serving import train_embedding
 from shared.method.stages import expert_losses, train_user
 from shared.runtime.config import read_config, stage_cfg
-from shared.runtime.persist import UserStore, import_peft_adapter, load_group
+from shared.runtime.persist import UserStore, import_peft_adapter, load_group, load_tensors
 from shared.runtime.precision import use_bf16
 
 # a user's private state, by UserStore kind (the user LoRA is a PEFT directory beside the others)
@@ -114,15 +126,21 @@ def read_users(cfg: DictConfig, data_path: str | Path, user_ids: list[str] | Non
 class Serving:
     """A finished run's shared parts, loaded once (on first use), and its users' models on top."""
 
-    def __init__(self, path: str | Path, exclusive: bool = False):
+    def __init__(self, path: str | Path, exclusive: bool = False, data: str | Path | None = None):
         """exclusive: this Serving builds a backbone of its own instead of using the process's one
         (client/model.py), so nothing else changes it: the population merge keeps no copy of the
         backbone's weights to undo it (a copy of every target weight saved), and the shared parts are
-        not checked again before each user. `proper generate` / `proper enroll` serve this way."""
+        not checked again before each user. `proper generate` / `proper enroll` serve this way.
+        data: the LaMP files holding the served users' histories, where the run retrieves
+        (retrieval.k > 0) and they are not in its data.path (module docstring)."""
         self.place = locate(path)
         self.cfg = self.place.cfg
         self.exclusive = exclusive
+        self.data = None if data is None else Path(data)
+        self.k = retrieval_k(self.cfg)
         self._model = self._tokenizer = None
+        self._files: dict[tuple[str, bool], tuple] = {}   # (path, as the run read it) -> (spec, {user id: User})
+        self._profiles: dict[str, Profile] = {}
 
     # ---- the shared parts: population merged, experts and user-aware router loaded
     def _loaded(self):
@@ -191,18 +209,85 @@ class Serving:
         model.set_stage("user")
         return store.load(user_id, "embedding")["e_u"].float().to(model.device)
 
+    # ---- a user's history, for the items each prompt retrieves (retrieval.k > 0)
+    def _enrolled_from(self, user_id: str) -> Path | None:
+        """The LaMP files an enrolled user was personalized on (its e_u's metadata), if it was."""
+        for store in self.place.stores:
+            path = store.path(user_id, "embedding")
+            if path.is_file():
+                data = load_tensors(path)[1].get("data")
+                return Path(str(data)) if data else None
+        return None
+
+    def _users_in(self, path: Path, as_run: bool) -> tuple:
+        """(TaskSpec, {user id: User}) of the LaMP files at `path` ({} where there are none), read as
+        the run read its users (as_run: data.*, and the canary items its clients added to their users'
+        histories) or as `proper enroll` reads new ones (read_users)."""
+        key = (str(path), as_run)
+        if key not in self._files:
+            if not ((path / "questions.json").is_file() and (path / "outputs.json").is_file()):
+                self._files[key] = (None, {})
+                return self._files[key]
+            if as_run:
+                from client.data import load_users
+                spec, users = load_users(self.cfg, str(path))
+                users = with_canaries(users, run_canaries(self.cfg, users))
+            else:
+                spec, users = load_lamp(path, task=self.cfg.data.task, holdout=self.cfg.data.holdout)
+                users = apply_template(users, spec.name, self.cfg.data.template)
+            self._files[key] = (spec, {u.user_id: u for u in users})
+        return self._files[key]
+
+    def history(self, user_id: str) -> tuple:
+        """(TaskSpec, the user as its files hold it: its training items are the history its queries
+        retrieve from), from `data` where given, else the files it was enrolled from, else a deployed
+        client's own files (DATA_PATH in its state directory), else the run's data.path; refuses,
+        naming the user and where it looked, where that does not hold it."""
+        enrolled = self._enrolled_from(user_id)
+        deployed = self.place.shared / DATA_PATH
+        own = Path(deployed.read_text().strip()) if deployed.is_file() else None
+        path = self.data or enrolled or own or Path(str(self.cfg.data.path))
+        spec, users = self._users_in(path, as_run=enrolled is None)
+        if user_id not in users:
+            raise ServingError(f"user {user_id!r}: this run puts the user's top {self.k} history items in each "
+                               f"prompt (retrieval.k={self.k}), and no history of the user is in {path}: pass "
+                               "--data DIR, the LaMP files (questions.json + outputs.json) holding the user")
+        return spec, users[user_id]
+
+    def contexts(self, user_id: str, prompts: list[str]) -> list:
+        """Each prompt's retrieved items (shared/data/retrieval.py Retrieved) from the user's own
+        training items, as the evaluation's questions got them; None each where the run does not
+        retrieve (retrieval.k = 0) or the user has no history."""
+        if self.k <= 0:
+            return [None] * len(prompts)
+        if user_id not in self._profiles:
+            spec, user = self.history(user_id)
+            self._profiles[user_id] = Profile(user, spec, self.k)
+        profile = self._profiles[user_id]
+        return [profile.context(p) for p in prompts]
+
     # ---- generation, by the loop the evaluation uses (shared/evaluation/evaluate.py)
     def generate_tokens(self, user_id: str, prompts: list[str], max_new_tokens: int | None = None,
                         streamer=None, fused: bool = False) -> list[list[int]]:
         """The generated ids per prompt (end and padding included), greedy, in the run's prompt format
-        (`<prompt>\\nAnswer:`); a streamer (HF's put/end) needs one prompt at a time. fused: the
-        faster serving path (ProperModel.fused), equal to the evaluation's up to rounding."""
+        (`<prompt>\\nAnswer:`, after the user's retrieved items where the run retrieves); a streamer
+        (HF's put/end) needs one prompt at a time. fused: the faster serving path (ProperModel.fused),
+        equal to the evaluation's up to rounding."""
+        contexts = self.contexts(user_id, prompts)   # a user without its history: refused before the model loads
         e_u = self.load_user(user_id)
-        return self._generate(prompts, e_u.view(1, -1).expand(len(prompts), -1), max_new_tokens, streamer=streamer,
-                              fused=fused)
+        return self._generate(prompts, e_u.view(1, -1).expand(len(prompts), -1), max_new_tokens, contexts,
+                              streamer=streamer, fused=fused)
 
-    def _generate(self, prompts: list[str], emb: torch.Tensor, max_new_tokens: int | None, **kw) -> list[list[int]]:
-        ids = [encode_prompt(self.tokenizer, text, self.cfg.train.max_len) for text in prompts]
+    def prompt_ids(self, prompts: list[str], contexts: list | None = None) -> list[list[int]]:
+        """The ids generation starts from: each prompt after its retrieved items (None: none), cut to
+        train.max_len as the evaluation's prompts are (shared/data/encode.py encode_prompt)."""
+        contexts = contexts or [None] * len(prompts)
+        max_len = self.cfg.train.max_len
+        return [encode_prompt(self.tokenizer, text, max_len, ctx) for text, ctx in zip(prompts, contexts)]
+
+    def _generate(self, prompts: list[str], emb: torch.Tensor, max_new_tokens: int | None,
+                  contexts: list | None = None, **kw) -> list[list[int]]:
+        ids = self.prompt_ids(prompts, contexts)
         n_new = max_new_tokens or self.cfg.eval.max_new_tokens or MAX_NEW_TOKENS["generation"]
         return generate_tokens(self.model, self.tokenizer, ids, emb, n_new, int(self.cfg.eval.batch_size),
                                use_bf16(self.cfg.train.bf16), **kw)
@@ -218,13 +303,15 @@ class Serving:
                       max_new_tokens: int | None = None) -> dict[str, list[str]]:
         """Every user's answers to every prompt, with several users' rows in each batch: each row
         computes with its own user's LoRA, LoRA-aware router and e_u (ProperModel.user_parts)."""
+        contexts = [ctx for uid in user_ids for ctx in self.contexts(uid, prompts)]
         parts, embs = [], []
         for uid in user_ids:
             embs.append(self.load_user(uid))
             parts.append(self.model.part_state("user"))
         rows = torch.arange(len(user_ids), device=self.model.device).repeat_interleave(len(prompts))
         with self.model.user_parts(parts):
-            tokens = self._generate(prompts * len(user_ids), torch.stack(embs)[rows], max_new_tokens, user_rows=rows)
+            tokens = self._generate(prompts * len(user_ids), torch.stack(embs)[rows], max_new_tokens, contexts,
+                                    user_rows=rows)
         texts = self._decode(tokens)
         return {uid: texts[i * len(prompts):(i + 1) * len(prompts)] for i, uid in enumerate(user_ids)}
 
@@ -241,10 +328,12 @@ class Serving:
         expert = int(expert_losses(self.model, self.tokenizer, [user], group_cfg).argmin(1)[0])
         return expert_embedding(self.cfg.seed, user.user_id, d, expert)
 
-    def enroll(self, users) -> dict[str, list[Path]]:
+    def enroll(self, users, data: str | Path | None = None) -> dict[str, list[Path]]:
         """Personalize new users on the frozen shared parts: each one's e_u, then its user LoRA and
         LoRA-aware router (shared/method/serving.py), written beside the run's other users' private
-        state and nowhere else. Returns the files written per user."""
+        state and nowhere else. data: the LaMP files the users were read from, kept in their e_u's
+        metadata, where serving finds their histories (retrieval.k > 0). Returns the files written
+        per user."""
         home = self.place.home
         if home is None:
             raise ServingError(f"{self.place.shared}: a simulated run keeps each SuperNode's users in clients/<n>/; "
@@ -267,8 +356,8 @@ class Serving:
             # without a group stage the experts are no-ops and e_u routes nothing: it stays as it starts
             e_u = train_embedding(self.model, self.tokenizer, u, start, group_cfg, passes, seed) \
                 if self.has_group else start
-            home.save(u.user_id, "embedding", {"e_u": e_u, "e_u_before": start, "round": torch.tensor([0])},
-                      {"enrolled": "true"})
+            meta = {"enrolled": "true", **({"data": str(Path(data).resolve())} if data is not None else {})}
+            home.save(u.user_id, "embedding", {"e_u": e_u, "e_u_before": start, "round": torch.tensor([0])}, meta)
             train_user(self.model, self.tokenizer, u, e_u, user_cfg, seed=seed)
             save_user_adapter(self.model, home, u.user_id, cfg.model.name)
             written[u.user_id] = [private_path(home, u.user_id, kind) for kind in PRIVATE]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,13 +40,14 @@ from shared.data.retrieval import with_retrieval
 from shared.method.plan import retrieval_k
 from shared.method.stages import RoundResult, train_population, train_user
 from shared.runtime.config import stage_cfg, to_yaml
-from shared.runtime.persist import UserStore
+from shared.runtime.persist import UserStore, atomic_write_text
 
 # names other code imports from here (the client's public surface before the split)
 __all__ = ["ClientTrainer", "EvalResult", "round_cfg", "get_model", "load_users", "user_seed", "initial_embedding",
            "expert_embedding", "save_user_adapter", "load_user_adapter", "read_user_adapter",
            "export_shared_parts"]
 
+DATA_PATH = "data_path.txt"   # a deployed client's state directory: where its users' LaMP files are
 EvalResult = P.EvalResult
 round_cfg = G.round_cfg
 log = logging.getLogger(__name__)
@@ -53,12 +55,14 @@ log = logging.getLogger(__name__)
 
 class ClientTrainer:
     def __init__(self, cfg: DictConfig, spec, users, state_dir: str, client_seed: int = 0, keep_shared: bool = False,
-                 *, federated: bool = False, store=None):
+                 *, federated: bool = False, store=None, data_path: str | None = None):
         """keep_shared: a deployed client keeps the run's final shared parts beside its users' state, to
         serve them and enroll new users later (client/serving.py); simulated clients share the run's copy.
         federated: its users' signature groups come from the server's rounds, never from clustering its
         own users alone (each client would number them its own way). store: where the users' private
-        state is read and written (default: a UserStore at state_dir)."""
+        state is read and written (default: a UserStore at state_dir). data_path: the LaMP files its
+        users were read from, written beside the kept shared parts (DATA_PATH) so that serving finds
+        their histories there (client/serving.py, retrieval.k > 0)."""
         if not users:
             raise ValueError("a client needs at least one user")
         # privacy.canaries: the canary items of this client's chosen users, added here, on the client
@@ -79,6 +83,7 @@ class ClientTrainer:
                         ", ".join(u.user_id for u in self.no_history[:3]), ", ..." if len(self.no_history) > 3 else "")
         self.store = store if store is not None else UserStore(state_dir)
         self.keep_shared = keep_shared
+        self.data_path = data_path
         self.federated = federated
         self.seed = cfg.seed * 1_000_003 + client_seed
         self.switches = G.GroupSwitches.of(cfg)
@@ -154,6 +159,8 @@ class ClientTrainer:
         if self.keep_shared:  # the final shared parts: train.user is the last message that carries them
             export_shared_parts(self.model, self.store.root, group is not None, self.cfg.model.name,
                                 to_yaml(self.cfg))
+            if self.data_path is not None:   # the run's data.path is the server's, not this client's files
+                atomic_write_text(Path(self.store.root) / DATA_PATH, f"{Path(self.data_path).resolve()}\n")
         cfg = stage_cfg(self.cfg, "user")
         losses, seconds, t0, last = [], 0.0, time.time(), time.time()
         for i, u in enumerate(self.trained, 1):

@@ -22,6 +22,16 @@ backbone already favours is exposed without any leak):
                     and what anyone holding the shared group part gets with the right routing input
   user              the user's stage-3 model (its LoRA and LoRA-aware router): on its client only
 
+Every item is scored in the run's training format: where the run retrieved (retrieval.k > 0), with
+the items its query got there (shared/data/retrieval.py), in every view, the bare backbone's
+included, so the views differ by their parameters alone. A member (training) item carries the items
+it was trained with (its user's other training items, the canary copies its client added among
+them), a held-out (val) item those its evaluation gave it. A canary's secret and candidates carry
+the items the canary's prompt retrieves from its user's history as trained, the canary's copies
+skipped: with them the secret itself would be in the prompt (another copy's label), and the audit
+would measure copying from the prompt, not what the model keeps (with privacy.canaries.repeats = 1
+these are the items the one copy was trained with).
+
 Writes <run>/canaries.json (the canaries, derived from the config as every client derived them),
 <run>/audit.json and <run>/audit.md.
 """
@@ -39,9 +49,12 @@ import torch
 
 from client.serving import locate
 from client.trainer import get_model, initial_embedding, load_users, read_user_adapter
-from shared.data.canaries import as_records, run_canaries, secret_text
+from shared.data.canaries import as_records, is_canary, run_canaries, secret_text, with_canaries
 from shared.data.lamp import Example
+from shared.data.retrieval import Profile, with_retrieval
+from shared.data.tasks import User
 from shared.evaluation.audit import example_losses, extrapolated_exposure, membership_auc, rank_exposure
+from shared.method.plan import retrieval_k
 from shared.runtime.persist import atomic_write_text, load_group, read_peft_adapter
 
 log = logging.getLogger("proper.audit")
@@ -164,6 +177,29 @@ def _split(users, per_user, total, mean) -> dict:
     return {u: (total[a:b], mean[a:b]) for u, a, b in zip(users, bounds[:-1], bounds[1:])}
 
 
+def audited_items(cfg, spec, users, canaries, candidates: dict[str, list[int]]):
+    """(canary items per canary user: the secret first, then its candidates; the held users' (training,
+    val) items), encoded as the run's clients encoded them (module docstring): with their retrieved
+    items where retrieval.k > 0, none where it is 0."""
+    k = retrieval_k(cfg)
+    contexts = {c.user: None for c in canaries}
+    if k > 0:
+        # the histories the clients trained on: the canary copies among their users' items
+        histories = {u.user_id: u for u in with_canaries(users, canaries)}
+        for c in canaries:   # ranked in that history, the canary's copies skipped
+            mine = histories[c.user]
+            copies = [i for i, ex in enumerate(mine.train) if is_canary(ex)]
+            contexts[c.user] = Profile(mine, spec, k).context(c.input, skip=copies)
+        users = [User(u.user_id, [ex for ex in u.train if not is_canary(ex)], u.val, u.test)
+                 for u in with_retrieval(list(histories.values()), spec, k)]
+    canary_items = {c.user: [Example(f"{c.user}/canary", c.user, c.input, c.secret, contexts[c.user])] +
+                    [Example(f"{c.user}/cand{n}", c.user, c.input, secret_text(n, c.digits), contexts[c.user])
+                     for n in candidates[c.user]]
+                    for c in canaries}
+    held = {u.user_id: (u.train, u.val) for u in users if u.train and u.val}
+    return canary_items, held
+
+
 def run_audit(run_path: str | Path) -> dict:
     t0 = time.time()
     place = locate(run_path)
@@ -175,10 +211,7 @@ def run_audit(run_path: str | Path) -> dict:
     views = Views(place)
     m = int(cfg.privacy.canaries.candidates)
     cand = {c.user: _candidates(c, m) for c in canaries}
-    canary_items = {c.user: [Example(f"{c.user}/canary", c.user, c.input, c.secret)] +
-                    [Example(f"{c.user}/cand{n}", c.user, c.input, secret_text(n, c.digits)) for n in cand[c.user]]
-                    for c in canaries}
-    held = {u.user_id: (u.train, u.val) for u in users if u.train and u.val}
+    canary_items, held = audited_items(cfg, spec, users, canaries, cand)
     results = {}
     for view in views.available():
         t = time.time()

@@ -1,10 +1,15 @@
 """`proper generate` and `proper enroll`: the command line of client/serving.py.
 
   proper generate PLACE --user U [--user V ...] [--prompt TEXT ... | --prompts FILE] [--max-new-tokens N]
+                 [--data DIR]
       PLACE: a local or simulated run directory, or a client's state directory. Prompts from
       --prompt, a file (one per line) or, with neither, stdin (one per line), written as the
       run's inputs were (the `\\nAnswer:` cue is added). One user: each answer streams to stdout as
       it is decoded, one line per prompt. Several: one line per user and prompt, `<user>\\t<answer>`.
+      A run trained with retrieval.k > 0: each prompt gets the user's top-k history items, as the
+      run's evaluation questions did, from --data DIR, else the files an enrolled user came from,
+      else a deployed client's own files, else the run's data.path (client/serving.py); a user not
+      in them is refused, and one with an empty profile there gets no items.
   proper enroll PLACE --data DIR [--user U ...]
       personalize the users of the LaMP files in DIR (all, or those named), who were not in the
       run, on its frozen shared parts; prints each file written.
@@ -22,6 +27,12 @@ def add_parsers(sub):
     s.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     s.add_argument("--prompts", default=None, help="a file of prompts, one per line ('-': stdin)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens of the run, or 32")
+    s.add_argument("--data", default=None,
+                   help="a run trained with retrieval.k > 0 puts the user's top-k items of its own history in "
+                        "each prompt: the LaMP files (questions.json + outputs.json) holding the users' histories "
+                        "(default: the files an enrolled user came from, else a deployed client's own --data, else "
+                        "the run's data.path). A user whose profile there is empty (no history) gets no items, "
+                        "the prompt as it is; one not there is refused")
     s.add_argument("--fused", action="store_true",
                    help="one user: decode through the fused layers (faster; equal to the evaluation's model up "
                         "to rounding, so a token can differ); several users share batches on the exact path")
@@ -83,10 +94,11 @@ class TextStream:
 
 def generate_main(args) -> int:
     from client.serving import Serving
-    serving = Serving(args.place, exclusive=True)  # this process serves nothing else
+    serving = Serving(args.place, exclusive=True, data=args.data)  # this process serves nothing else
     users = list(dict.fromkeys(args.user))
     for uid in users:  # refuse before loading the model or reading stdin
         serving.store_of(uid)
+        serving.contexts(uid, [])   # with retrieval.k > 0: the user's history is found, or refused
     prompts = read_prompts(args)
     if len(users) == 1:  # streamed, so one prompt at a time
         for prompt in prompts:
@@ -103,7 +115,7 @@ def enroll_main(args) -> int:
     from client.serving import Serving, read_users
     serving = Serving(args.place, exclusive=True)  # this process serves nothing else
     users = read_users(serving.cfg, args.data, args.user)
-    for uid, paths in serving.enroll(users).items():
+    for uid, paths in serving.enroll(users, data=args.data).items():
         for path in paths:
             print(f"{uid}\t{path}", flush=True)
     return 0

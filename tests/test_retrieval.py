@@ -158,3 +158,237 @@ def test_retrieval_k_in_proper_trains_and_evaluates_with_the_items(tmp_path, pro
     first, *later = prompts_seen                       # eval:base comes first and asks the question alone
     assert not any(p.startswith(ITEM) for p in first)
     assert later and all(p.startswith(ITEM) for c in later for p in c)
+
+
+# ---------------------------------------------------------------- serving and auditing a run that retrieved
+@pytest.fixture(scope="module")
+def k1_run(tmp_path_factory):
+    """A tiny `proper local` run trained and evaluated with retrieval.k=1 (and one canary, for the
+    audit), and every prompt its evaluation generated from: (stage, prompt ids)."""
+    import shared.evaluation.evaluate as ev
+    from sim.local import run_local
+    tmp = tmp_path_factory.mktemp("k1")
+    data = write_synthetic_lamp(tmp / "data", n_users=4, n_groups=2, seed=5, min_profile=5, max_profile=8)
+    calls, real = [], ev.generate_tokens
+
+    def spy(model, tokenizer, prompts, *args, **kw):
+        calls.extend((model.stage, tuple(p)) for p in prompts)
+        return real(model, tokenizer, prompts, *args, **kw)
+    ev.generate_tokens = spy
+    try:
+        run_local(load_config("tiny", [f"data.path={data}", "retrieval.k=1", "data.holdout=2", "eval.splits=[val,test]",
+                                       "eval.stages=[user]", "privacy.canaries.users=1",
+                                       "privacy.canaries.repeats=2", "privacy.canaries.candidates=7", *ROOMY]),
+                  tmp / "run")
+    finally:
+        ev.generate_tokens = real
+    return tmp / "run", data, calls
+
+
+@pytest.fixture
+def served_prompts(monkeypatch):
+    """The prompt ids every `proper generate` / Serving generation starts from."""
+    import client.serving as CS
+    seen, real = [], CS.generate_tokens
+
+    def spy(model, tokenizer, prompts, *args, **kw):
+        seen.extend(tuple(p) for p in prompts)
+        return real(model, tokenizer, prompts, *args, **kw)
+    monkeypatch.setattr(CS, "generate_tokens", spy)
+    return seen
+
+
+def test_generate_on_a_run_trained_with_retrieval_asks_as_its_evaluation_did(k1_run, proper, served_prompts, tok):
+    """`proper generate` gives a user's val and test questions the items their evaluation gave them:
+    the same prompt ids, which differ from the bare question's."""
+    from client.data import load_users
+    from shared.data.canaries import run_canaries, with_canaries
+    from shared.data.retrieval import Profile
+    from shared.runtime.config import read_config
+    run, data, calls = k1_run
+    cfg = read_config(run / "config.yaml")
+    spec, users = load_users(cfg)
+    raw = with_canaries(users, run_canaries(cfg, users))     # the histories as the client held them
+    users = with_retrieval(raw, spec, 1)
+    evaluated = {p for stage, p in calls if stage == "user"}
+    for u in users[:2]:
+        for ex in (u.val[0], u.test[0]):
+            want = tuple(encode_prompt(tok, ex.input, cfg.train.max_len, ex.context))
+            assert want in evaluated                     # what client/predict.py generated from
+            assert want != tuple(encode_prompt(tok, ex.input, cfg.train.max_len))
+            assert tok.decode(list(want)).startswith(ITEM)
+            served_prompts.clear()
+            out = proper("generate", run, "--user", u.user_id, "--prompt", ex.input)
+            assert out.code == 0, out.err
+            assert served_prompts == [want]
+    # several users in one batch, and the history named by --data: each user's own items
+    text = users[0].val[0].input
+    served_prompts.clear()
+    out = proper("generate", run, "--user", "u0000", "--user", "u0001", "--prompt", text, "--data", data)
+    assert out.code == 0, out.err
+    assert served_prompts == [tuple(encode_prompt(tok, text, cfg.train.max_len, Profile(u, spec, 1).context(text)))
+                              for u in raw[:2]]
+    assert served_prompts[0] == tuple(encode_prompt(tok, text, cfg.train.max_len, users[0].val[0].context))
+
+
+def test_generate_refuses_a_user_whose_history_it_cannot_find(k1_run, proper, tmp_path):
+    run, _, _ = k1_run
+    other = write_synthetic_lamp(tmp_path / "one", n_users=1, n_groups=1, seed=1, min_profile=4, max_profile=5)
+    out = proper("generate", run, "--user", "u0002", "--prompt", "description: x", "--data", other)
+    assert out.code == 2 and len(out.err) == 1
+    assert "'u0002'" in out.err[0] and "retrieval.k=1" in out.err[0] and "--data" in out.err[0]
+    assert str(other) in out.err[0]
+    out = proper("generate", run, "--user", "u0002", "--prompt", "description: x", "--data", tmp_path / "nothing")
+    assert out.code == 2 and "'u0002'" in out.err[0] and "pass --data" in out.err[0]
+
+
+def test_a_user_with_an_empty_profile_gets_the_prompt_as_it_is(k1_run, tok):
+    from client.serving import Serving
+    from shared.data.lamp import User
+    from shared.data.retrieval import Profile
+    run = k1_run[0]
+    serving = Serving(run)
+    spec = serving.history("u0000")[0]
+    assert Profile(User("new", [], [], []), spec, 1).context("description: a heist") is None
+    serving._profiles["new"] = Profile(User("new", [], [], []), spec, 1)
+    assert serving.contexts("new", ["description: a heist"]) == [None]
+    assert serving.prompt_ids(["description: a heist"], [None]) == [
+        encode_prompt(tok, "description: a heist", serving.cfg.train.max_len)]
+
+
+def test_audit_scores_the_items_with_their_retrieved_items(k1_run, monkeypatch):
+    """With retrieval.k > 0 the audit's members carry the items they were trained with, its held-out
+    items those of their evaluation, and the canary's candidates items of the history without the
+    canary's copies (whose label is the secret)."""
+    import sim.audit as A
+    from client.trainer import ClientTrainer
+    from shared.data.canaries import is_canary
+    from shared.runtime.config import read_config
+    run = k1_run[0]
+    cfg = read_config(run / "config.yaml")
+    scored, real = [], A.example_losses
+
+    def spy(model, tokenizer, examples, *args, **kw):
+        scored.extend(examples)
+        return real(model, tokenizer, examples, *args, **kw)
+    monkeypatch.setattr(A, "example_losses", spy)
+    out = A.run_audit(run)
+    assert out["views"]["user"]["members"] > 0 and len(out["canaries"]) == 1
+    assert scored and all(ex.context is not None for ex in scored)
+    # the very contexts the client trained and evaluated with
+    spec, users = A.load_users(cfg)
+    trained = ClientTrainer(cfg, spec, users, str(run / "client_state")).users
+    want = {ex.id: ex.context for u in trained for ex in u.train + u.val if not is_canary(ex)}
+    members = {ex.id: ex.context for ex in scored if ex.id in want}
+    assert members and members == {i: want[i] for i in members}
+    canary = out["canaries"][0]
+    asked = [ex for ex in scored if ex.id.startswith(canary["user"] + "/ca")]
+    assert asked and all(not any(is_canary_id(s) for s in ex.context.sources) for ex in asked)
+    assert all(canary["secret"] not in ex.context.render(ex.input) for ex in asked)
+
+
+def is_canary_id(item_id: str) -> bool:
+    return "/canary" in item_id
+
+
+def test_audit_without_retrieval_scores_the_bare_items(users):
+    import sim.audit as A
+    from shared.data.canaries import make_canaries
+    spec, plain = users
+    cfg = load_config("tiny", [])
+    canaries = make_canaries([u.user_id for u in plain], 1, repeats=2, digits=2, seed=0)
+    items, held = A.audited_items(cfg, spec, plain, canaries, {canaries[0].user: [1, 2]})
+    assert all(ex.context is None for exs in items.values() for ex in exs)
+    assert all(ex.context is None for tr, va in held.values() for ex in tr + va)
+    assert held == {u.user_id: (u.train, u.val) for u in plain if u.train and u.val}
+
+
+def test_an_enrolled_user_is_served_with_items_of_the_files_it_was_enrolled_from(k1_run, proper, served_prompts,
+                                                                                  tok, tmp_path):
+    from client.serving import read_users
+    from shared.data.retrieval import Profile
+    from shared.runtime.config import read_config
+    from shared.runtime.persist import UserStore, load_tensors
+    run = k1_run[0]
+    cfg = read_config(run / "config.yaml")
+    files = write_synthetic_lamp(tmp_path / "new", n_users=5, n_groups=2, seed=8, min_profile=5, max_profile=8)
+    out = proper("enroll", run, "--data", files, "--user", "u0004")
+    assert out.code == 0, out.err
+    meta = load_tensors(UserStore(run / "client_state").path("u0004", "embedding"))[1]
+    assert meta["data"] == str(files.resolve())
+    (user,) = read_users(cfg, files, ["u0004"])
+    text = user.test[0].input
+    served_prompts.clear()
+    out = proper("generate", run, "--user", "u0004", "--prompt", text)   # no --data: the enrollment's files
+    assert out.code == 0, out.err
+    spec = load_lamp_spec(files, cfg)
+    want = tuple(encode_prompt(tok, text, cfg.train.max_len, Profile(user, spec, 1).context(text)))
+    assert served_prompts == [want] and want == tuple(encode_prompt(tok, text, cfg.train.max_len, user.test[0].context))
+    assert tok.decode(list(want)).startswith(ITEM)
+
+
+def load_lamp_spec(path, cfg):
+    from shared.data.lamp import load_lamp
+    return load_lamp(path, task=cfg.data.task, holdout=cfg.data.holdout)[0]
+
+
+def test_a_deployed_client_serves_its_users_with_items_of_its_own_files(tmp_path, proper, served_prompts, tok):
+    """A deployed client keeps where its users' files are beside the run's shared parts (its config's
+    data.path is the server's): generate finds the histories there, or refuses where they are gone."""
+    from client.data import load_users
+    from client.trainer import DATA_PATH, ClientTrainer
+    from shared.data.retrieval import Profile
+    server = write_synthetic_lamp(tmp_path / "server", n_users=1, n_groups=1, seed=2, min_profile=4, max_profile=5)
+    mine = write_synthetic_lamp(tmp_path / "mine", n_users=3, n_groups=2, seed=4, min_profile=5, max_profile=8)
+    cfg = load_config("tiny", [f"data.path={server}", "retrieval.k=1", "data.holdout=1", *ROOMY])
+    spec, users = load_users(cfg, str(mine))
+    state = tmp_path / "state"
+    t = ClientTrainer(cfg, spec, users, str(state), keep_shared=True, data_path=str(mine))
+    pop = t.population(None, 1).shared
+    t.user(pop, t.group(pop, None, None, 1).shared)
+    assert (state / DATA_PATH).read_text() == f"{mine.resolve()}\n"
+    ex = t.users[2].val[0]
+    out = proper("generate", state, "--user", "u0002", "--prompt", ex.input)
+    assert out.code == 0, out.err
+    want = tuple(encode_prompt(tok, ex.input, cfg.train.max_len, ex.context))
+    assert served_prompts == [want] and tok.decode(list(want)).startswith(ITEM)
+    assert Profile(users[2], spec, 1).context(ex.input) == ex.context
+    (state / DATA_PATH).unlink()   # the server's data.path is all that is left, and it lacks u0002
+    out = proper("generate", state, "--user", "u0002", "--prompt", ex.input)
+    assert out.code == 2 and "'u0002'" in out.err[0] and str(server) in out.err[0] and "--data" in out.err[0]
+    served_prompts.clear()
+    out = proper("generate", state, "--user", "u0002", "--prompt", ex.input, "--data", mine)
+    assert out.code == 0 and served_prompts == [want]
+
+
+def test_a_deployed_clients_trainer_knows_its_own_files(tmp_path, monkeypatch):
+    """client/runtime.py gives a real client's trainer its node's data-path (what it writes beside the
+    shared parts); a simulated one's none."""
+    from types import SimpleNamespace
+
+    from client.runtime import trainer_for
+    from shared.runtime.process import PROCESS
+    mine = write_synthetic_lamp(tmp_path / "mine", n_users=2, n_groups=1, seed=4, min_profile=4, max_profile=5)
+    monkeypatch.delenv("PROPER_RUN_DIR", raising=False)
+    monkeypatch.setattr(PROCESS, "trainer", None)
+    ctx = SimpleNamespace(run_config={"config": "tiny", "run-dir": str(tmp_path / "run")}, run_id=1,
+                          node_config={"data-path": str(mine), "state-dir": str(tmp_path / "state")})
+    t = trainer_for(ctx, "population")
+    assert t.data_path == str(mine) and t.keep_shared and str(t.store.root) == str(tmp_path / "state" / "run")
+
+
+def test_audit_asks_a_single_copy_canary_with_the_items_it_was_trained_with(users):
+    import sim.audit as A
+    from shared.data.canaries import make_canaries, with_canaries
+    spec, plain = users
+    cfg = load_config("tiny", ["retrieval.k=2"])
+    for repeats in (1, 3):
+        canaries = make_canaries([u.user_id for u in plain], 1, repeats=repeats, digits=2, seed=0)
+        c = canaries[0]
+        items, held = A.audited_items(cfg, spec, plain, canaries, {c.user: [1, 2]})
+        trained = next(u for u in with_retrieval(with_canaries(plain, canaries), spec, 2) if u.user_id == c.user)
+        copies = [ex for ex in trained.train if "/canary" in ex.id]
+        assert len(copies) == repeats and all(ex.context == items[c.user][0].context for ex in items[c.user])
+        assert not any("/canary" in s for s in items[c.user][0].context.sources)
+        assert (copies[0].context == items[c.user][0].context) == (repeats == 1)
+        assert held[c.user][0] == [ex for ex in trained.train if "/canary" not in ex.id]

@@ -95,6 +95,9 @@ def test_enroll_into_a_local_run_writes_only_the_new_user(local_run, proper):
     assert len(written) == 3 and all(line.startswith(NEW + "\t") for line in out.out.splitlines())
     assert_enrolled_only(run / "client_state", run, before, written)
     check_trained(run / "client_state")
+    # where its history is, for a run that retrieves (client/serving.py Serving.history)
+    from shared.runtime.persist import UserStore, load_tensors
+    assert load_tensors(UserStore(run / "client_state").path(NEW, "embedding"))[1]["data"] == str(everyone.resolve())
     # a second time: refused, and nothing changes
     again = hashes(run)
     out = proper("enroll", run, "--data", everyone, "--user", NEW)
@@ -198,6 +201,10 @@ def test_generate_gives_the_evaluation_path_tokens(local_run, proper):
         text = serving.tokenizer.decode(want, skip_special_tokens=True).strip()
         out = proper("generate", run, "--user", u.user_id, "--prompt", prompt)
         assert out.code == 0 and out.out == text + "\n", (out.out, text)
+    # retrieval.k = 0: no items and no history read (an unreadable --data changes nothing)
+    assert serving.k == 0 and serving.contexts("u0000", ["x", "y"]) == [None, None]
+    out = proper("generate", run, "--user", u.user_id, "--prompt", prompt, "--data", run / "nowhere")
+    assert out.code == 0 and out.out == text + "\n"
 
 
 def test_generate_from_a_file_or_stdin_and_for_several_users(local_run, proper, tmp_path, monkeypatch):

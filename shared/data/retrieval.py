@@ -1,8 +1,9 @@
 """Retrieval over a user's own profile: BM25 ranks the user's history items against a query, and
 the top k go into the query's prompt, written as the LaMP paper writes them (Salemi et al. 2023,
 in-prompt augmentation). Used by method=rag (the frozen backbone with retrieval) and, with
-retrieval.k > 0, by every trained stage, at training and evaluation alike (docs/decisions.md,
-"Retrieval").
+retrieval.k > 0, by every trained stage, at training and evaluation alike, and so by what serves
+(client/serving.py: a served prompt retrieves as a val question does) and audits (sim/audit.py) such
+a run (docs/decisions.md, "Retrieval").
 
 Private by construction: it runs where the user's data is, on the client that holds the user
 (client/trainer.py), over that user's items alone; nothing of it is sent.
@@ -31,9 +32,9 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Collection
 
-from shared.data.tasks import Example, TaskSpec, User
+from shared.data.tasks import TaskSpec, User
 
 K1, B = 1.5, 0.75    # BM25's term-frequency saturation and length normalisation (the Okapi defaults)
 MIN_BODY = 8         # tokens of an item's text below which the item is dropped rather than cut further
@@ -115,10 +116,11 @@ class BM25:
             out.append(sum(self.idf[w] * tf[w] * (self.k1 + 1) / (tf[w] + norm) for w in terms if w in tf))
         return out
 
-    def top(self, query: list[str], k: int, skip: int | None = None) -> list[int]:
-        """The k best documents' indices, best first (ties: the earlier item), never `skip`."""
+    def top(self, query: list[str], k: int, skip: int | Collection[int] | None = None) -> list[int]:
+        """The k best documents' indices, best first (ties: the earlier item), never `skip` (one, or several)."""
         scores = self.scores(query)
-        order = sorted((i for i in range(len(scores)) if i != skip), key=lambda i: (-scores[i], i))
+        skipped = {skip} if isinstance(skip, int) else set(skip or ())
+        order = sorted((i for i in range(len(scores)) if i not in skipped), key=lambda i: (-scores[i], i))
         return order[:k]
 
 
@@ -138,20 +140,32 @@ def with_retrieval(users: list[User], spec: TaskSpec, k: int) -> list[User]:
     return [_user_with_retrieval(u, fmt, k) for u in users]
 
 
-def _user_with_retrieval(user: User, fmt: Format, k: int) -> User:
-    texts = [item_text(fmt, ex.input) for ex in user.train]
-    index = BM25([words(fmt.document(t, ex.output)) for t, ex in zip(texts, user.train)])
+class Profile:
+    """One user's training items indexed for BM25: what each of its queries retrieves from, the
+    training examples' own and any other prompt's (a served one: client/serving.py)."""
 
-    def context(ex: Example, skip: int | None) -> Retrieved | None:
-        chosen = index.top(words(item_text(fmt, ex.input)), k, skip=skip)
+    def __init__(self, user: User, spec_or_fmt: TaskSpec | Format, k: int):
+        self.fmt = spec_or_fmt if isinstance(spec_or_fmt, Format) else FORMATS[spec_or_fmt.name]
+        self.user, self.k = user, k
+        self.texts = [item_text(self.fmt, ex.input) for ex in user.train]
+        self.index = BM25([words(self.fmt.document(t, ex.output)) for t, ex in zip(self.texts, user.train)])
+
+    def context(self, prompt: str, skip: int | Collection[int] | None = None) -> Retrieved | None:
+        """The top-k items for a query whose prompt is `prompt` (never training item `skip`: the
+        query's own, or several); None where the user has no item to give."""
+        chosen = self.index.top(words(item_text(self.fmt, prompt)), self.k, skip=skip)
         if not chosen:
             return None
-        items = tuple(fmt.item(texts[i], user.train[i].output) for i in chosen)
-        return Retrieved(items, tuple(user.train[i].id for i in chosen), closing=fmt.closing)
+        train = self.user.train
+        items = tuple(self.fmt.item(self.texts[i], train[i].output) for i in chosen)
+        return Retrieved(items, tuple(train[i].id for i in chosen), closing=self.fmt.closing)
 
-    train = [replace(ex, context=context(ex, i)) for i, ex in enumerate(user.train)]
-    return User(user.user_id, train, [replace(ex, context=context(ex, None)) for ex in user.val],
-                [replace(ex, context=context(ex, None)) for ex in user.test])
+
+def _user_with_retrieval(user: User, fmt: Format, k: int) -> User:
+    profile = Profile(user, fmt, k)
+    train = [replace(ex, context=profile.context(ex.input, i)) for i, ex in enumerate(user.train)]
+    return User(user.user_id, train, [replace(ex, context=profile.context(ex.input)) for ex in user.val],
+                [replace(ex, context=profile.context(ex.input)) for ex in user.test])
 
 
 # ---------------------------------------------------------------- fitting the items into a prompt

@@ -13,7 +13,8 @@
               "rag"; shared/data/retrieval.py, docs/decisions.md "Retrieval")
 
 retrieval.k > 0 puts the user's retrieved items into every trained stage's inputs, at training and
-evaluation (as OPPU does); the bare rows ("base", "base-chat") are always asked without them.
+evaluation (as OPPU does), and into what `proper generate` and `proper audit` give such a run; the
+bare rows ("base", "base-chat") are always evaluated without them.
 
 The bare backbone is evaluated in the training format ("eval:base") and, with "base-chat" in
 eval.stages, asked through its own chat template ("eval:base-chat", the instruct model's zero-shot

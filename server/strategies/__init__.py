@@ -56,11 +56,13 @@ def average_settings(cfg) -> dict:
 
 def needs_start(cfg, stage: str) -> bool:
     """Whether the stage's server step needs the parameters a round started from (all but plain
-    FedAvg): the server then asks one client for the seeded initial ones (query.init)."""
+    FedAvg; DP and the robust group average clip each update against the round's start,
+    shared/method/robust.py): the server then asks one client for the seeded initial ones (query.init)."""
     s = server_settings(cfg, stage)
     return s["server_opt"] in ("fedadam", "fedyogi") or float(s["server_lr"]) != 1.0 or \
         (s["server_opt"] == "fedavgm" and float(s["server_momentum"]) != 0.0) or \
-        dp_settings(cfg) is not None   # DP clips each update against the round's start
+        dp_settings(cfg) is not None or \
+        (stage == "group" and str(cfg.federation.aggregation) in ("median", "trimmed_mean"))
 
 
 def make_strategy(cfg, stage: str, average: Strategy):

@@ -108,9 +108,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=20)
     s.add_argument("--groups", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--task", default="LaMP_2", help="LaMP_2 (movie tags) or LaMP_4 (headlines in each group's style)")
-    s.add_argument("--size-law", default="pareto", choices=("pareto", "uniform"),
-                   help="history sizes: heavy-tailed or uniform")
+    s.add_argument("--task", default="LaMP_2",
+                   help="LaMP_2 (movie tags), LaMP_3 (product ratings 1-5), LaMP_4 (headlines in each group's "
+                        "style) or LaMP_5 (paper titles in each group's style)")
+    s.add_argument("--size-law", default="pareto", choices=("pareto", "uniform", "fixed"),
+                   help="history sizes: heavy-tailed, uniform in [--min-profile, --max-profile], "
+                        "or exactly --min-profile")
+    s.add_argument("--min-profile", type=int, default=4, help="shortest history (size-law fixed: every history)")
+    s.add_argument("--max-profile", type=int, default=40, help="longest history")
+    s.add_argument("--pareto-shape", type=float, default=1.5,
+                   help="size-law pareto: the tail's shape (smaller = heavier tail)")
     s.add_argument("--quirk-prob", type=float, default=0.2, help="chance a user departs from its group on a topic")
     from sim.serve import add_parsers as add_serve_parsers
     add_serve_parsers(sub)
@@ -164,7 +171,9 @@ def _dispatch(args) -> int:
     if args.cmd == "synth":
         from shared.data.synthetic import write_synthetic_lamp
         print(write_synthetic_lamp(args.out, n_users=args.users, n_groups=args.groups, seed=args.seed,
-                                   task=args.task, size_law=args.size_law, quirk_prob=args.quirk_prob))
+                                   task=args.task, size_law=args.size_law, quirk_prob=args.quirk_prob,
+                                   min_profile=args.min_profile, max_profile=args.max_profile,
+                                   pareto_shape=args.pareto_shape))
         return 0
 
     _setup_logging(args.verbose)

@@ -164,15 +164,141 @@ def test_uniform_history_sizes(tmp_path):
 
 
 def test_bad_task_and_size_law(tmp_path):
-    with pytest.raises(SyntheticArgumentError, match="LaMP_2, LaMP_4"):
-        write_synthetic_lamp(tmp_path, task="LaMP_3")
+    with pytest.raises(SyntheticArgumentError, match="LaMP_2, LaMP_3, LaMP_4, LaMP_5"):
+        write_synthetic_lamp(tmp_path, task="LaMP_7")
     with pytest.raises(SyntheticArgumentError, match="size_law"):
         write_synthetic_lamp(tmp_path, size_law="zipf")
     with pytest.raises(SyntheticArgumentError, match="n_groups must be <= 8"):
         write_synthetic_lamp(tmp_path, task="LaMP_4", n_groups=9)
+    with pytest.raises(SyntheticArgumentError, match="LaMP_5 has 8 styles"):
+        write_synthetic_lamp(tmp_path, task="LaMP_5", n_groups=9)
 
 
 def test_proper_synth_writes_lamp4(tmp_path):
     from sim.cli import main
     assert main(["synth", "--out", str(tmp_path), "--users", "5", "--task", "LaMP_4", "--size-law", "uniform"]) == 0
     assert load_lamp(tmp_path)[0].name == "LaMP_4" and _truth(tmp_path)["task"] == "LaMP_4"
+
+
+# ---------------------------------------------------------------- draws of the code before LaMP_3 / LaMP_5 / fixed
+# sha256 of questions.json + outputs.json + groups.json, computed on the code before the LaMP_3 and
+# LaMP_5 families and size_law "fixed" were added (commit c9c0427): adding them changed no earlier draw
+BEFORE = {("LaMP_2", "pareto"): "669f5ad414af26923647863943f2ec5580752a2ad7fa6dfe89cec8abd21f935d",
+          ("LaMP_2", "uniform"): "3081a066c1a6eb3cb476de8c14981c1224261a8ad43d2184a87e254226d6b967",
+          ("LaMP_4", "pareto"): "15f7a920eabe3cec7500a1cecb355dc8369bc747023778147a8170845f13fef9",
+          ("LaMP_4", "uniform"): "33b298ba4d66f824fd8dda8f1edc2c9252a5285c2f3eb84b5f628166cf90c934"}
+
+
+@pytest.mark.parametrize("task,law", sorted(BEFORE))
+def test_earlier_draws_are_byte_identical(tmp_path, task, law):
+    import hashlib
+    d = write_synthetic_lamp(tmp_path, n_users=30, n_groups=3, seed=11, task=task, size_law=law)
+    h = hashlib.sha256()
+    for name in ("questions.json", "outputs.json", "groups.json"):
+        h.update((d / name).read_bytes())
+    assert h.hexdigest() == BEFORE[(task, law)]
+
+
+def test_fixed_size_law_gives_every_user_min_profile_items(tmp_path):
+    d = write_synthetic_lamp(tmp_path, n_users=25, seed=3, min_profile=3, size_law="fixed")
+    raw = json.loads((d / "questions.json").read_text())
+    assert [len(q["profile"]) for q in raw] == [3] * 25
+    assert all(len(u.train) == 2 and len(u.val) == 1 for u in load_lamp(d, holdout=1)[1])
+
+
+# ---------------------------------------------------------------- LaMP_3: ratings by group and category
+def test_lamp3_loads_back_and_scores_follow_group_and_quirks(tmp_path):
+    from shared.data.synthetic_tasks import category_of
+    d = write_synthetic_lamp(tmp_path, n_users=30, n_groups=3, seed=2, task="LaMP_3", quirk_prob=0.3,
+                             max_profile=12)
+    spec, users = load_lamp(d, holdout=1)
+    assert spec.name == "LaMP_3" and spec.kind == "rating" and spec.metrics == ["mae", "rmse"]
+    raw = json.loads((d / "questions.json").read_text())
+    assert set(raw[0]["profile"][0]) == {"id", "text", "score"}   # LaMP_3's own profile fields
+    assert raw[0]["input"].startswith("What is the score of the following review on a scale of 1 to 5?")
+    assert json.loads((d / "outputs.json").read_text())["task"] == "LaMP_3"
+    truth = _truth(d)
+    assert truth["task"] == "LaMP_3" and set(truth["users"].values()) == {0, 1, 2}
+    # the groups differ: some category two groups score differently
+    prefs = truth["group_prefs"]
+    assert any(len({prefs[g][c] for g in prefs}) > 1 for c in prefs["0"])
+    n_quirky = 0
+    for u in users:
+        p = dict(prefs[str(truth["users"][u.user_id])])
+        p.update(truth["quirks"][u.user_id])
+        n_quirky += bool(truth["quirks"][u.user_id])
+        for ex in u.train + u.val + u.test:   # an oracle knowing category, group and quirks is always right
+            category = category_of(ex.input.split("review: ", 1)[1])
+            assert category is not None and ex.output == p[category] and ex.output in spec.labels
+    assert n_quirky > 0
+
+
+def test_lamp3_oracle_scores_zero_mae(tmp_path):
+    from shared.data.tasks import task_spec
+    from shared.evaluation.metrics import example_stats, stats_metrics
+    d = write_synthetic_lamp(tmp_path, n_users=8, seed=5, task="LaMP_3")
+    spec, users = load_lamp(d)
+    golds = [ex.output for u in users for ex in u.test]
+    assert stats_metrics(task_spec("LaMP_3"), example_stats(spec, golds, golds)) == {"mae": 0.0, "rmse": 0.0}
+    off = [str(min(5, int(g) + 1)) if g != "5" else "4" for g in golds]   # one point off everywhere
+    assert stats_metrics(spec, example_stats(spec, off, golds)) == {"mae": 1.0, "rmse": 1.0}
+
+
+# ---------------------------------------------------------------- LaMP_5: paper titles in each group's style
+def test_lamp5_loads_back_and_titles_follow_group_style_and_quirks(tmp_path):
+    from shared.data.synthetic_tasks import field_of, paper_style_of, paper_title
+    d = write_synthetic_lamp(tmp_path, n_users=30, n_groups=3, seed=2, task="LaMP_5", quirk_prob=0.3,
+                             max_profile=12)
+    spec, users = load_lamp(d, holdout=1)
+    assert spec.name == "LaMP_5" and spec.kind == "generation"
+    raw = json.loads((d / "questions.json").read_text())
+    assert set(raw[0]["profile"][0]) == {"id", "abstract", "title"}   # LaMP_5's own profile fields
+    assert raw[0]["input"].startswith("Generate a title for the following abstract of a paper: ")
+    truth = _truth(d)
+    styles = {g: set(p.values()) for g, p in truth["group_prefs"].items()}
+    assert all(len(s) == 1 for s in styles.values()) and len(set.union(*styles.values())) == 3
+    n_quirky = 0
+    for u in users:
+        p = dict(truth["group_prefs"][str(truth["users"][u.user_id])])
+        p.update(truth["quirks"][u.user_id])
+        n_quirky += bool(truth["quirks"][u.user_id])
+        for ex in u.train + u.val + u.test:
+            text = ex.input.split("abstract of a paper: ", 1)[1]
+            field = field_of(text)
+            phrase = text.split("We propose ", 1)[1].split(". ", 1)[0]
+            assert field is not None and paper_style_of(ex.output) == p[field]
+            assert paper_title(p[field], field, phrase) == ex.output
+    assert n_quirky > 0
+    # short abstracts: with the prompt they stay far below the SmolLM configs' 160 tokens
+    assert max(len(ex.input.split()) for u in users for ex in u.train + u.val + u.test) <= 45
+
+
+def test_every_paper_style_parses_back_to_itself_only():
+    from shared.data.synthetic_tasks import FIELDS, PAPER_STYLES, paper_style_of, paper_title
+    for style in PAPER_STYLES:
+        for field in FIELDS:
+            assert paper_style_of(paper_title(style, field, "graph attention for protein folding")) == style
+
+
+@pytest.mark.parametrize("task", ["LaMP_3", "LaMP_5"])
+def test_new_families_deterministic_by_seed(tmp_path, task):
+    a = write_synthetic_lamp(tmp_path / "a", seed=7, task=task)
+    b = write_synthetic_lamp(tmp_path / "b", seed=7, task=task)
+    c = write_synthetic_lamp(tmp_path / "c", seed=8, task=task)
+    for name in ("questions.json", "outputs.json", "groups.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "questions.json").read_bytes() != (c / "questions.json").read_bytes()
+
+
+def test_proper_synth_new_tasks_and_sizes(tmp_path):
+    from sim.cli import main
+    for task in ("LaMP_3", "LaMP_5"):
+        out = tmp_path / task
+        assert main(["synth", "--out", str(out), "--users", "6", "--task", task, "--size-law", "fixed",
+                     "--min-profile", "3", "--groups", "2"]) == 0
+        assert load_lamp(out)[0].name == task and _truth(out)["n_groups"] == 2
+        assert [len(q["profile"]) for q in json.loads((out / "questions.json").read_text())] == [3] * 6
+    out = tmp_path / "u"
+    assert main(["synth", "--out", str(out), "--users", "40", "--size-law", "uniform", "--min-profile", "5",
+                 "--max-profile", "7"]) == 0
+    assert {len(q["profile"]) for q in json.loads((out / "questions.json").read_text())} == {5, 6, 7}

@@ -1,6 +1,6 @@
 """Synthetic LaMP users with a known group structure, for studies and tests.
 
-Two tasks, one recipe. Every item is about one of a few topics, told with words from that topic's
+Four tasks, one recipe. Every item is about one of a few topics, told with words from that topic's
 small word bank plus neutral filler. Users fall into latent groups; a group maps each topic to the
 answer its members give; a user may have quirks: topics where it overrides its group's answer
 with its own. So a user's answer is a function of (topic in the text, group, quirks): learnable
@@ -13,9 +13,13 @@ from the text, shared within a group, partly personal.
           headline in its own style ("Politics: Governor rejects reform bill", "governor rejects
           reform bill, says report"), so the group shows in the wording, which ROUGE measures.
           A quirk is a topic where the user writes in another style.
+  LaMP_3  product rating (score 1-5, MAE / RMSE): each group its own score per product category;
+  LaMP_5  paper title generation from an abstract: each group its own title style
+          (both in shared/data/synthetic_tasks.py).
 
-History sizes follow a Pareto law (a few long histories, many short ones, like real LaMP users)
-or, with size_law="uniform", are uniform between min_profile and max_profile.
+History sizes follow a Pareto law (a few long histories, many short ones, like real LaMP users);
+with size_law="uniform" they are uniform between min_profile and max_profile, with
+size_law="fixed" every user has exactly min_profile items.
 
 Files are the official LaMP pair plus a "user_id" field, and groups.json holding the ground
 truth: each user's group, each group's topic->answer map, each user's quirks.
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from shared.data import synthetic_tasks as more
 from shared.data.lamp import MOVIE_TAGS, LampDataError, profile_to_example, task_spec
 
 
@@ -37,7 +42,7 @@ class SyntheticArgumentError(ValueError):
     """Generator arguments no population can be drawn from (`proper synth`, data.synthetic)."""
 
 
-SIZE_LAWS = ("pareto", "uniform")
+SIZE_LAWS = ("pareto", "uniform", "fixed")
 
 # ---------------------------------------------------------------- LaMP_2: movies
 # theme -> words that give it away; kept disjoint so the theme is readable from the text
@@ -192,7 +197,11 @@ def _news_groups(rng, topics, n_groups):
 
 
 _TASKS = {"LaMP_2": _Task(THEMES, MOVIE_TAGS, _movie_groups, _movie),
-          "LaMP_4": _Task(TOPICS, sorted(STYLES), _news_groups, _news)}
+          "LaMP_3": _Task(more.PRODUCTS, more.RATINGS, more.rating_groups, more.review_item),
+          "LaMP_4": _Task(TOPICS, sorted(STYLES), _news_groups, _news),
+          "LaMP_5": _Task(more.FIELDS, sorted(more.PAPER_STYLES), more.title_groups, more.paper_item)}
+# tasks whose groups each take one style of a fixed set: at most that many groups
+_STYLE_SETS = {"LaMP_4": STYLES, "LaMP_5": more.PAPER_STYLES}
 
 
 def _draw(rng: random.Random, gen: _Task, topics: list[str], prefs: dict, item_id: str) -> dict:
@@ -212,6 +221,8 @@ def _task_name(task: str) -> str:
 
 
 def _history_size(rng: random.Random, law: str, low: int, high: int, shape: float) -> int:
+    if law == "fixed":   # draws nothing: the rest of the draw is as it would be
+        return low
     if law == "uniform":
         return rng.randint(low, high)
     # classic Pareto with scale low: P(size > x) = (low / x) ** shape
@@ -227,9 +238,10 @@ def _check_arguments(task, n_users, n_groups, min_profile, max_profile, pareto_s
         raise SyntheticArgumentError("need pareto_shape > 0 and 0 <= quirk_prob <= 1")
     if size_law not in SIZE_LAWS:
         raise SyntheticArgumentError(f"size_law {size_law!r}: expected one of {', '.join(SIZE_LAWS)}")
-    if task == "LaMP_4" and n_groups > len(STYLES):
-        raise SyntheticArgumentError(f"LaMP_4 has {len(STYLES)} headline styles, one per group: "
-                                     f"n_groups must be <= {len(STYLES)}, got {n_groups}")
+    styles = _STYLE_SETS.get(task)
+    if styles is not None and n_groups > len(styles):
+        raise SyntheticArgumentError(f"{task} has {len(styles)} styles, one per group: "
+                                     f"n_groups must be <= {len(styles)}, got {n_groups}")
 
 
 def _write_json(path: Path, obj) -> None:

@@ -55,7 +55,7 @@ class Model:
 
 @rules(n_users=at_least(1), n_groups=at_least(1), min_profile=at_least(1), max_profile=at_least(1),
        pareto_shape=POSITIVE, quirk_prob=Rule(lambda v: 0 <= v <= 1, "in [0, 1]"),
-       task=one_of("LaMP_2", "LaMP_4"), size_law=one_of("pareto", "uniform"))
+       task=one_of("LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"), size_law=one_of("pareto", "uniform", "fixed"))
 @dataclass
 class Synthetic:
     """data.synthetic: the arguments of shared/data/synthetic.py write_synthetic_lamp (same defaults)."""
@@ -65,8 +65,10 @@ class Synthetic:
     max_profile: int = 40                  # longest history
     pareto_shape: float = 1.5              # size_law pareto: the Pareto shape of history lengths
     quirk_prob: float = 0.2                # chance a user's answer follows their own quirk, not their group
-    task: str = "LaMP_2"                   # LaMP_2 (groups tag themes their way) | LaMP_4 (groups' headline styles)
-    size_law: str = "pareto"               # history lengths: pareto | uniform in [min_profile, max_profile]
+    task: str = "LaMP_2"                   # LaMP_2 (groups tag themes their way) | LaMP_3 (groups' ratings per
+    #                                        category) | LaMP_4 (groups' headline styles) | LaMP_5 (title styles)
+    size_law: str = "pareto"               # history lengths: pareto | uniform in [min_profile, max_profile] |
+    #                                        fixed (every user min_profile items)
 
 
 @rules(holdout=at_least(0), max_users=at_least(1), template=one_of("official", "compact"))

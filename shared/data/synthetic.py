@@ -156,17 +156,11 @@ def _news(rng: random.Random, topic: str, style: str, item_id: str) -> dict:
 
 def topic_of(article: str) -> str | None:
     """The topic whose cue words the article uses (ground-truth reader for studies)."""
-    words = set(re.findall(r"[a-z]+", article.lower()))
-    hits = [t for t, bank in TOPICS.items() if words & set(bank["cue"])]
-    return hits[0] if len(hits) == 1 else None
+    return more.cue_of(article, TOPICS)
 
 
 def _style_pattern(template: str) -> re.Pattern:
-    topics = "|".join(TOPICS)
-    parts = {"{topic}": f"(?:{topics})", "{Topic}": f"(?:{topics.title()})",
-             "{phrase}": "[a-z][a-z ]*", "{Phrase}": "[A-Z][a-z ]*"}
-    pieces = re.split(r"(\{\w+\})", template)
-    return re.compile("".join(parts.get(p, re.escape(p)) for p in pieces))
+    return more.template_pattern(template, "topic", TOPICS)
 
 
 _STYLE_PATTERNS = {s: _style_pattern(t) for s, t in STYLES.items()}

@@ -129,18 +129,29 @@ def title_groups(rng: random.Random, topics: list[str], n_groups: int) -> list[d
     return [{f: style for f in topics} for style in rng.sample(sorted(PAPER_STYLES), n_groups)]
 
 
-def field_of(text: str) -> str | None:
-    """The field whose cue words the abstract uses (ground-truth reader for studies)."""
+def cue_of(text: str, banks: dict) -> str | None:
+    """The one bank (topic, field) whose cue words `text` uses, None where none or several do
+    (ground-truth reader for studies; LaMP_4's topics and LaMP_5's fields alike)."""
     words = set(re.findall(r"[a-z]+", text.lower()))
-    hits = [f for f, bank in FIELDS.items() if words & set(bank["cue"])]
+    hits = [name for name, bank in banks.items() if words & set(bank["cue"])]
     return hits[0] if len(hits) == 1 else None
 
 
-def _pattern(template: str) -> re.Pattern:
-    fields = "|".join(FIELDS)
-    parts = {"{field}": f"(?:{fields})", "{Field}": f"(?:{fields.title()})",
+def template_pattern(template: str, slot: str, names) -> re.Pattern:
+    """A style template ("{Slot}: {phrase}" ...) as a regex: {slot} / {Slot} match one of `names`."""
+    alts = "|".join(names)
+    parts = {"{" + slot + "}": f"(?:{alts})", "{" + slot.title() + "}": f"(?:{alts.title()})",
              "{phrase}": "[a-z][a-z ]*", "{Phrase}": "[A-Z][a-z ]*"}
     return re.compile("".join(parts.get(p, re.escape(p)) for p in re.split(r"(\{\w+\})", template)))
+
+
+def field_of(text: str) -> str | None:
+    """The field whose cue words the abstract uses (ground-truth reader for studies)."""
+    return cue_of(text, FIELDS)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return template_pattern(template, "field", FIELDS)
 
 
 _PAPER_PATTERNS = {s: _pattern(t) for s, t in PAPER_STYLES.items()}

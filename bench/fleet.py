@@ -84,6 +84,22 @@ class Processes:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def tails(self, lines: int = 25) -> str:
+        """The last lines of every process's log: what a failed deployment test prints, since the
+        test's own temporary directory is gone by the time anyone reads a CI log."""
+        out = []
+        for path in sorted(self.root.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name} (last {len(text)} lines)\n" + "\n".join(t[:300] for t in text))
+        return "\n".join(out)
+
+    def finish(self, name: str, timeout: float) -> int:
+        """The process's exit code; if it runs past `timeout`, an AssertionError carrying every log's tail."""
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout:.0f} s\n{self.tails()}") from None
+
     def running(self, name: str) -> bool:
         proc = self.procs.get(name)
         return proc is not None and proc.poll() is None

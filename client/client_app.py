@@ -9,6 +9,8 @@ lists what each message carries).
   query.mixtures    the users' mixtures under the group start (the constraint loss's first pool)
   query.signature   group.assign_start=signature: sums of this client's users' answer signatures
                     (client/signature_replies.py); their groups are decided and kept here
+  query.partition   Ray simulation only: this node's partition-id, the stable name the server orders
+                    its nodes by (Flower's engine gives random node ids each run)
   evaluate          any stage: its parameters in -> sufficient statistics + per-user scores out
   MTA's handlers:   client/mta.py
 """
@@ -103,6 +105,14 @@ def signature(msg: Message, context: Context) -> Message:
     t = trainer_for(context, "signature")
     sums = answer(t, config_of(msg), arrays_in(msg, P.POPULATION), arrays_in(msg, P.ARRAYS))
     return reply(msg, {P.NUM_USERS: len(t.trained)}, {P.SIGNATURE: ArrayRecord(sums)} if sums else None)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """This SuperNode's partition-id (no data, no model): server/federation.py orders nodes by it, so a
+    run on Flower's Ray engine, whose node ids are new each run, samples and chains the same clients
+    every time (and the same as the in-process engine)."""
+    return reply(msg, {P.PARTITION_ID: int(context.node_config.get("partition-id", -1))})
 
 
 @app.evaluate()

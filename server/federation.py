@@ -22,6 +22,7 @@ from shared.method.plan import Step
 from shared.runtime import protocol as P
 from shared.runtime.config import to_yaml
 from shared.runtime.results import RunDir
+from shared.runtime.virtual import client_ids
 
 log = logging.getLogger("proper.server")
 
@@ -37,6 +38,17 @@ def content_order(reply: Message) -> str:
             h.update(key.encode())
             h.update(array.data)
     return h.hexdigest()
+
+
+def ordered_by_partition(ids: list[int], partition_of: dict[int, int]) -> list[int]:
+    """Nodes ordered as the in-process engine's ids of their partitions sort (client_ids), so the Ray
+    engine, the in-process engine and virtual clients sample and chain the same clients; a node that
+    did not say its partition comes after them, by id."""
+    fixed = client_ids(1 + max([p for p in partition_of.values() if p >= 0], default=-1))
+    def key(n: int):
+        p = partition_of.get(n, -1)
+        return (0, fixed[p]) if p >= 0 else (1, n)
+    return sorted(ids, key=key)
 
 
 class Federation:
@@ -56,6 +68,7 @@ class Federation:
         self.timeout = float(cfg.federation.timeout_s)
         # each round's sampled clients, drawn once in this process (server/strategies/chains.py round_nodes)
         self.round_samples: dict[tuple[str, int], list[int]] = {}
+        self.partition_of: dict[int, int] = {}   # Ray simulation: node id -> partition-id (nodes())
         f = cfg.federation   # what a reply may claim (server/validation.py)
         self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound,
                                   noised_mixtures=str(cfg.privacy.mixtures) == "noise")
@@ -85,7 +98,32 @@ class Federation:
             time.sleep(0.5)
 
     def nodes(self) -> list[int]:
-        return sorted(self.grid.get_node_ids())
+        """The connected nodes in a stable order, which sampling and chains cut from. On Flower's Ray
+        engine node ids are random each run: ordered by id, two runs of one config sampled and chained
+        different clients (val 16.0-29.9 % over three runs of the main job's population stage), so
+        there a node is ordered by the id the in-process engine gives its partition (ordered_by_partition)."""
+        ids = sorted(self.grid.get_node_ids())
+        if not self.ray_simulation:
+            return ids
+        return ordered_by_partition(ids, self._partitions(ids))
+
+    @property
+    def ray_simulation(self) -> bool:
+        sim = self.cfg.simulation   # proper sim writes num_clients; virtual clients carry fixed ids already
+        return bool(sim.num_clients) and str(sim.engine) == "ray" and not sim.virtual_clients
+
+    def _partitions(self, ids: list[int]) -> dict[int, int]:
+        """Each node's partition-id, asked once per node (query.partition: no data, no model)."""
+        unknown = [n for n in ids if n not in self.partition_of]
+        if unknown:
+            msgs = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_PARTITION) for n in unknown]
+            replies = self._exchange("partitions", msgs)
+            by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}   # ids given on sending
+            for r in replies:
+                node = by_id.get(r.metadata.reply_to_message_id)
+                if node is not None and not r.has_error():
+                    self.partition_of[node] = int(r.content[P.METRICS].get(P.PARTITION_ID, -1))
+        return self.partition_of
 
     # ---- sending and hearing back
     def send(self, step: str, message_type: str, content: RecordDict) -> list[Message]:

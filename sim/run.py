@@ -78,9 +78,9 @@ def run_sim(config: str | None, overrides: list[str], resume: str | None = None)
     # virtual clients: M SuperNodes serve the N clients (shared/runtime/virtual.py); the server,
     # which holds no data, learns N here
     n_nodes = min(int(virtual), n_clients) if virtual else n_clients
-    changed = virtual and cfg.simulation.get("num_clients") != n_clients
-    if virtual:
-        cfg.simulation.num_clients = n_clients
+    # the server orders a Ray run's nodes by partition where it knows it is one (server/federation.py nodes)
+    changed = cfg.simulation.get("num_clients") != n_clients
+    cfg.simulation.num_clients = n_clients
     if cfg.federation.max_examples is None:   # the server caps what a reply may claim (issue 35)
         cfg.federation.max_examples = max(1, examples_cap(cfg, users))
         changed = True

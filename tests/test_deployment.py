@@ -98,14 +98,14 @@ def federation(tmp_path_factory):
 
 def test_three_stage_federation_over_tls_with_authentication(federation):
     fed = federation
-    submit = fed.submit("main", f"federation.min_available_clients={CLIENTS}")
+    fed.submit("main", f"federation.min_available_clients={CLIENTS}")
     # meanwhile: a SuperNode whose key was never registered knocks, and is turned away
-    rogue = fed.procs.start("rogue", *fed.client_args(1, key=CLIENTS + 1, state="state-rogue"),
+    fed.procs.start("rogue", *fed.client_args(1, key=CLIENTS + 1, state="state-rogue"),
                             "--rejoin-s", "0", "--max-retries", "2")
-    assert rogue.wait(timeout=120) != 0
+    assert fed.procs.finish("rogue", 120) != 0
     assert "Failed to activate SuperNode" in fed.procs.log("rogue")
     fed.procs.stop("rogue")
-    assert submit.wait(timeout=420) == 0, fed.procs.log("submit-main")[-3000:]
+    assert fed.procs.finish("submit-main", 420) == 0, fed.procs.tails()
     fed.procs.stop("submit-main")
 
     run = fed.run_dir("main")
@@ -140,7 +140,7 @@ def test_late_join_dropout_rejoin_and_server_restart_resume(federation):
     wait_for("client 3 offline", lambda: online_nodes(fed.root, fed.env) == CLIENTS - 1, 60, every=2)
     overrides = ["federation.min_available_clients=2", "federation.timeout_s=90", "population.rounds=2",
                  "eval.stages=[user]"]
-    first = fed.submit("faults", *overrides, "debug.crash_after=group:1", name="submit-faults-1")
+    fed.submit("faults", *overrides, "debug.crash_after=group:1", name="submit-faults-1")
 
     def receiving(i: int) -> int:
         return fed.procs.log(f"client-{i}").count("Receiving: train.population message")
@@ -154,7 +154,7 @@ def test_late_join_dropout_rejoin_and_server_restart_resume(federation):
     kin = family(supernode.pid)
     supernode.kill()  # a crash in the middle of the round
     psutil.wait_procs(kin, timeout=15)
-    assert first.wait(timeout=420) == 1  # the injected crash: `proper submit` reports the failure
+    assert fed.procs.finish("submit-faults-1", 420) == 1  # the injected crash: `proper submit` reports the failure
     fed.procs.stop("submit-faults-1")
     done = fed.progress("faults")
     assert done["done"] == ["population:1", "population:2", "group:1"]
@@ -163,8 +163,8 @@ def test_late_join_dropout_rejoin_and_server_restart_resume(federation):
     fed.procs.stop("server")
     fed.start_server()
     fed.wait_online(CLIENTS, limit_s=180)  # client 2 rejoined after its crash, all reconnected
-    second = fed.submit("faults", *overrides, name="submit-faults-2")
-    assert second.wait(timeout=420) == 0, fed.procs.log("submit-faults-2")[-3000:]
+    fed.submit("faults", *overrides, name="submit-faults-2")
+    assert fed.procs.finish("submit-faults-2", 420) == 0, fed.procs.tails()
     fed.procs.stop("submit-faults-2")
 
     progress = fed.progress("faults")

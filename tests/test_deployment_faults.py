@@ -35,7 +35,7 @@ def test_superlink_killed_mid_round_restarted_and_resubmitted_resumes(tmp_path):
         for i in range(1, CLIENTS + 1):
             fleet.start_client(i)
         fleet.wait_online(CLIENTS)
-        first = fleet.submit("crash", *overrides, name="submit-1")
+        fleet.submit("crash", *overrides, name="submit-1")
         # population:2 has reached every client: the round is in flight
         wait_for("population:2 at every client",
                  lambda: all(fleet.received(i, "train.population") >= 2 for i in range(1, CLIENTS + 1)), 420)
@@ -44,7 +44,7 @@ def test_superlink_killed_mid_round_restarted_and_resubmitted_resumes(tmp_path):
         assert fleet.procs.kill_family("server") >= 3  # proper server, flower-superlink, the ServerApp's processes
 
         # `proper submit` sees the SuperLink die: a clear error naming the way back, a non-zero exit
-        assert first.wait(timeout=180) == 1
+        assert fleet.procs.finish("submit-1", 180) == 1
         said = fleet.procs.log("submit-1")
         assert "lost the SuperLink" in said and "--run-dir runs/crash to resume" in said, said[-2000:]
         fleet.procs.stop("submit-1")
@@ -52,8 +52,8 @@ def test_superlink_killed_mid_round_restarted_and_resubmitted_resumes(tmp_path):
 
         fleet.start_server()
         fleet.wait_online(CLIENTS, limit_s=240)   # the clients came back by themselves
-        second = fleet.submit("crash", *overrides, name="submit-2")
-        assert second.wait(timeout=600) == 0, fleet.procs.log("submit-2")[-3000:]
+        fleet.submit("crash", *overrides, name="submit-2")
+        assert fleet.procs.finish("submit-2", 600) == 0, fleet.procs.tails()
         fleet.procs.stop("submit-2")
     finally:
         fleet.procs.stop_all()

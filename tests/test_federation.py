@@ -61,12 +61,13 @@ def test_all_three_stages_with_four_simulated_users(four_users):
 
 
 ALLOWED_ARRAYS = {"train.population": {"arrays"}, "train.group": {"arrays", "routing"}, "train.user": set(),
-                  "evaluate": set(), "query.init": {"arrays"}, "query.mixtures": {"routing"}}
+                  "evaluate": set(), "query.init": {"arrays"}, "query.mixtures": {"routing"},
+                  "query.partition": set()}   # a Ray run's node says its simulated partition, nothing else
 PART_KEYS = {"train.population": (".lora_A", ".lora_B"),
              "train.group": (".expert_A", ".expert_B", ".router_h", ".router_u")}
 PART_KEYS["query.init"] = PART_KEYS["train.population"] + PART_KEYS["train.group"]
 METRICS = {"num-examples", "num-users", "train_loss", "train_tokens", "train_seconds", "tokens_per_s",
-           "constraint_loss", "num_users"}
+           "constraint_loss", "num_users", "partition-id"}
 SPLIT_METRIC = re.compile(r"^(test|val)\.(user-scores|stat\.[a-z_]+)$")
 
 
@@ -75,9 +76,10 @@ def test_privacy_invariant_on_every_reply(four_users):
     run, _ = four_users
     replies = assert_replies_private(run)
     assert {r["message_type"] for r in replies} == {"train.population", "train.group", "train.user", "evaluate",
-                                                     "query.init", "query.mixtures"}
-    # 4 nodes x 7 steps, one node's two starting points, and the 4 nodes' first pool of mixtures
-    assert len(replies) == 4 * 7 + 2 + 4
+                                                     "query.init", "query.mixtures", "query.partition"}
+    # 4 nodes x 7 steps, one node's two starting points, the 4 nodes' first pool of mixtures, and
+    # each node's partition, asked once (the Ray engine's node ids are random: server/federation.py nodes)
+    assert len(replies) == 4 * 7 + 2 + 4 + 4
 
 
 def assert_replies_private(run: Path) -> list[dict]:
@@ -163,6 +165,22 @@ def test_inprocess_engine_lands_on_the_parameters_of_the_ray_run(tmp_path, four_
 
 
 @pytest.mark.slow
+def test_chains_on_the_ray_engine_visit_the_clients_the_inprocess_engine_does(tmp_path):
+    """Flower's Ray engine gives random node ids each run; chains cut from nodes ordered by id put
+    other clients together every run (three runs of the main job's population stage: val 16.0-29.9 %).
+    Ordered by partition (server/federation.py nodes), a chained Ray run lands where the in-process
+    engine, whose ids are fixed, does: 6 clients in 2 chains of 3, sequential inside a chain, so
+    another cut or order gives other parameters."""
+    short = ["data.synthetic.n_users=6", "data.holdout=1", "federation.chains=2", "method=population",
+             "eval.stages=[population]", "eval.splits=[val]"]
+    assert sim(tmp_path, "ray", *short) == 0
+    assert sim(tmp_path, "ip", *short, "simulation.engine=inprocess") == 0
+    ray, ip = Checkpoint(tmp_path / "ray").load()[1], Checkpoint(tmp_path / "ip").load()[1]
+    for k, v in ip["population"].items():
+        assert torch.allclose(v, ray["population"][k], atol=1e-5), k
+
+
+@pytest.mark.slow
 def test_failed_and_slow_clients_do_not_stop_the_run(tmp_path):
     """The stalled client answers only once the server has gone on without it (client/runtime.py
     inject_faults), so it is silent in population:1 however fast the machine is."""
@@ -212,7 +230,7 @@ def test_one_chain_is_the_sequential_schedule(tmp_path):
     assert progress["participation"]["population:1"] == {"sent": 4, "ok": 4, "failed": 0, "silent": 0, "users": 4}
     replies = assert_replies_private(run)
     assert {r["message_type"] for r in replies} == {"train.population", "train.group", "train.user", "evaluate",
-                                                     "query.mixtures"}
+                                                     "query.mixtures", "query.partition"}
 
     cfg = load_config("tiny", [f"data.path={run / 'synthetic_data'}"])
     spec, users = load_users(cfg)
@@ -253,6 +271,27 @@ def test_as_many_chains_as_clients_is_the_parallel_schedule(tmp_path):
     assert any(not torch.allclose(v, c2["population"][k]) for k, v in par["population"].items())
 
 
+def test_nodes_are_ordered_by_partition_so_random_node_ids_sample_the_same_clients():
+    """Flower's Ray engine gives new random node ids each run; ordered by the in-process engine's id of
+    their partition, two such runs (and the in-process engine) sample and chain the same clients."""
+    import random as rnd
+
+    from server.federation import ordered_by_partition
+    from server.strategies.chains import sampled_nodes, split_chains
+    from shared.runtime.config import load_config
+    from shared.runtime.virtual import client_ids
+    cfg = load_config("tiny", ["federation.chains=2"])
+    inprocess = sorted(client_ids(6))
+    picked = [client_ids(6).index(n) for n in sampled_nodes(inprocess, cfg, "population", 1)]   # partitions
+    for run in range(3):
+        ids = rnd.Random(run).sample(range(1, 2 ** 62), 6)      # partition p -> ids[p], as a Ray run
+        order = ordered_by_partition(ids, {n: p for p, n in enumerate(ids)})
+        chains = split_chains(sampled_nodes(order, cfg, "population", 1), 2)
+        assert [[ids.index(n) for n in c] for c in chains] == split_chains(picked, 2)
+    # a node that did not say its partition goes last, by id
+    assert ordered_by_partition([5, 9, 7], {9: 0}) == [9, 5, 7]
+
+
 def test_sampling_and_chains_are_seeded_and_bad_config_values_are_refused():
     from server.strategies.chains import sampled_nodes, split_chains
     from shared.runtime.config import ConfigError, load_config
@@ -260,7 +299,7 @@ def test_sampling_and_chains_are_seeded_and_bad_config_values_are_refused():
     nodes = [907, 12, 55, 3001, 8]
     first = sampled_nodes(nodes, cfg, "population", 1)
     assert sorted(first) == sorted(nodes)
-    assert sampled_nodes(list(reversed(nodes)), cfg, "population", 1) == first  # listing order does not matter
+    assert sampled_nodes(list(nodes), cfg, "population", 1) == first  # the same listing, the same draw
     assert sampled_nodes(nodes, cfg, "population", 2) != first or sampled_nodes(nodes, cfg, "population", 3) != first
     assert len(sampled_nodes(nodes, load_config("tiny", ["federation.fraction_train=0.5"]), "group", 1)) == 3
     two = load_config("tiny", ["federation.clients_per_round=2"])

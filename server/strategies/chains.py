@@ -53,8 +53,10 @@ def expected_clients(cfg, population: int) -> int:
 def sampled_nodes(nodes, cfg, stage: str, server_round: int, draw: random.Random | None = None) -> list[int]:
     """The round's clients in the order the chains visit them: a seeded shuffle, new every round
     (as a centralized epoch reshuffles its batches), cut to expected_clients (shuffle) or each kept
-    with probability q = expected_clients / nodes by `draw` (poisson; draw: poisson_draw)."""
-    order = sorted(nodes)
+    with probability q = expected_clients / nodes by `draw` (poisson; draw: poisson_draw). `nodes`
+    come in a stable order (Federation.nodes: by id, or by partition on the Ray engine, whose ids are
+    random each run); the shuffle starts from it."""
+    order = list(nodes)
     random.Random(f"{int(cfg.seed)}:{stage}:{server_round}").shuffle(order)
     m = expected_clients(cfg, len(order))
     if str(cfg.federation.sampling) != "poisson":

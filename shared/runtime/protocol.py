@@ -30,6 +30,7 @@ TRAIN_USER = "train.user"
 QUERY_INIT = "query.init"
 QUERY_MIXTURES = "query.mixtures"
 QUERY_SIGNATURE = "query.signature"
+QUERY_PARTITION = "query.partition"
 EVALUATE = "evaluate"
 TRAIN_TYPES = {"population": TRAIN_POPULATION, "group": TRAIN_GROUP}
 
@@ -47,6 +48,7 @@ INFO = "info"              # {"task": name}: the server holds no data and learns
 
 # keys
 NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"  # a query.partition reply: the simulated node's partition (-1: none)
 NUM_USERS = "num-users"
 NUM_NO_HISTORY = "num-users-no-history"
 SERVER_ROUND = "server-round"

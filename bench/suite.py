@@ -126,6 +126,12 @@ METHODS = {m.name: m for m in (
     Method("loramoe", "sim", ("method=loramoe",), final="group", stages=("population", "group")),
     Method("mta", "sim", ("method=mta",), final="mta", stages=("mta",)),
     Method("rag", "sim", ("method=rag",), seeded=False, final="rag", stages=()),
+    # a candidate for the default (issue 33, part 2), chosen here on the dev side only: the group stage
+    # that finds groups (docs/results/groups.md: the assignment form of the constraint loss from the
+    # answer-signature start, kept for the stage, the cosine group lr over 4 rounds) at the default k
+    Method("proper-fed-assign", "sim", ("group.constraint_form=assign", "group.constraint_weight=1.0",
+                                        "group.assign_start=signature", "group.reassign=false",
+                                        "group.lr_schedule=cosine", "group.lr=3.5e-3", "group.rounds=4")),
 )}
 # the federated cells: the in-process engine (the same ServerApp and ClientApp as Ray's, one process:
 # sweeps on few cores), one client per user as in the base config
@@ -200,7 +206,19 @@ def read_run(run_dir: Path, method: str, n_train: int | None) -> dict:
                 **row["metrics"], "users": row.get("users"), "examples": row.get("examples")}
     if (run_dir / "config.yaml").is_file():
         out["compute"] = compute(run_dir, METHODS[method], n_train)
+    out["groups"] = group_recovery(run_dir)
     return out
+
+
+def group_recovery(run_dir: Path) -> dict | None:
+    """The run's group recovery on synthetic users with known groups (sim/run.py logs it to
+    rounds.jsonl after the run: adjusted Rand index and purity of the users' routing), or None."""
+    path = run_dir / "rounds.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("kind") == "groups"]
+    return {"ari": recs[-1]["ari"], "purity": recs[-1]["purity"]} if recs else None
 
 
 def compute(run_dir: Path, m: Method, n_train: int | None) -> dict:

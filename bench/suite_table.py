@@ -27,7 +27,7 @@ def load_results(out: Path) -> tuple[list[dict], dict[str, list[dict]]]:
         if p.name.endswith("--reference.json"):
             refs[p.name[: -len("--reference.json")]] = json.loads(p.read_text())
         else:
-            cells.append(json.loads(p.read_text()))
+            cells.append({**json.loads(p.read_text()), "out": str(out)})   # the run dirs beside it
     return cells, refs
 
 
@@ -69,15 +69,25 @@ def summarise(ds, results: list[dict]) -> list[dict]:
             row["passes"] = _band([c.get("total_passes") for c in comp]) if stage != "base" else None
             row["examples_seen"] = _band([c.get("examples_seen") for c in comp]) if stage != "base" else None
             row["wall_s"] = _band([r["wall_s"] for r in runs]) if stage != "base" else None
+            row["ari"] = _band([(_groups(r) or {}).get("ari") for r in runs]) if stage == "group" else None
             rows.append(row)
     return rows
+
+
+def _groups(result: dict) -> dict | None:
+    """A cell's group recovery: in its result, or (results written before it was) its run's log."""
+    if "groups" in result:
+        return result["groups"]
+    from bench.suite import group_recovery
+    return group_recovery(Path(result.get("out", "")) / "runs" / result["name"]) if result.get("out") else None
 
 
 def _table(ds, rows: list[dict], refs: list[dict], planned: int, finished: int, failed: int) -> str:
     metrics = task_spec(ds.task).metrics
     cols = [(sp, m) for sp in ds.splits for m in metrics]
     unit = lambda m: m if m in RAW else f"{m} %"   # noqa: E731
-    head = ["method", "stage", "seeds", *(f"{sp} {unit(m)}" for sp, m in cols), "passes", "examples seen", "wall s"]
+    head = ["method", "stage", "seeds", *(f"{sp} {unit(m)}" for sp, m in cols), "group ARI", "passes",
+            "examples seen", "wall s"]
     lines = [f"### {ds.name} ({ds.side}; {ds.task}; {finished} of {planned} cells finished, {failed} failed)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if not rows and not refs:
@@ -88,14 +98,15 @@ def _table(ds, rows: list[dict], refs: list[dict], planned: int, finished: int, 
                                                     f"{b[0]:.{d}f} [{b[1]:.{d}f}, {b[2]:.{d}f}]")
         lines.append("| " + " | ".join([r["method"], stage, str(r["seeds"]),
                                         *(_fmt(m, r["values"].get((sp, m))) for sp, m in cols),
-                                        num(r["passes"], 2), num(r["examples_seen"]), num(r["wall_s"])]) + " |")
+                                        num(r.get("ari"), 3), num(r["passes"], 2), num(r["examples_seen"]),
+                                        num(r["wall_s"])]) + " |")
     by_label: dict[str, dict] = {}   # one row per reference, its splits side by side
     for ref in refs:
         if ref.get("split") in ds.splits:
             by_label.setdefault(ref["label"], {}).update({(ref["split"], m): v for m, v in ref["metrics"].items()})
     for label, vals in by_label.items():
         cells = [_fmt(m, (vals[(sp, m)],) * 3) if (sp, m) in vals else "-" for sp, m in cols]
-        lines.append("| " + " | ".join(["reference", label, "-", *cells, "-", "-", "-"]) + " |")
+        lines.append("| " + " | ".join(["reference", label, "-", *cells, "-", "-", "-", "-"]) + " |")
     return "\n".join(lines) + "\n"
 
 

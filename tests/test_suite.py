@@ -151,6 +151,10 @@ def test_two_cells_end_to_end_tables_carry_the_runs_numbers_and_resume(tmp_path,
     md = (out / "suite.md").read_text()
     assert "### t-dev (dev; LaMP_2; 2 of 2 cells finished, 0 failed)" in md
     assert "| proper-central | **user** | 2 |" in md
+    # the group stage's row carries the runs' group recovery (rounds.jsonl), mean [min, max] over seeds
+    aris = [r["groups"]["ari"] for r in res]
+    group_row = next(line for line in md.splitlines() if line.startswith("| proper-central | group |"))
+    assert f"{sum(aris) / 2:.3f}" in group_row.split(" | ")[-4], group_row
     assert "lookup" in md and "OTHER USERS' LABELS" in md and "Held-out" not in md
     assert (out / "suite.png").stat().st_size > 1000
 
@@ -172,7 +176,7 @@ def test_two_cells_end_to_end_tables_carry_the_runs_numbers_and_resume(tmp_path,
     failed = json.loads((out / "results" / "t-dev--rag--s0.json").read_text())
     assert failed["rc"] == 3 and failed["finished"] is False
     # the tables cover the whole plan of the selection (--only picks what runs): 6 seeded methods x 3 + rag
-    assert "### t-dev (dev; LaMP_2; 2 of 19 cells finished, 1 failed)" in (out / "suite.md").read_text()
+    assert "### t-dev (dev; LaMP_2; 2 of 22 cells finished, 1 failed)" in (out / "suite.md").read_text()
 
 
 def test_a_held_out_rating_cell_federated(tmp_path, tiny_registry):
@@ -186,7 +190,7 @@ def test_a_held_out_rating_cell_federated(tmp_path, tiny_registry):
     assert "sim" in r["command"].split()[1] and "simulation.engine=inprocess" in r["command"]
     assert json.loads((out / "data" / "heldout" / "t-held" / "groups.json").read_text())["task"] == "LaMP_3"
     md = (out / "suite.md").read_text()
-    assert "### t-held (heldout; LaMP_3; 1 of 19 cells finished, 0 failed)" in md
+    assert "### t-held (heldout; LaMP_3; 1 of 22 cells finished, 0 failed)" in md
     assert "val mae" in md and "Dev side" not in md
 
 

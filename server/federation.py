@@ -40,6 +40,13 @@ def content_order(reply: Message) -> str:
     return h.hexdigest()
 
 
+def ray_simulation(cfg) -> bool:
+    """A run of `proper sim` (which writes simulation.num_clients) on Flower's Ray engine, one SuperNode
+    per client: its node ids are random each run. Virtual clients carry fixed ids already."""
+    sim = cfg.simulation
+    return bool(sim.get("num_clients")) and str(sim.engine) == "ray" and not sim.virtual_clients
+
+
 def ordered_by_partition(ids: list[int], partition_of: dict[int, int]) -> list[int]:
     """Nodes ordered as the in-process engine's ids of their partitions sort (client_ids), so the Ray
     engine, the in-process engine and virtual clients sample and chain the same clients; a node that
@@ -109,8 +116,7 @@ class Federation:
 
     @property
     def ray_simulation(self) -> bool:
-        sim = self.cfg.simulation   # proper sim writes num_clients; virtual clients carry fixed ids already
-        return bool(sim.num_clients) and str(sim.engine) == "ray" and not sim.virtual_clients
+        return ray_simulation(self.cfg)
 
     def _partitions(self, ids: list[int]) -> dict[int, int]:
         """Each node's partition-id, asked once per node (query.partition: no data, no model)."""

@@ -39,6 +39,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from server.federation import ray_simulation
 from server.strategies import dp_settings, needs_start
 from server.strategies.chains import expected_clients, round_nodes, split_chains
 from shared.method.plan import METHODS, initial_pool
@@ -199,6 +200,8 @@ def messages_of(cfg) -> tuple[str, ...]:
         out.append(P.TRAIN_USER)
     if any(needs_start(cfg, stage) for stage in STAGES):
         out.append(P.QUERY_INIT)
+    if ray_simulation(cfg):   # a Ray run's nodes say their partition (Federation.nodes)
+        out.append(P.QUERY_PARTITION)
     return (*out, P.EVALUATE)
 
 

@@ -64,6 +64,9 @@ REGISTRY: tuple[Release, ...] = tuple([
     *_rows(P.QUERY_MIXTURES, [
         (P.ROUTING, ("mixtures",), "the users' mixtures under the group start (the first pool)", "mixtures"),
         (P.METRICS, (P.NUM_USERS,), "the client's user count", AGGREGATED)]),
+    *_rows(P.QUERY_PARTITION, [
+        (P.METRICS, (P.PARTITION_ID,), "Ray simulation only: the node's simulated partition (the server orders "
+         "nodes by it)", NO_DATA)]),
     *_rows(P.QUERY_SIGNATURE, [
         (P.SIGNATURE, ("sum", "count", "answer_sum", "answer_count"),
          "signature start, read: sums and counts of the users' item readings, per answer too", AGGREGATED),

@@ -36,8 +36,9 @@ MARKER = re.compile(r"\((historical|record):\s*([^)]*)\)")
 VARIABLE = re.compile(r'^([A-Z_]+)="([^"]*)"$')
 PLACEHOLDER = re.compile(r"\$\w|<[a-z ]+>|=S\b|=N\b")
 # where a run's output went, not what it computed; and what `proper sim` sets itself (it raises
-# federation.min_available_clients to the number of clients it starts)
-NOT_CONFIGURATION = ("output.", "data.path", "federation.min_available_clients")
+# federation.min_available_clients to the number of clients it starts and writes their number,
+# simulation.num_clients)
+NOT_CONFIGURATION = ("output.", "data.path", "federation.min_available_clients", "simulation.num_clients")
 FEDERATION_ONLY = ("federation.", "simulation.")   # and each stage's server-optimizer keys (SERVER_KEYS)
 STAGES = ("population", "group", "user")
 

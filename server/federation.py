@@ -119,12 +119,14 @@ class Federation:
         return ray_simulation(self.cfg)
 
     def _partitions(self, ids: list[int]) -> dict[int, int]:
-        """Each node's partition-id, asked once per node (query.partition: no data, no model)."""
+        """Each node's partition-id, asked once per node (query.partition: no data, no model); a node
+        that fails or stays silent is not asked again (-1: ordered after the others, by id)."""
         unknown = [n for n in ids if n not in self.partition_of]
         if unknown:
             msgs = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_PARTITION) for n in unknown]
             replies = self._exchange("partitions", msgs)
             by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}   # ids given on sending
+            self.partition_of.update(dict.fromkeys(unknown, -1))
             for r in replies:
                 node = by_id.get(r.metadata.reply_to_message_id)
                 if node is not None and not r.has_error():

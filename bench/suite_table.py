@@ -27,7 +27,7 @@ def load_results(out: Path) -> tuple[list[dict], dict[str, list[dict]]]:
         if p.name.endswith("--reference.json"):
             refs[p.name[: -len("--reference.json")]] = json.loads(p.read_text())
         else:
-            cells.append({**json.loads(p.read_text()), "out": str(out)})   # the run dirs beside it
+            cells.append(json.loads(p.read_text()))
     return cells, refs
 
 
@@ -69,17 +69,9 @@ def summarise(ds, results: list[dict]) -> list[dict]:
             row["passes"] = _band([c.get("total_passes") for c in comp]) if stage != "base" else None
             row["examples_seen"] = _band([c.get("examples_seen") for c in comp]) if stage != "base" else None
             row["wall_s"] = _band([r["wall_s"] for r in runs]) if stage != "base" else None
-            row["ari"] = _band([(_groups(r) or {}).get("ari") for r in runs]) if stage == "group" else None
+            row["ari"] = _band([(r.get("groups") or {}).get("ari") for r in runs]) if stage == "group" else None
             rows.append(row)
     return rows
-
-
-def _groups(result: dict) -> dict | None:
-    """A cell's group recovery: in its result, or (results written before it was) its run's log."""
-    if "groups" in result:
-        return result["groups"]
-    from bench.suite import group_recovery
-    return group_recovery(Path(result.get("out", "")) / "runs" / result["name"]) if result.get("out") else None
 
 
 def _table(ds, rows: list[dict], refs: list[dict], planned: int, finished: int, failed: int) -> str:

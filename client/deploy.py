@@ -13,17 +13,19 @@
 The SuperNode passes data-path and state-dir to the ClientApp as node config. It runs each
 ClientApp in a subprocess that talks to it over a local Runtime API on 127.0.0.1:<runtime port>
 (a free one unless --runtime-port). `proper client` supervises flower-supernode: it starts it
-again when the SuperLink refuses it for a while after a crash (--rejoin-s), and stops it on
-SIGTERM / SIGINT.
+again when the SuperLink refuses it for a while after a crash (--rejoin-s), when it falls out of
+step with its replies (`ReplyWatch`), and stops it on SIGTERM / SIGINT.
 """
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,12 +94,57 @@ def supernode_command(args) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
+
+class ReplyWatch:
+    """Reads flower-supernode's log, line by line, and says when the SuperNode has fallen out of
+    step with its replies, which it does not recover from by itself.
+
+    Flower 1.41's SuperNode works in lockstep: it pulls one message, then sends the first reply
+    its ClientApps have ready. When a message's run stops while the SuperNode is still receiving
+    it (the SuperLink was killed and came back without that run: "Run ID ... is not in `RUNNING`
+    status. Ignoring message ..."; or the receipt failed: "Failed to receive message"), the
+    SuperNode gives up on the message but keeps the ClientApp task it had already created. When
+    that ClientApp still answers, its orphan reply is sent after the next message is pulled, in
+    place of that message's reply; from then on every reply goes out one message late, after the
+    server stopped waiting for it, and the node is silent in every later round (seen on CI: the
+    node that was receiving when the SuperLink was killed missed every step of the resumed run).
+    A fresh SuperNode holds no orphan, so both the give-up and a late reply restart it; the cost
+    is at most the message in flight."""
+
+    RUN = re.compile(r"\[RUN (\d+)")
+    RECEIVING = re.compile(r"Receiving: (\S+) message")
+    SENDING = re.compile(r"Sending: (\S+) message")
+
+    def __init__(self):
+        self.run = None       # the run named by the last "[RUN ...]" line
+        self.waiting = None   # (run, message type) received and not yet answered
+
+    def feed(self, line: str) -> str | None:
+        """One line of the SuperNode's log; returns why it must be restarted, or None."""
+        if m := self.RUN.search(line):
+            self.run = m.group(1)
+        elif m := self.RECEIVING.search(line):
+            self.waiting = (self.run, m.group(1))
+        elif m := self.SENDING.search(line):
+            sent, waiting, self.waiting = (self.run, m.group(1)), self.waiting, None
+            if waiting is not None and sent != waiting:
+                return (f"it sent a {sent[1]} reply of run {sent[0]} while run {waiting[0]}'s {waiting[1]} "
+                        "message waited for its answer: its replies go out one message late")
+        elif "Failed to receive message" in line or ("Ignoring message" in line and self.waiting):
+            self.waiting = None
+            return ("it gave up on a message after starting its ClientApp; that ClientApp's reply would "
+                    "push every later reply one message late")
+        return None
+
+
 def run_client(args) -> int:
     """Run flower-supernode and keep it in the federation: when it exits on its own (e.g. the
     SuperLink refused to activate it), start it again for up to --rejoin-s seconds. A node that
     crashed still counts as online at the SuperLink until its heartbeat runs out (up to about
     60 s in Flower 1.41), and until then the SuperLink refuses it; an unregistered key is
-    refused the same way, forever. SIGTERM / SIGINT stop the SuperNode and this wrapper."""
+    refused the same way, forever. Its log passes through `ReplyWatch`: a SuperNode out of step
+    with its replies is stopped and started again at once. SIGTERM / SIGINT stop the SuperNode
+    (with the ClientApps it started: it runs in its own process group) and this wrapper."""
     cmd, env = supernode_command(args)
     say("starting:", shlex.join(cmd))
     if args.dry_run:
@@ -105,25 +152,54 @@ def run_client(args) -> int:
         return 0
     state = Path(args.state).resolve()
     stopping, proc = 0.0, None
+    restart: list[str] = []  # why the running SuperNode must start again (set by the log relay)
+
+    def signal_group(sig):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def on_signal(signum, frame):  # only flag and forward: waiting happens in the main loop
         nonlocal stopping
         stopping = stopping or time.time()
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            signal_group(signal.SIGTERM)
+
+    def relay(stream, watch: ReplyWatch):
+        for line in stream:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if (why := watch.feed(line)) and not restart:
+                restart.append(why)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     failing_since = None
     while True:
-        started = time.time()
-        proc = subprocess.Popen(cmd, env=env, cwd=state)
+        started, restarting = time.time(), 0.0
+        restart.clear()
+        proc = subprocess.Popen(cmd, env=env, cwd=state, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+        reader = threading.Thread(target=relay, args=(proc.stdout, ReplyWatch()), daemon=True)
+        reader.start()
         while (rc := proc.poll()) is None:
-            if stopping and time.time() - stopping > 15:
-                proc.kill()
+            if time.time() - (stopping or restarting or time.time()) > 15:
+                signal_group(signal.SIGKILL)
+            elif restart and not (stopping or restarting):
+                say(f"restarting the SuperNode: {restart[0]}")
+                restarting = time.time()
+                signal_group(signal.SIGTERM)
             time.sleep(0.5)
-        if stopping or rc == 0:
-            return 0 if stopping else rc
+        signal_group(signal.SIGKILL)  # what it started (flower-superexec, ClientApps) goes with it
+        reader.join(timeout=5)
+        if stopping:
+            return 0
+        if restarting:  # on purpose: not an outage
+            failing_since = None
+            continue
+        if rc == 0:
+            return rc
         if time.time() - started > 120 or failing_since is None:  # it had been running: a new outage
             failing_since = time.time() if time.time() - started > 120 else started
         waited = time.time() - failing_since

@@ -128,7 +128,8 @@ METHODS = {m.name: m for m in (
     Method("rag", "sim", ("method=rag",), seeded=False, final="rag", stages=()),
     # a candidate for the default (issue 33, part 2), chosen here on the dev side only: the group stage
     # that finds groups (docs/results/groups.md: the assignment form of the constraint loss from the
-    # answer-signature start, kept for the stage, the cosine group lr over 4 rounds) at the default k
+    # answer-signature start, kept for the stage, the cosine group lr over 4 rounds) at the default k.
+    # Not made the default: behind on lamp2-val, refused on free-text tasks (docs/results/suite.md)
     Method("proper-fed-assign", "sim", ("group.constraint_form=assign", "group.constraint_weight=1.0",
                                         "group.assign_start=signature", "group.reassign=false",
                                         "group.lr_schedule=cosine", "group.lr=3.5e-3", "group.rounds=4")),

@@ -152,7 +152,6 @@ def run_client(args) -> int:
         return 0
     state = Path(args.state).resolve()
     stopping, proc = 0.0, None
-    restart: list[str] = []  # why the running SuperNode must start again (set by the log relay)
 
     def signal_group(sig):
         try:
@@ -166,7 +165,7 @@ def run_client(args) -> int:
         if proc is not None and proc.poll() is None:
             signal_group(signal.SIGTERM)
 
-    def relay(stream, watch: ReplyWatch):
+    def relay(stream, watch: ReplyWatch, restart: list[str]):
         for line in stream:
             sys.stderr.write(line)
             sys.stderr.flush()
@@ -178,10 +177,12 @@ def run_client(args) -> int:
     failing_since = None
     while True:
         started, restarting = time.time(), 0.0
-        restart.clear()
+        # why this SuperNode must start again, set by its own log relay: one list per process, so a
+        # relay that outlives its process (joined for 5 s below) cannot stop the next one
+        restart: list[str] = []
         proc = subprocess.Popen(cmd, env=env, cwd=state, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
-        reader = threading.Thread(target=relay, args=(proc.stdout, ReplyWatch()), daemon=True)
+        reader = threading.Thread(target=relay, args=(proc.stdout, ReplyWatch(), restart), daemon=True)
         reader.start()
         while (rc := proc.poll()) is None:
             if time.time() - (stopping or restarting or time.time()) > 15:

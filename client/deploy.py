@@ -146,6 +146,10 @@ def run_client(args) -> int:
     with its replies is stopped and started again at once. SIGTERM / SIGINT stop the SuperNode
     (with the ClientApps it started: it runs in its own process group) and this wrapper."""
     cmd, env = supernode_command(args)
+    if not args.dry_run:   # measured here, once, where it must be: the ClientApps this node starts read the answer
+        from shared.runtime.precision import client_device, describe_precision
+        if client_device() == "cpu":
+            say(describe_precision("auto"), "(where the run's train.bf16 is auto)")
     say("starting:", shlex.join(cmd))
     if args.dry_run:
         print(shlex.join(cmd))

@@ -110,6 +110,9 @@ def _simulate(cfg, run_dir: Path, n_users: int, per_client: int, n_nodes: int) -
     # Flower logs through its own logger; keep ours readable beside it.
     log.info("run directory %s: %d users on %d SuperNodes (%d per client%s)", run_dir, n_users, n_nodes, per_client,
              f", {cfg.simulation.num_clients} virtual clients" if cfg.simulation.get("virtual_clients") else "")
+    # decided (measured, where it must be) here, once, before any client process asks: they read the answer
+    from shared.runtime.precision import describe_precision
+    log.info("%s", describe_precision(cfg.train.bf16))
 
     from flwr.simulation import run_simulation
 

@@ -211,14 +211,36 @@ def test_label_scoring_with_a_shared_prompt_cache_equals_full_forwards():
     assert score_labels(model, tok, prompts, labels, emb, bf16=False) == [labels[i] for i in ref.argmax(1)]
 
 
-def test_bf16_auto_follows_the_cpu_and_bad_values_are_refused(monkeypatch):
+def test_bf16_auto_is_measured_once_per_machine_and_bad_values_are_refused(monkeypatch, tmp_path):
     import shared.runtime.precision as T
     assert T.use_bf16(True) is True and T.use_bf16(False) is False
-    for native in (True, False):
-        monkeypatch.setattr(T, "cpu_has_bf16", lambda native=native: native)
-        assert T.use_bf16("auto") is native
+    monkeypatch.setenv("PROPER_CACHE", str(tmp_path))
+    monkeypatch.delenv("PROPER_BF16", raising=False)
+
+    def never(**kw):
+        raise AssertionError("measured where the answer was known")
+
+    # no native kernels: float32, nothing measured
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(T, "measure_cpu_bf16", never)
+    assert T.use_bf16("auto") is False
+    # native kernels: the measurement decides (the Xeon of docs/results/bench_precision.md had them, 2x slower)
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: True)
+    for f32, b16, expected in ((1.0, 2.0, False), (1.0, 0.5, True), (1.0, 0.95, False)):
+        T._MEASURED.clear()
+        (tmp_path / "precision.json").unlink(missing_ok=True)
+        monkeypatch.setattr(T, "measure_cpu_bf16", lambda f32=f32, b16=b16, **kw: {"float32_s": f32, "bf16_s": b16})
+        assert T.use_bf16("auto") is expected
         # the autocast context the training loops enter follows the same answer
         with T.autocast({"bf16": "auto"}):
-            assert torch.is_autocast_enabled("cpu") is native
+            assert torch.is_autocast_enabled("cpu") is expected
+        # another process on this machine reads the kept answer instead of measuring again
+        T._MEASURED.clear()
+        monkeypatch.setattr(T, "measure_cpu_bf16", never)
+        assert T.use_bf16("auto") is expected
+        assert "measured" in T.describe_precision("auto")
+    monkeypatch.setenv("PROPER_BF16", "1")
+    assert T.use_bf16("auto") is True and T.use_bf16(False) is False
+    T._MEASURED.clear()
     with pytest.raises(ValueError, match="train.bf16"):
         T.use_bf16("fast")

@@ -17,7 +17,8 @@ def test_a_client_computes_on_cuda_only_when_given_a_gpu_that_is_there(monkeypat
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_bf16_auto_on_a_gpu_follows_the_gpu(monkeypatch, has_bf16):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: has_bf16)
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: not has_bf16)   # the CPU's answer must not count
+    # the CPU's answer must not count
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: {"bf16": not has_bf16, "why": "stand-in"})
     assert bf16_on("cuda", "auto") is has_bf16
     assert bf16_on("cuda", False) is False and bf16_on("cuda", True) is True
     assert bf16_on("cpu", "auto") is (not has_bf16)

@@ -110,7 +110,7 @@ class Train:
     """Training settings shared by the stages; a stage section may override any of them."""
     batch_size: int = 8                    # examples per optimizer step
     max_len: int = 160                     # tokens per example (prompt + answer); longer ones are cut
-    bf16: Any = "auto"                     # true | false | auto: bf16 autocast where the CPU has native bf16
+    bf16: Any = "auto"                     # true | false | auto: bf16 autocast where measured faster than float32
     grad_clip: float = 1.0                 # gradient norm clipped to this
     weight_decay: float = 0.0
     optimizer: str = "adamw"               # the client optimizer: adamw | sgd (a fresh one every round)

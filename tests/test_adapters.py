@@ -209,6 +209,24 @@ def test_label_scoring_with_a_shared_prompt_cache_equals_full_forwards():
     assert torch.allclose(fast, ref, atol=1e-4), (fast, ref)
     assert torch.allclose(label_logprobs(model, tok, prompts, labels, emb, bf16=False, batch_size=2), ref, atol=1e-4)
     assert score_labels(model, tok, prompts, labels, emb, bf16=False) == [labels[i] for i in ref.argmax(1)]
+    # SDPA packs every label into one row per prompt (a block-causal mask); another attention
+    # implementation scores one padded row per label: both equal the full forwards
+    import shared.evaluation.evaluate as E
+    assert model.lm.config._attn_implementation == "sdpa"
+    calls = []
+    packed_fn = E._packed_continuations
+    E._packed_continuations = lambda *a, **k: calls.append(1) or packed_fn(*a, **k)
+    try:
+        label_logprobs(model, tok, prompts, labels, emb, bf16=False)
+        assert calls, "the SDPA path did not pack"
+        model.lm.config._attn_implementation = "eager"
+        calls.clear()
+        rows = label_logprobs(model, tok, prompts, labels, emb, bf16=False, batch_size=2)
+        assert not calls
+    finally:
+        E._packed_continuations = packed_fn
+        model.lm.config._attn_implementation = "sdpa"
+    assert torch.allclose(rows, ref, atol=1e-4), (rows, ref)
 
 
 def test_bf16_auto_is_measured_once_per_machine_and_bad_values_are_refused(monkeypatch, tmp_path):

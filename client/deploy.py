@@ -137,6 +137,21 @@ class ReplyWatch:
         return None
 
 
+def say_precision():
+    """train.bf16=auto's answer on this machine, measured (once per machine) before the SuperNode starts
+    any ClientApp, so that they all read the kept answer (shared/runtime/precision.py cpu_bf16). In a
+    child process: this wrapper lives as long as the node and stays without torch (~300 MB each)."""
+    code = ("from shared.runtime.precision import client_device, describe_precision\n"
+            "print(describe_precision('auto') + \" (where the run's train.bf16 is auto)\" if client_device() == 'cpu' "
+            "else 'train.bf16=auto: the GPU decides')")
+    # -P: not the working directory first on the path (a folder named shared/ there would shadow the package)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip():
+        say(out.stdout.strip().splitlines()[-1])
+    else:
+        say("could not measure bf16 against float32 here:", (out.stderr.strip().splitlines() or ["?"])[-1])
+
+
 def run_client(args) -> int:
     """Run flower-supernode and keep it in the federation: when it exits on its own (e.g. the
     SuperLink refused to activate it), start it again for up to --rejoin-s seconds. A node that
@@ -146,10 +161,8 @@ def run_client(args) -> int:
     with its replies is stopped and started again at once. SIGTERM / SIGINT stop the SuperNode
     (with the ClientApps it started: it runs in its own process group) and this wrapper."""
     cmd, env = supernode_command(args)
-    if not args.dry_run:   # measured here, once, where it must be: the ClientApps this node starts read the answer
-        from shared.runtime.precision import client_device, describe_precision
-        if client_device() == "cpu":
-            say(describe_precision("auto"), "(where the run's train.bf16 is auto)")
+    if not args.dry_run:
+        say_precision()
     say("starting:", shlex.join(cmd))
     if args.dry_run:
         print(shlex.join(cmd))

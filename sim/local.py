@@ -22,6 +22,7 @@ from shared.runtime.config import to_yaml
 from shared.runtime.persist import export_peft_adapter, save_group
 from shared.runtime.precision import use_bf16
 from shared.runtime.results import RunDir, eval_rows, table_notes, write_results
+from shared.runtime.rules import ConfigError
 from shared.runtime.runner import run
 
 log = logging.getLogger("proper.local")
@@ -42,6 +43,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def run_local(cfg: DictConfig, run_path: str | Path) -> list[dict]:
+    if cfg.eval.clients is not None:
+        raise ConfigError("eval.clients samples a federation's clients for evaluation; `proper local` has one "
+                          "client holding every user: drop eval.clients (or data.max_users to evaluate fewer)")
     local = LocalRun(cfg, run_path)
     run(stage_plan(cfg), local)
     return local.rows

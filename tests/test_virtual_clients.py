@@ -180,3 +180,38 @@ def test_more_supernodes_asked_for_than_clients_waits_for_the_ones_started():
     assert virtual_grid(object(), cfg).supernodes == 2
     cfg = load_config("tiny", ["simulation.virtual_clients=2", "simulation.num_clients=5"])
     assert virtual_grid(object(), cfg).supernodes == 2
+
+
+def test_eval_clients_evaluates_and_trains_stage_3_on_one_fixed_sample(tmp_path):
+    """eval.clients = 2 of 6 (issue 34's study at scale): every evaluation and the user stage go to the
+    same 2 clients, drawn by eval.sample_seed, so a run with another seed meets the same users; the
+    shared stages still sample from all 6; the table says so and counts passes against all 6 users."""
+    short = ["simulation.virtual_clients=2", "eval.clients=2", "federation.audit_replies=false"]
+    assert sim(tmp_path, "a", *short) == 0
+    assert sim(tmp_path, "b", *short, "seed=1") == 0
+    assert sim(tmp_path, "c", *short, "eval.sample_seed=5") == 0
+    sampled = {}
+    for name in ("a", "b", "c"):
+        progress = json.loads((tmp_path / name / "checkpoint" / "progress.json").read_text())
+        part = progress["participation"]
+        for step in ("eval:base", "eval:population", "eval:group", "eval:user", "user"):
+            assert part[step]["sent"] == 2 and part[step]["users"] == 2, (name, step, part[step])
+        assert part["population:1"]["sent"] == 3        # federation.clients_per_round of all 6
+        # the users with stage-3 state on disk are the sample
+        sampled[name] = sorted(p.name for p in (tmp_path / name).rglob("*.user") if p.is_dir())
+        assert len(sampled[name]) == 2, sampled[name]
+        table = (tmp_path / name / "table.md").read_text()
+        assert "a fixed sample of 2 clients" in table and "holding about 6 users" in table
+        # 3 of 6 users trained in the shared rounds, 2 of 6 (the sample) for tiny's one stage-3 epoch
+        assert "population 0.50, group 0.50, user 0.33" in table
+    assert sampled["a"] == sampled["b"]                   # another run seed: the same users
+    assert sampled["c"] != sampled["a"]                   # another sample seed: others
+
+
+def test_eval_clients_is_refused_by_proper_local(tmp_path):
+    from shared.runtime.config import ConfigError, load_config
+    from sim.local import run_local
+    with pytest.raises(ConfigError, match="eval.clients"):
+        run_local(load_config("tiny", ["eval.clients=2"]), tmp_path / "r")
+    with pytest.raises(ConfigError, match="eval.clients"):
+        load_config("tiny", ["eval.clients=0"])

@@ -26,7 +26,7 @@ def model_content(fed: Federation) -> RecordDict:
 def user_stage(fed: Federation, step: Step):
     content = model_content(fed)
     content[P.CONFIG] = ConfigRecord({"stage": "user"})
-    ok = fed.send(step.name, P.TRAIN_USER, content)
+    ok = fed.send(step.name, P.TRAIN_USER, content, nodes=fed.eval_nodes())   # eval.clients: the sample
     # a client whose users all have no history trains none of them and sends no loss
     losses = [float(r.content[P.METRICS]["train_loss"]) for r in ok if "train_loss" in r.content[P.METRICS]]
     fed.log_train(step, {"train_loss": float(np.mean(losses)) if losses else None})

@@ -183,7 +183,8 @@ class User:
 
 
 @rules(batch_size=at_least(1), max_new_tokens=at_least(1), mode=one_of("generate", "score"),
-       splits=each_of("test", "val"), stages=each_of("base", "base-chat", "population", "group", "user"))
+       splits=each_of("test", "val"), stages=each_of("base", "base-chat", "population", "group", "user"),
+       clients=at_least(1))
 @dataclass
 class Eval:
     mode: str = "generate"                 # generate | score (label tasks: pick the most likely label)
@@ -192,6 +193,10 @@ class Eval:
     max_new_tokens: Optional[int] = None   # null = per task kind (shared/evaluation/evaluate.py)
     stages: List[str] = _list("base", "population", "group", "user")   # which stages' models are evaluated
     # (base-chat: the bare backbone asked through its chat template, beside base: a zero-shot row)
+    # A study at scale (federated runs only): evaluate a fixed sample of this many clients, and train
+    # stage 3 (local, for evaluation alone in a simulation) on them only; null = every client
+    clients: Optional[int] = None
+    sample_seed: int = 0                   # draws the sample (not the run's seed: every run meets the same users)
 
 
 @rules(k=at_least(0))

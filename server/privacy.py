@@ -110,6 +110,10 @@ def note_release(fed, stage: str, server_round: int, updates: int):
 
 
 def users_counted(fed) -> int:
+    """N of delta = 1 / N: the users evaluated (every user), or with eval.clients (a sample evaluated)
+    every node's users, which a sample's count would understate (a larger delta, a smaller epsilon)."""
+    if fed.cfg.eval.clients is not None:
+        return fed.users_in_federation()
     evals = [p["users"] for p in fed.progress.evaluations()]
     return max(evals or [p["users"] for p in fed.progress.participation.values()] or [0])
 

@@ -159,3 +159,15 @@ def test_a_private_run_with_poisson_sampling_states_its_account(tmp_path):
     table = (tmp_path / "p" / "table.md").read_text()
     assert "amplified by Poisson sampling" in table and "q = 2/4" in table
     assert "releases not covered by the epsilon above" in table and "| train.group | routing | mixtures |" in table
+
+
+def test_delta_counts_every_user_when_only_a_sample_is_evaluated():
+    """delta = 1 / N: with eval.clients a run evaluates a sample, whose count would state a larger
+    delta and so a smaller epsilon than the federation's users allow."""
+    from server.privacy import users_counted
+    progress = SimpleNamespace(evaluations=lambda: [{"users": 2}], participation={})
+    every = SimpleNamespace(cfg=load_config("tiny", []), progress=progress, users_in_federation=lambda: 6)
+    assert users_counted(every) == 2                 # every user evaluated: the evaluations' count
+    sample = SimpleNamespace(cfg=load_config("tiny", ["eval.clients=2"]), progress=progress,
+                             users_in_federation=lambda: 6)
+    assert users_counted(sample) == 6

@@ -109,6 +109,10 @@ class Views:
                 return store
         return None
 
+    def has_user_stage(self, user_id: str) -> bool:
+        store = self.store_of(user_id)
+        return store is not None and store.path(user_id, "router").is_file()
+
     def embedding(self, user_id: str) -> torch.Tensor | None:
         if user_id not in self._emb:
             store = self.store_of(user_id)
@@ -212,6 +216,11 @@ def run_audit(run_path: str | Path) -> dict:
     m = int(cfg.privacy.canaries.candidates)
     cand = {c.user: _candidates(c, m) for c in canaries}
     canary_items, held = audited_items(cfg, spec, users, canaries, cand)
+    if cfg.eval.clients is not None:
+        # a study at scale evaluated (and trained stage 3 on) a fixed sample of clients: membership is
+        # measured on those users, in every view alike; a canary outside the sample has no user view
+        held = {u: v for u, v in held.items() if views.has_user_stage(u)}
+        log.info("eval.clients: membership measured on the %d sampled users with a stage-3 model", len(held))
     results = {}
     for view in views.available():
         t = time.time()

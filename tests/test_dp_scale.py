@@ -1,0 +1,67 @@
+"""bench/dp_scale.py (issue 34's study at scale) end to end with the tiny random model: the runs
+carry the noise the accountant asks for a target epsilon and spend no more, every privacy level
+meets the same sampled users, the audit measures those users, the tables carry the runs' numbers,
+and a finished study resumes without running anything again."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench.dp_scale as study
+
+TINY = ["model.name=tiny", "train.bf16=false", "train.max_len=96", "population.rounds=1", "group.rounds=1"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp_scale")
+    argv = ["--out", str(out), "--users", "6", "--levels", "none,clip,8", "--per-round", "3", "--eval-users", "2",
+            "--min-profile", "3", "--max-profile", "5", "--canaries", "1", "--audit", "--threads", "1"]
+    argv += [x for o in TINY for x in ("--set", o)]
+    assert study.main(argv) == 0
+    return out, argv
+
+
+def test_each_level_runs_with_the_accountants_noise_and_spends_at_most_its_target(finished):
+    from server.privacy import noise_for
+    out, _ = finished
+    res = {r["level"]: r for r in (json.loads(p.read_text()) for p in (out / "results").glob("*.json"))}
+    assert set(res) == {"none", "clip", "8"} and all(r["rc"] == 0 for r in res.values())
+    assert res["none"]["privacy"]["dp"] is False and res["none"]["clip"] is None
+    z = noise_for(8.0, 2, 3, 6, 1 / 6)                  # 2 releases (one population, one group round), q = 3/6
+    p = res["8"]["privacy"]
+    assert p["dp"] and p["noise_multiplier"] == pytest.approx(z, rel=1e-3) and p["delta"] == pytest.approx(1 / 6)
+    assert p["clip"] == 1.0
+    # the run's own account: within the target, and not far under it (the z is the smallest that fits;
+    # a Poisson draw that came back empty is a release too, so the count of rounds is the planned one)
+    assert 6.0 < p["epsilon"] <= 8.0 + 1e-6
+    assert res["clip"]["privacy"]["noise_multiplier"] == 0 and res["clip"]["privacy"]["epsilon"] == float("inf")
+    for r in res.values():                              # 2 of 6 users evaluated, the same 2 at every level
+        assert r["stages"]["user"]["val"]["users"] == 2 and r["stages"]["population"]["test"]["users"] == 2
+        assert r["audit"]["population"]["users"] == 2   # membership measured on the sample
+    runs = out / "runs"
+    sampled = {lv: sorted(p.name for p in (runs / f"dev-N6--{lv}--s0").rglob("*.user")) for lv in res}
+    assert len(sampled["none"]) == 2 and sampled["none"] == sampled["clip"] == sampled["8"]
+
+
+def test_the_table_carries_the_runs_numbers_and_a_finished_study_resumes(finished):
+    out, argv = finished
+    md = (out / "dp_scale.md").read_text()
+    r = json.loads((out / "results" / "dev-N6--8--s0.json").read_text())
+    user_val = 100 * r["stages"]["user"]["val"]["accuracy"]
+    row = next(line for line in md.splitlines() if line.startswith("| 8 |"))
+    assert f"| {user_val:.1f} |" in row and f"{r['privacy']['epsilon']:.3g} (0.17)" in row
+    lines = [line for line in md.splitlines() if line.startswith("| ") and "level" not in line]
+    assert [line.split(" | ")[0] for line in lines] == ["| none", "| clip", "| 8"]   # ordered weakest to strongest
+    assert (out / "dp_scale.csv").is_file() and (out / "val_vs_epsilon.png").is_file()
+    assert (out / "exposure_vs_epsilon.png").is_file()
+    called = []
+    assert study.main(argv, runner=lambda *a: called.append(a) or 0) == 0
+    assert called == []                                  # every cell has its result
+
+
+def test_levels_are_checked():
+    assert study.parse_levels("none, clip,8,0.5") == ["none", "clip", "8", "0.5"]
+    with pytest.raises(ValueError):
+        study.parse_levels("none,eight")

@@ -22,12 +22,12 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.common import run_logged
 from shared.runtime.persist import atomic_write_text
 
 KINDS = ("nan", "scale", "sign_flip", "claim_examples")
@@ -113,7 +113,7 @@ def run_cell(cell: dict, out: Path, data: Path, users: int, args, runner=None) -
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rc = (runner or _subprocess)(cmd, env, log_path)
+    rc = (runner or run_logged)(cmd, env, log_path)
     return _record(cell, out, users, rc, time.time() - t0, " ".join(cmd[2:]))
 
 
@@ -134,12 +134,6 @@ def _record(cell: dict, out: Path, users: int, rc: int, wall: float, command: st
     atomic_write_text(result_path, json.dumps(res, indent=1))
     print(f"{cell['name']}: rc {rc}, val {res['val_accuracy']}, ARI {res['ari']}, {res['wall_s']} s", flush=True)
     return res
-
-
-def _subprocess(cmd, env, log_path) -> int:
-    with open(log_path, "w") as log:
-        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              cwd=Path(__file__).parent.parent).returncode
 
 
 def _pct(v) -> str:

@@ -6,11 +6,20 @@ import datetime
 import fcntl
 import os
 import platform
+import subprocess
 import threading
 import time
 from pathlib import Path
 
-BENCH_MD = Path(__file__).resolve().parent.parent / "docs" / "results" / "bench.md"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_MD = ROOT / "docs" / "results" / "bench.md"
+
+
+def run_logged(cmd: list[str], env: dict, log_path: Path) -> int:
+    """A study's one run (`proper ...` in a child process, from the repository root), its output
+    into log_path; returns the exit status (the studies' default `runner`)."""
+    with open(log_path, "w") as log:
+        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
 
 
 def machine() -> str:

@@ -36,12 +36,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.common import run_logged
 from bench.suite import group_recovery
 from shared.runtime.persist import atomic_write_text
 
@@ -148,7 +148,7 @@ def run_cell(args, side: str, users: int, level: str, seed: int, runner=None) ->
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     log_path = args.out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    run = runner or _subprocess
+    run = runner or run_logged
     t0 = time.time()
     rc = run([sys.executable, "-m", "sim.cli", "sim", "-c", BASE_CONFIG, *o], env, log_path)
     wall = time.time() - t0
@@ -165,11 +165,6 @@ def run_cell(args, side: str, users: int, level: str, seed: int, runner=None) ->
     atomic_write_text(result_path, json.dumps(res, indent=1))
     print(f"{name}: rc {rc}, {res['wall_s']} s", flush=True)
     return res
-
-
-def _subprocess(cmd, env, log_path) -> int:
-    with open(log_path, "w") as log:
-        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
 
 
 # ---------------------------------------------------------------- tables and figures

@@ -34,13 +34,13 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import run_logged
 from shared.runtime.persist import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,7 +276,7 @@ def run_cell(cell: dict, ds: Dataset, out: Path, data: str, args, runner=None) -
     log_path = out / "logs" / f"{cell['name']}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rc = (runner or _subprocess)(cmd, env, log_path)
+    rc = (runner or run_logged)(cmd, env, log_path)
     wall = time.time() - t0
     res = {**cell, "rc": rc, "finished": rc == 0 and (run_dir / "table.json").is_file(), "wall_s": round(wall, 1),
            "command": " ".join(["proper", *cmd[3:]]), "machine": machine(run_dir), "splits": list(ds.splits),
@@ -293,11 +293,6 @@ def _n_train(run_dir: Path) -> int | None:
         return None
     from omegaconf import OmegaConf
     return train_items(OmegaConf.load(run_dir / "config.yaml"))
-
-
-def _subprocess(cmd, env, log_path) -> int:
-    with open(log_path, "w") as log:
-        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
 
 
 def references(out: Path, ds: Dataset, data: str, extra: list[str]) -> list[dict]:

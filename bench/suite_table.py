@@ -102,6 +102,60 @@ def _table(ds, rows: list[dict], refs: list[dict], planned: int, finished: int, 
     return "\n".join(lines) + "\n"
 
 
+BASELINES = ("population", "oppu", "rag")   # issue 33: stage 3 at or above the best of these on val
+
+
+def bars(ds, rows: list[dict]) -> list[str] | None:
+    """One data set's line of the issue's bars, read off its summarised rows (the default, proper-fed,
+    against the baselines), on val where the data set has it: the stages' means and whether they
+    rise; the group stage's recovery (ARI); the best baseline's final stage and the default's stage 3
+    against it. Means over the seeds that finished (min-max in the data set's own table)."""
+    metric = task_spec(ds.task).metrics[0]
+    split = "val" if "val" in ds.splits else ds.splits[0]
+    lower = metric in RAW                      # MAE / RMSE: lower is better
+    sign = -1 if lower else 1
+
+    def mean(method, stage):
+        r = next((r for r in rows if r["method"] == method and r["stage"] == stage), None)
+        b = None if r is None else r["values"].get((split, metric))
+        return None if b is None else b[0], (r or {}).get("seeds", 0)
+    stages = [mean("proper-fed", s) for s in ("population", "group", "user")]
+    if any(v is None for v, _ in stages):
+        return None
+    (pop, seeds), (grp, _), (usr, _) = stages
+    rises = sign * (grp - pop) >= 0 and sign * (usr - grp) >= 0
+    grow = next((r for r in rows if r["method"] == "proper-fed" and r["stage"] == "group"), {})
+    best = None
+    for m in BASELINES:
+        final = {"population": "population", "oppu": "user", "rag": "rag"}[m]
+        v, _ = mean(m, final)
+        if v is not None and (best is None or sign * (v - best[1]) > 0):
+            best = (m, v)
+    scale = (lambda v: f"{v:.3f}") if lower else (lambda v: f"{100 * v:.1f}")   # noqa: E731
+    if best is None:
+        verdict = "-"
+    else:
+        diff = sign * (usr - best[1])
+        verdict = ("yes" if diff >= 0 else "no") + f" ({'+' if diff >= 0 else '-'}{scale(abs(diff))})"
+    ari = grow.get("ari")
+    return [ds.name, f"{split} {metric}", str(seeds), scale(pop), scale(grp), scale(usr), "yes" if rises else "no",
+            "-" if ari is None else f"{ari[0]:.2f}", "-" if best is None else f"{best[0]} {scale(best[1])}", verdict]
+
+
+def bars_table(sets, rows_by_ds: dict) -> str:
+    lines = [bars(ds, rows_by_ds.get(ds.name, [])) for ds in sets]
+    lines = [x for x in lines if x]
+    if not lines:
+        return ""
+    head = ["data set", "metric", "seeds", "population", "group", "user", "rises", "group ARI",
+            "best of population-only, OPPU, RAG", "stage 3 at or above it"]
+    return "\n".join(["### The issue's bars: the default (proper-fed) on each data set", "",
+                      "Means over the seeds that finished; \"rises\": population <= group <= user on the means "
+                      "(lower for MAE / RMSE); the baselines' final stages.", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(x) + " |" for x in lines)]) + "\n"
+
+
 def write_tables(out: Path, datasets, cells: list[dict]) -> str:
     """The tables of the planned `cells` (those with a result; the others counted as not run)."""
     results, refs = load_results(out)
@@ -113,9 +167,10 @@ def write_tables(out: Path, datasets, cells: list[dict]) -> str:
         if not sets:
             continue
         parts.append(f"## {title}\n")
+        by_ds = {}
         for ds in sets:
             mine = [r for r in results if r["dataset"] == ds.name]
-            rows = summarise(ds, mine)
+            rows = by_ds[ds.name] = summarise(ds, mine)
             planned = sum(c["dataset"] == ds.name for c in cells)
             done = sum(bool(r.get("finished")) for r in mine)
             parts.append(_table(ds, rows, refs.get(ds.name, []), planned, done, len(mine) - done))
@@ -130,6 +185,9 @@ def write_tables(out: Path, datasets, cells: list[dict]) -> str:
                                      "" if r["passes"] is None else f"{r['passes'][0]:.4g}",
                                      "" if r["examples_seen"] is None else f"{r['examples_seen'][0]:.0f}",
                                      *(("", "", "") if r["wall_s"] is None else (f"{x:.1f}" for x in r["wall_s"]))])
+        summary = bars_table(sets, by_ds)
+        if summary:
+            parts.append(summary)
     md = ("# Benchmark suite\n\nEach value: mean [min, max] over the run seeds that finished; **bold** stage: the "
           "method's final stage. Percent metrics x100; MAE / RMSE as they are (lower is better). passes: over the "
           "training data, all stages; examples seen: passes x training items; wall s: each cell's process.\n\n"

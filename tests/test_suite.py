@@ -200,3 +200,28 @@ def test_table_only_lists_planned_cells_without_running(tmp_path, tiny_registry)
         raise AssertionError("--table-only ran a cell")
     assert suite.main(_args(out, "--table-only", "--methods", "oppu"), runner=must_not_run) == 0
     assert "### t-dev (dev; LaMP_2; 0 of 3 cells finished, 0 failed)" in (out / "suite.md").read_text()
+
+
+def test_the_bars_line_reads_the_default_against_the_best_baseline():
+    from bench.suite_table import bars
+
+    def row(method, stage, v, split="val", metric="accuracy", ari=None):
+        return {"method": method, "stage": stage, "seeds": 3, "values": {(split, metric): (v, v - 0.05, v + 0.05)},
+                "ari": None if ari is None else (ari, ari, ari)}
+    l2 = Dataset("x", "heldout", seed=101)
+    rows = [row("proper-fed", "population", 0.2), row("proper-fed", "group", 0.3, ari=0.42),
+            row("proper-fed", "user", 0.4), row("population", "population", 0.25), row("oppu", "user", 0.45),
+            row("rag", "rag", 0.1)]
+    assert bars(l2, rows) == ["x", "val accuracy", "3", "20.0", "30.0", "40.0", "yes", "0.42", "oppu 45.0",
+                              "no (-5.0)"]
+    rows[1] = row("proper-fed", "group", 0.5)           # group above user: not rising
+    assert bars(l2, rows)[6] == "no"
+    assert bars(l2, rows[:3])[-2:] == ["-", "-"]          # no baseline has run
+    assert bars(l2, rows[1:]) is None                     # the default's population stage has not
+    # MAE: lower is better, both for "rises" and for the comparison
+    l3 = Dataset("r", "heldout", seed=101, task="LaMP_3")
+    mae = [row("proper-fed", s, v, metric="mae") for s, v in (("population", 0.9), ("group", 0.8), ("user", 0.7))]
+    mae += [row("oppu", "user", 0.6, metric="mae"), row("rag", "rag", 1.1, metric="mae")]
+    assert bars(l3, mae)[3:] == ["0.900", "0.800", "0.700", "yes", "-", "oppu 0.600", "no (-0.100)"]
+    mae[3] = row("oppu", "user", 0.75, metric="mae")
+    assert bars(l3, mae)[-2:] == ["oppu 0.750", "yes (+0.050)"]

@@ -4,6 +4,7 @@ the rouge-score package itself, and against the values the code gave before it b
 import math
 import random
 
+import numpy as np
 import pytest
 
 from shared.data.lamp import task_spec
@@ -205,6 +206,9 @@ def test_bootstrap_ci():
     _, lo90, hi90 = bootstrap_ci(vals, alpha=0.5, seed=3)
     assert lo <= lo90 and hi90 <= hi and hi90 - lo90 < hi - lo
     assert bootstrap_ci([2.0, 2.0]) == (2.0, 2.0, 2.0)
+    # the users' scores arrive shuffled (no ids, no order): the interval must not depend on their order
+    assert all(bootstrap_ci(list(np.random.default_rng(k).permutation(vals)), seed=3) == (mean, lo, hi)
+               for k in range(5))
 
 
 def test_paired_comparison_averages_seeds_per_user_and_bootstraps_over_users(tmp_path):

@@ -165,8 +165,10 @@ def match_label(text, labels):
 
 
 def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0):
-    """Percentile bootstrap of the mean over users: (mean, lo, hi)."""
-    v = np.asarray(list(values), dtype=float)
+    """Percentile bootstrap of the mean over users: (mean, lo, hi). The values are sorted first: the
+    clients send their users' scores shuffled and the server pools replies in arrival order, so
+    without it two runs with the same scores drew different resamples (different CIs)."""
+    v = np.sort(np.asarray(list(values), dtype=float))
     if v.size == 0:
         raise ValueError("no values to bootstrap")
     rng = np.random.default_rng(seed)

@@ -124,7 +124,7 @@ def bars(ds, rows: list[dict]) -> list[str] | None:
         return None
     (pop, seeds), (grp, _), (usr, _) = stages
     rises = sign * (grp - pop) >= 0 and sign * (usr - grp) >= 0
-    grow = next((r for r in rows if r["method"] == "proper-fed" and r["stage"] == "group"), {})
+    group_row = next((r for r in rows if r["method"] == "proper-fed" and r["stage"] == "group"), {})
     best = None
     for m in BASELINES:
         final = {"population": "population", "oppu": "user", "rag": "rag"}[m]
@@ -137,7 +137,7 @@ def bars(ds, rows: list[dict]) -> list[str] | None:
     else:
         diff = sign * (usr - best[1])
         verdict = ("yes" if diff >= 0 else "no") + f" ({'+' if diff >= 0 else '-'}{scale(abs(diff))})"
-    ari = grow.get("ari")
+    ari = group_row.get("ari")
     return [ds.name, f"{split} {metric}", str(seeds), scale(pop), scale(grp), scale(usr), "yes" if rises else "no",
             "-" if ari is None else f"{ari[0]:.2f}", "-" if best is None else f"{best[0]} {scale(best[1])}", verdict]
 

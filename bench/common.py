@@ -2,6 +2,7 @@
 appending a result section to docs/results/bench.md."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import fcntl
 import os
@@ -20,6 +21,15 @@ def run_logged(cmd: list[str], env: dict, log_path: Path) -> int:
     into log_path; returns the exit status (the studies' default `runner`)."""
     with open(log_path, "w") as log:
         return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+
+
+def timing_args(description: str, argv=None) -> argparse.Namespace:
+    """The micro-benchmarks' shared arguments: torch threads, repetitions, where to append the table."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray client has 1)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="append the table here (default: print only)")
+    return ap.parse_args(argv)
 
 
 def machine() -> str:

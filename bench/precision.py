@@ -13,7 +13,6 @@ seconds is the number to read (> 1: bf16 is faster). The calibration `auto` runs
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import statistics
 import sys
@@ -21,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import append_result, machine
+from bench.common import append_result, machine, timing_args
 from shared.evaluation.evaluate import label_logprobs
 from shared.method.losses import answer_loss
 from shared.runtime.precision import autocast, cpu_has_bf16, measure_cpu_bf16
@@ -43,11 +42,7 @@ def median_pair(fn, reps: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray client has 1)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None, help="append the table here (default: print only)")
-    args = ap.parse_args(argv)
+    args = timing_args(__doc__.splitlines()[0], argv)
     torch.set_num_threads(args.threads)
     from client.model import build_model
     from shared.runtime.config import load_config

@@ -11,7 +11,6 @@ repetitions, medians, after a warm-up.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import statistics
 import sys
@@ -19,18 +18,14 @@ import time
 
 import torch
 
-from bench.common import append_result, machine
+from bench.common import append_result, machine, timing_args
 from shared.data.encode import encode_prompt
 from shared.evaluation.evaluate import label_logprobs
 from shared.runtime.precision import use_bf16
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray client has 1)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None, help="append the table here (default: print only)")
-    args = ap.parse_args(argv)
+    args = timing_args(__doc__.splitlines()[0], argv)
     torch.set_num_threads(args.threads)
     from client.data import all_users
     from client.model import build_model

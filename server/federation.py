@@ -12,13 +12,14 @@ import random
 import sys
 import time
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from server.checkpoint import Checkpoint
 from server.state import Progress, SharedParts
-from server.validation import ReplyBounds, screen
+from server.validation import ReplyBounds, screen, update_norm
 from shared.method.plan import Step
 from shared.runtime import protocol as P
 from shared.runtime.config import to_yaml
@@ -77,6 +78,11 @@ class Federation:
         # each round's sampled clients, drawn once in this process (server/strategies/chains.py round_nodes)
         self.round_samples: dict[tuple[str, int], list[int]] = {}
         self.partition_of: dict[int, int] = {}   # Ray simulation: node id -> partition-id (nodes())
+        # Without DP: each step's client update norms (the clip norm of a DP study is chosen on these, on
+        # a dev draw). Under DP they stay unrecorded: unclipped and unnoised, they would be a release
+        # outside the epsilon (docs/results/privacy.md, "Every release").
+        self.update_norms: dict[str, list[float]] | None = (
+            {} if cfg.privacy.dp.noise_multiplier is None else None)
         f = cfg.federation   # what a reply may claim (server/validation.py)
         self.bounds = ReplyBounds(max_examples=f.max_examples, norm_bound=f.norm_bound,
                                   noised_mixtures=str(cfg.privacy.mixtures) == "noise")
@@ -178,6 +184,12 @@ class Federation:
         pairs = [(by_id[r.metadata.reply_to_message_id], r) for r in replies
                  if not r.has_error() and r.metadata.reply_to_message_id in by_id]
         kept, dropped = screen(pairs, self.bounds)
+        if self.update_norms is not None:
+            kept_ids = {id(r) for r in kept}
+            norms = [n for n in (update_norm(s, r) for s, r in pairs if id(r) in kept_ids) if n is not None]
+            # a chained round's first wave finds its step out of participation (chained_round resets it)
+            fresh = not accumulate or step not in self.progress.participation
+            self.update_norms[step] = ([] if fresh else self.update_norms.get(step, [])) + norms
         for node, reason in dropped:
             log.warning("%s: dropped the reply of node %s: %s", step, node, reason)
         ok = sorted(kept, key=content_order)
@@ -216,5 +228,8 @@ class Federation:
         return replies
 
     def log_train(self, step: Step, metrics: dict):
-        self.run_dir.log({"kind": "train", "stage": step.kind, "round": step.round, **metrics,
+        norms = (self.update_norms or {}).get(step.name)
+        quantiles = {} if not norms else {
+            f"update_norm_p{q}": round(float(np.percentile(norms, q)), 4) for q in (10, 50, 90)}
+        self.run_dir.log({"kind": "train", "stage": step.kind, "round": step.round, **metrics, **quantiles,
                           **{f"nodes_{k}": v for k, v in self.progress.participation.get(step.name, {}).items()}})

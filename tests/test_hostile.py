@@ -43,9 +43,15 @@ def test_each_malformed_reply_is_dropped_and_the_run_completes(tmp_path, caplog,
     assert table and all(v == v for r in table for v in r["metrics"].values())   # finite results
 
 
-def test_an_honest_run_drops_nothing(tmp_path):
+def test_an_honest_run_drops_nothing_and_records_its_update_norms(tmp_path):
     assert run(tmp_path, "honest", "federation.max_examples=50", "federation.norm_bound=10") == 0
-    assert all("nodes_dropped" not in r for r in trained(tmp_path / "honest").values())
+    rounds = trained(tmp_path / "honest")
+    assert all("nodes_dropped" not in r for r in rounds.values())
+    # without DP each shared round states its clients' update norms (a DP study's clip is chosen on them)
+    for stage in ("population", "group"):
+        r = rounds[(stage, 1)]
+        assert 0 < r["update_norm_p10"] <= r["update_norm_p50"] <= r["update_norm_p90"], r
+    assert "update_norm_p50" not in rounds[("user", 1)]   # stage 3 sends no parameters
 
 
 def test_too_few_valid_replies_stop_the_run_at_its_last_checkpoint(tmp_path, caplog):

@@ -179,6 +179,8 @@ def test_noise_on_the_aggregate_of_a_tiny_federation_has_the_configured_std(tmp_
     record = [json.loads(line) for line in (tmp_path / "z2" / "rounds.jsonl").read_text().splitlines()]
     privacy = next(r for r in record if r["kind"] == "privacy")
     assert privacy["stages"]["population"]["rounds"] == 1 and privacy["delta"] == 0.25
+    # the unclipped update norms are not released under DP (a run without DP records them)
+    assert not any(k.startswith("update_norm") for r in record for k in r)
     table = (tmp_path / "z2" / "table.md").read_text()
     assert "composed epsilon" in table and "at delta 0.25" in table
     assert "clipping without noise" in (tmp_path / "z0" / "table.md").read_text()

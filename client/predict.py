@@ -7,7 +7,8 @@
   no history         a user with no e_u and no user LoRA is served by the group-stage model with the
                      population's mean mixture (the server's), at the group and user stages
   base-chat          the bare backbone asked through its chat template (plan.BASE_CHAT)
-  rag                the bare backbone asked with each user's retrieved items (plan.RAG, method=rag)
+  rag                the bare backbone asked with each user's retrieved items (plan.RAG, method=rag); in
+                     its chat template, items and question as the user's turn, with retrieval.chat
 
 The stages but base and base-chat put the users' retrieved items (retrieval.k > 0, attached on this
 client: client/trainer.py) before each question; base and base-chat ask the question alone.
@@ -58,7 +59,8 @@ def evaluate(t, stage: str, population: dict | None, group: dict | None, split: 
 def predictions(t, stage: str, population: dict | None, group: dict | None, split: str,
                 mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
     """ClientTrainer.predictions: every user's predictions for its `split` items at `stage`."""
-    chat, retrieved = stage == BASE_CHAT, retrieves(stage)
+    chat = stage == BASE_CHAT or (stage == RAG and bool(t.cfg.retrieval.chat))
+    retrieved = retrieves(stage)
     stage = "base" if stage in (BASE_CHAT, RAG) else stage
     t.prepare(stage, population, group)
     users = [u for u in t.users if getattr(u, split)]
@@ -93,7 +95,8 @@ def predict_each(t, users, split: str) -> dict[str, list[str]]:
 def predict_batched(t, stage: str, users, split: str, chat: bool = False,
                     retrieved: bool = True) -> dict[str, list[str]]:
     """One batched pass over everyone, routed per row in the group stage; chat: the prompts in
-    the chat template (stage base-chat); retrieved: with the users' retrieved items (not stage base)."""
+    the chat template (stage base-chat; rag with retrieval.chat); retrieved: with the users' retrieved
+    items (not stages base, base-chat)."""
     if not users:
         return {}
     t.model.set_stage(stage)

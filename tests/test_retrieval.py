@@ -140,6 +140,16 @@ def test_method_rag_through_proper_sim_the_clients_retrieve(tmp_path, prompts_se
     check_rag(tmp_path / "fed", prompts_seen)
 
 
+def test_rag_through_the_chat_template_puts_the_items_in_the_users_turn(tmp_path, prompts_seen):
+    from sim.local import run_local
+    run_local(load_config("tiny", ["method=rag", "retrieval.chat=true", *ROOMY]), tmp_path / "chat")
+    bare, rag = prompts_seen                            # eval:base, then eval:rag
+    assert all(p.endswith(ANSWER) and not p.startswith("<|user|>") for p in bare)
+    assert all(p.startswith("<|user|>\n" + ITEM) and p.endswith("<|assistant|>\n") and ANSWER not in p for p in rag)
+    with pytest.raises(ConfigError, match="retrieval.chat"):
+        load_config("tiny", ["retrieval.chat=true"])    # only rag asks through the template
+
+
 def test_retrieval_k_in_proper_trains_and_evaluates_with_the_items(tmp_path, prompts_seen, monkeypatch):
     import shared.method.stages as S
     from sim.local import run_local

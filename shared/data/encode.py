@@ -32,19 +32,25 @@ def encode_prompt(tokenizer, text: str, max_prompt: int, context=None) -> list[i
     return body[: max(1, max_prompt - len(cue))] + cue
 
 
-def encode_chat_prompt(tokenizer, text: str, max_prompt: int) -> list[int]:
+def encode_chat_prompt(tokenizer, text: str, max_prompt: int, context=None) -> list[int]:
     """Prompt ids in the instruct model's own format: `text` as the user's turn of the tokenizer's
     chat template with the assistant's turn opened, no answer cue; the body cut when the whole is
-    longer than max_prompt (to about that length: the cut body is decoded and templated again)."""
+    longer than max_prompt (to about that length: the cut body is decoded and templated again).
+    context: the user's retrieved items (as in encode_prompt), before the question in the same turn,
+    cut first."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the stage base-chat asks the bare backbone through its chat template, "
-                         "and this model's tokenizer has none")
+        raise ValueError("base-chat (and rag with retrieval.chat) asks the bare backbone through its chat "
+                         "template, and this model's tokenizer has none")
 
     def wrap(body: str) -> list[int]:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                              add_generation_prompt=True)
         return tokenizer(chat, add_special_tokens=False)["input_ids"]
 
+    if context is not None:
+        fitted = fit(tokenizer, context, text, max_prompt - len(wrap("")))
+        if fitted is not None:
+            return wrap(tokenizer.decode(fitted))
     ids = wrap(text)
     if len(ids) > max_prompt:
         body = tokenizer(text, add_special_tokens=False)["input_ids"]

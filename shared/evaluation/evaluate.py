@@ -171,12 +171,13 @@ def predict(model, tokenizer, spec, examples, cfg, user_emb: torch.Tensor | None
     """Predictions for `examples` (all routed with user_emb rows, if given; in stage 3 with each
     example's user part, user_rows, among those given to model.user_parts), post-processed.
     chat: the prompts in the tokenizer's chat template instead of the training format (the
-    zero-shot row of the bare instruct model, stage base-chat), without retrieved items.
+    zero-shot row of the bare instruct model, stage base-chat; stage rag with retrieval.chat).
     retrieved: an example's retrieved items (ex.context, retrieval.k > 0) go before its question;
     False asks the question alone (the bare row, stage base)."""
     max_len = cfg.train.max_len
     if chat:
-        prompts = [encode_chat_prompt(tokenizer, ex.input, max_len) for ex in examples]
+        prompts = [encode_chat_prompt(tokenizer, ex.input, max_len, getattr(ex, "context", None) if retrieved else None)
+                   for ex in examples]
     else:
         prompts = [encode_prompt(tokenizer, ex.input, max_len, getattr(ex, "context", None) if retrieved else None)
                    for ex in examples]

@@ -207,6 +207,9 @@ class Retrieval:
     # items per query: null = 4 for method=rag (shared/method/plan.py RAG_K), 0 (off) for the others;
     # k > 0 with a trained method: the items in its inputs at training and evaluation (as OPPU does)
     k: Optional[int] = None
+    # method=rag: ask through the backbone's chat template (the items and the question as the user's
+    # turn) instead of the training format; the instruct model's own way of being asked
+    chat: bool = False
 
 
 @overrides(Train)
@@ -283,10 +286,13 @@ def resolve(layers: list[tuple[str, Any]]) -> DictConfig:
 
 
 def check_retrieval(cfg: DictConfig) -> None:
-    """method=rag with no item retrieved would be the bare backbone's row again."""
+    """method=rag with no item retrieved would be the bare backbone's row again; retrieval.chat is rag's."""
     if cfg.method == "rag" and cfg.retrieval.k == 0:
         raise ConfigError("retrieval.k: method=rag asks the backbone with the user's top k items; with k=0 it "
                           "is the bare backbone (eval stage base): set retrieval.k >= 1, or null for the default")
+    if cfg.retrieval.chat and cfg.method != "rag":
+        raise ConfigError(f"retrieval.chat: only method=rag asks through the chat template (method={cfg.method} "
+                          "trains in the training format); the bare chat row is eval.stages' base-chat")
 
 
 def check_splits(cfg: DictConfig) -> None:

@@ -125,10 +125,10 @@ METHODS = {m.name: m for m in (
     Method("oppu", "sim", ("method=oppu",), stages=("population", "user")),
     Method("loramoe", "sim", ("method=loramoe",), final="group", stages=("population", "group")),
     Method("mta", "sim", ("method=mta",), final="mta", stages=("mta",)),
-    Method("rag", "sim", ("method=rag",), seeded=False, final="rag", stages=()),
-    # a candidate for RAG (issue 33), chosen on the dev side: the items and the question as the user's
-    # turn of the backbone's chat template (the format the instruct model answers in)
-    Method("rag-chat", "sim", ("method=rag", "retrieval.chat=true"), seeded=False, final="rag", stages=()),
+    # RAG through the backbone's chat template (retrieval.chat's default), chosen on the dev side against
+    # rag-plain, the training format (session 25, docs/results/suite.md)
+    Method("rag", "sim", ("method=rag", "retrieval.chat=true"), seeded=False, final="rag", stages=()),
+    Method("rag-plain", "sim", ("method=rag", "retrieval.chat=false"), seeded=False, final="rag", stages=()),
     # a candidate for the default (issue 33, part 2), chosen here on the dev side only: the group stage
     # that finds groups (docs/results/groups.md: the assignment form of the constraint loss from the
     # answer-signature start, kept for the stage, the cosine group lr over 4 rounds) at the default k.

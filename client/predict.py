@@ -7,8 +7,8 @@
   no history         a user with no e_u and no user LoRA is served by the group-stage model with the
                      population's mean mixture (the server's), at the group and user stages
   base-chat          the bare backbone asked through its chat template (plan.BASE_CHAT)
-  rag                the bare backbone asked with each user's retrieved items (plan.RAG, method=rag); in
-                     its chat template, items and question as the user's turn, with retrieval.chat
+  rag                the bare backbone asked with each user's retrieved items (plan.RAG, method=rag): in
+                     its chat template, items and question as the user's turn (retrieval.chat, plan.rag_chat)
 
 The stages but base and base-chat put the users' retrieved items (retrieval.k > 0, attached on this
 client: client/trainer.py) before each question; base and base-chat ask the question alone.
@@ -25,7 +25,7 @@ import torch
 from client.store import read_user_adapter
 from shared.evaluation.evaluate import predict
 from shared.evaluation.metrics import add_stats, example_stats, per_example_scores
-from shared.method.plan import BASE_CHAT, RAG, retrieves
+from shared.method.plan import BASE_CHAT, RAG, rag_chat, retrieves
 from shared.runtime.process import PROCESS
 
 USERS_PER_PASS = 64   # users whose stage-3 parts one evaluation pass stacks (predict_each)
@@ -59,7 +59,7 @@ def evaluate(t, stage: str, population: dict | None, group: dict | None, split: 
 def predictions(t, stage: str, population: dict | None, group: dict | None, split: str,
                 mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
     """ClientTrainer.predictions: every user's predictions for its `split` items at `stage`."""
-    chat = stage == BASE_CHAT or (stage == RAG and bool(t.cfg.retrieval.chat))
+    chat = stage == BASE_CHAT or (stage == RAG and rag_chat(t.cfg))
     retrieved = retrieves(stage)
     stage = "base" if stage in (BASE_CHAT, RAG) else stage
     t.prepare(stage, population, group)

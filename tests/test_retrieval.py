@@ -14,6 +14,7 @@ from shared.runtime.backbone import load_backbone
 from shared.runtime.config import ConfigError, load_config
 
 ITEM = 'the tag for the movie: "'   # how LaMP_2 writes a retrieved item
+CHAT_ITEM = "<|user|>\n" + ITEM    # the same, first in the user's turn of the chat template
 # the tiny model's tokenizer counts bytes: compact prompts and room for a few items
 ROOMY = ["data.template=compact", "train.max_len=256"]
 
@@ -122,9 +123,11 @@ def check_rag(run, prompts_seen):
     assert {r["stage"] for r in records if r.get("kind") == "eval"} == {"base", "rag"}
     assert not [r for r in records if r.get("kind") == "train"]
     assert {r["stage"] for r in json.loads((run / "table.json").read_text())} == {"base", "rag"}
-    bare = [c for c in prompts_seen if not any(p.startswith(ITEM) for p in c)]
-    rag = [c for c in prompts_seen if all(p.startswith(ITEM) for p in c)]
+    # the rag rows through the chat template (retrieval.chat's default), the items first in the user's turn
+    bare = [c for c in prompts_seen if not any(ITEM in p for p in c)]
+    rag = [c for c in prompts_seen if all(p.startswith(CHAT_ITEM) and p.endswith("<|assistant|>\n") for p in c)]
     assert bare and rag and len(bare) + len(rag) == len(prompts_seen)
+    assert all(p.endswith(ANSWER) for c in bare for p in c)
 
 
 def test_method_rag_through_proper_local(tmp_path, prompts_seen):
@@ -140,12 +143,12 @@ def test_method_rag_through_proper_sim_the_clients_retrieve(tmp_path, prompts_se
     check_rag(tmp_path / "fed", prompts_seen)
 
 
-def test_rag_through_the_chat_template_puts_the_items_in_the_users_turn(tmp_path, prompts_seen):
+def test_rag_in_the_training_format_with_retrieval_chat_false(tmp_path, prompts_seen):
     from sim.local import run_local
-    run_local(load_config("tiny", ["method=rag", "retrieval.chat=true", *ROOMY]), tmp_path / "chat")
-    bare, rag = prompts_seen                            # eval:base, then eval:rag
-    assert all(p.endswith(ANSWER) and not p.startswith("<|user|>") for p in bare)
-    assert all(p.startswith("<|user|>\n" + ITEM) and p.endswith("<|assistant|>\n") and ANSWER not in p for p in rag)
+    run_local(load_config("tiny", ["method=rag", "retrieval.chat=false", *ROOMY]), tmp_path / "plain")
+    rag = [p for c in prompts_seen for p in c if ITEM in p]
+    assert rag and all(p.startswith(ITEM) and p.endswith(ANSWER) for p in rag)
+    assert not any("<|user|>" in p for c in prompts_seen for p in c)
     with pytest.raises(ConfigError, match="retrieval.chat"):
         load_config("tiny", ["retrieval.chat=true"])    # only rag asks through the template
 

@@ -175,8 +175,8 @@ def test_two_cells_end_to_end_tables_carry_the_runs_numbers_and_resume(tmp_path,
     assert len(calls) == 1 and "method=rag" in calls[0] and not (out / "runs" / "t-dev--rag--s0").exists()
     failed = json.loads((out / "results" / "t-dev--rag--s0.json").read_text())
     assert failed["rc"] == 3 and failed["finished"] is False
-    # the tables cover the whole plan of the selection (--only picks what runs): 6 seeded methods x 3 + rag
-    assert "### t-dev (dev; LaMP_2; 2 of 22 cells finished, 1 failed)" in (out / "suite.md").read_text()
+    # the tables cover the whole plan of the selection (--only picks what runs): 7 seeded methods x 3 + 2 RAGs
+    assert "### t-dev (dev; LaMP_2; 2 of 23 cells finished, 1 failed)" in (out / "suite.md").read_text()
 
 
 def test_a_held_out_rating_cell_federated(tmp_path, tiny_registry):
@@ -190,7 +190,7 @@ def test_a_held_out_rating_cell_federated(tmp_path, tiny_registry):
     assert "sim" in r["command"].split()[1] and "simulation.engine=inprocess" in r["command"]
     assert json.loads((out / "data" / "heldout" / "t-held" / "groups.json").read_text())["task"] == "LaMP_3"
     md = (out / "suite.md").read_text()
-    assert "### t-held (heldout; LaMP_3; 1 of 22 cells finished, 0 failed)" in md
+    assert "### t-held (heldout; LaMP_3; 1 of 23 cells finished, 0 failed)" in md
     assert "val mae" in md and "Dev side" not in md
 
 

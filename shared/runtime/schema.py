@@ -208,8 +208,8 @@ class Retrieval:
     # k > 0 with a trained method: the items in its inputs at training and evaluation (as OPPU does)
     k: Optional[int] = None
     # method=rag: ask through the backbone's chat template (the items and the question as the user's
-    # turn) instead of the training format; the instruct model's own way of being asked
-    chat: bool = False
+    # turn; null = yes, chosen on the benchmark's dev side) or, false, in the training format
+    chat: Optional[bool] = None
 
 
 @overrides(Train)
@@ -290,7 +290,7 @@ def check_retrieval(cfg: DictConfig) -> None:
     if cfg.method == "rag" and cfg.retrieval.k == 0:
         raise ConfigError("retrieval.k: method=rag asks the backbone with the user's top k items; with k=0 it "
                           "is the bare backbone (eval stage base): set retrieval.k >= 1, or null for the default")
-    if cfg.retrieval.chat and cfg.method != "rag":
+    if cfg.retrieval.chat is True and cfg.method != "rag":
         raise ConfigError(f"retrieval.chat: only method=rag asks through the chat template (method={cfg.method} "
                           "trains in the training format); the bare chat row is eval.stages' base-chat")
 

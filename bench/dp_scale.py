@@ -110,8 +110,14 @@ def noise(args, users: int, level: str) -> float:
     return round(noise_for(float(level), releases, per_round(users, args), users, 1.0 / users), 4)
 
 
-def cell_name(side: str, users: int, level: str, seed: int) -> str:
-    return f"{side}-N{users}--{level}--s{seed}"
+DEFAULT_CLIP = 1.0
+
+
+def cell_name(side: str, users: int, level: str, seed: int, clip: float = DEFAULT_CLIP) -> str:
+    """`<side>-N<users>--<level>--s<seed>`; a clipped level with another clip norm than the default
+    carries it (`--8-C6--`), so a study of clip norms keeps every run."""
+    tag = level if level == "none" or clip == DEFAULT_CLIP else f"{level}-C{clip:g}"
+    return f"{side}-N{users}--{tag}--s{seed}"
 
 
 def read_result(run_dir: Path) -> dict:
@@ -135,7 +141,7 @@ def read_result(run_dir: Path) -> dict:
 
 
 def run_cell(args, side: str, users: int, level: str, seed: int, runner=None) -> dict:
-    name = cell_name(side, users, level, seed)
+    name = cell_name(side, users, level, seed, args.clip)
     result_path = args.out / "results" / f"{name}.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -185,7 +191,7 @@ def _f(v, fmt="{:.1f}") -> str:
     return "inf" if isinstance(v, float) and math.isinf(v) else fmt.format(v)
 
 
-HEAD = ["level", "seed", "z", "epsilon spent (delta)", "population val %", "group val %", "user val %",
+HEAD = ["level", "C", "seed", "z", "epsilon spent (delta)", "population val %", "group val %", "user val %",
         "user val - no DP", "user test %", "group ARI", "exposure population", "exposure user",
         "membership AUC population", "wall s"]
 
@@ -198,7 +204,8 @@ def rows(results: list[dict]) -> list[list[str]]:
         user = _metric(r, "user", "val")
         ref = base.get(r["seed"])
         audit = r.get("audit") or {}
-        out.append([r["level"], str(r["seed"]), _f(p.get("noise_multiplier"), "{:.3g}") if p.get("dp") else "-",
+        out.append([r["level"], _f(r.get("clip"), "{:g}"), str(r["seed"]),
+                    _f(p.get("noise_multiplier"), "{:.3g}") if p.get("dp") else "-",
                     f"{_f(_spent(r), '{:.3g}')} ({_f(p.get('delta'), '{:.2g}')})" if p.get("dp") else "no DP",
                     *(_f(_metric(r, s, "val")) for s in STAGES),
                     _f(None if user is None or ref is None else user - ref, "{:+.1f}"),
@@ -217,7 +224,8 @@ def _order(level: str) -> tuple[int, float]:
 
 
 def write_outputs(out: Path, results: list[dict]) -> str:
-    results = sorted(results, key=lambda r: (r["side"], r["users"], _order(r["level"]), r["seed"]))
+    results = sorted(results, key=lambda r: (r["side"], r["users"], _order(r["level"]), r.get("clip") or 0,
+                                             r["seed"]))
     md = ["# DP at scale (bench/dp_scale.py)", ""]
     with open(out / "dp_scale.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
@@ -252,17 +260,20 @@ def plot(out: Path, results: list[dict]):
                                 "canary exposure of the population LoRA (bits)")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         drawn = False
-        for side, users in sorted({(r["side"], r["users"]) for r in done}):
+        # one line per N and clip norm; the no-DP run (no clip) is drawn on every line of its N
+        for side, users, clip in sorted({(r["side"], r["users"], r.get("clip") or DEFAULT_CLIP) for r in done}):
             pts = []
             for r in done:
-                if (r["side"], r["users"]) != (side, users) or value(r) is None:
+                if (r["side"], r["users"]) != (side, users) or value(r) is None \
+                        or (r.get("clip") or clip) != clip:
                     continue
                 eps = _spent(r)
                 pts.append((edge if eps is None or not math.isfinite(eps) else eps, value(r), eps is None))
             if not pts:
                 continue
             pts.sort()
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{side}, N = {users}")[0]
+            label = f"{side}, N = {users}" + ("" if clip == DEFAULT_CLIP else f", C = {clip:g}")
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
             ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], marker="*", s=160,
                        color=line.get_color(), zorder=3)
             drawn = True
@@ -288,7 +299,7 @@ def main(argv=None, runner=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--per-round", type=int, default=100, help="clients sampled per round on average (q = m / N)")
     ap.add_argument("--eval-users", type=int, default=100, help="users evaluated (and trained in stage 3)")
-    ap.add_argument("--clip", type=float, default=1.0, help="C: each client's update clipped to this L2 norm")
+    ap.add_argument("--clip", type=float, default=DEFAULT_CLIP, help="C: each client's update clipped to this L2 norm")
     ap.add_argument("--groups", type=int, default=3)
     ap.add_argument("--min-profile", type=int, default=4)
     ap.add_argument("--max-profile", type=int, default=12)

@@ -54,6 +54,7 @@ def test_the_table_carries_the_runs_numbers_and_a_finished_study_resumes(finishe
     assert f"| {user_val:.1f} |" in row and f"{r['privacy']['epsilon']:.3g} (0.17)" in row
     lines = [line for line in md.splitlines() if line.startswith("| ") and "level" not in line]
     assert [line.split(" | ")[0] for line in lines] == ["| none", "| clip", "| 8"]   # ordered weakest to strongest
+    assert [line.split(" | ")[1] for line in lines] == ["-", "1", "1"]               # the clip norm C
     assert (out / "dp_scale.csv").is_file() and (out / "val_vs_epsilon.png").is_file()
     assert (out / "exposure_vs_epsilon.png").is_file()
     called = []
@@ -65,3 +66,9 @@ def test_levels_are_checked():
     assert study.parse_levels("none, clip,8,0.5") == ["none", "clip", "8", "0.5"]
     with pytest.raises(ValueError):
         study.parse_levels("none,eight")
+
+
+def test_a_cell_with_another_clip_norm_is_another_cell():
+    assert study.cell_name("dev", 1000, "8", 0) == "dev-N1000--8--s0"
+    assert study.cell_name("dev", 1000, "8", 0, 6.0) == "dev-N1000--8-C6--s0"
+    assert study.cell_name("dev", 1000, "none", 0, 6.0) == "dev-N1000--none--s0"   # no DP: no clip

@@ -60,6 +60,11 @@ def ordered_by_partition(ids: list[int], partition_of: dict[int, int]) -> list[i
     return sorted(ids, key=key)
 
 
+def sent_start(msg: Message) -> bool:
+    """Whether a message carried shared parameters (a round's start), not an empty record."""
+    return P.ARRAYS in msg.content.array_records and len(msg.content[P.ARRAYS]) > 0
+
+
 class Federation:
     def __init__(self, grid: Grid, cfg, run_dir):
         self.grid, self.cfg = grid, cfg
@@ -185,8 +190,11 @@ class Federation:
                  if not r.has_error() and r.metadata.reply_to_message_id in by_id]
         kept, dropped = screen(pairs, self.bounds)
         if self.update_norms is not None:
+            # an update is measured against what was sent: a round that sent no start (the group stage's
+            # first without DP: the clients draw it) has none, only the parameters themselves
             kept_ids = {id(r) for r in kept}
-            norms = [n for n in (update_norm(s, r) for s, r in pairs if id(r) in kept_ids) if n is not None]
+            norms = [n for n in (update_norm(s, r) for s, r in pairs
+                                 if id(r) in kept_ids and sent_start(s)) if n is not None]
             # a chained round's first wave finds its step out of participation (chained_round resets it)
             fresh = not accumulate or step not in self.progress.participation
             self.update_norms[step] = ([] if fresh else self.update_norms.get(step, [])) + norms

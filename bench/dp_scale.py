@@ -261,7 +261,10 @@ def plot(out: Path, results: list[dict]):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         drawn = False
         # one line per N and clip norm; the no-DP run (no clip) is drawn on every line of its N
-        for side, users, clip in sorted({(r["side"], r["users"], r.get("clip") or DEFAULT_CLIP) for r in done}):
+        clipped = {(r["side"], r["users"], r["clip"]) for r in done if r.get("clip")}
+        alone = {(r["side"], r["users"], DEFAULT_CLIP) for r in done     # an N with no DP run: its own line
+                 if not any(c[:2] == (r["side"], r["users"]) for c in clipped)}
+        for side, users, clip in sorted(clipped | alone):
             pts = []
             for r in done:
                 if (r["side"], r["users"]) != (side, users) or value(r) is None \
@@ -272,8 +275,8 @@ def plot(out: Path, results: list[dict]):
             if not pts:
                 continue
             pts.sort()
-            label = f"{side}, N = {users}" + ("" if clip == DEFAULT_CLIP else f", C = {clip:g}")
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
+            name_n = f"{side}, N = {users}" + ("" if clip == DEFAULT_CLIP else f", C = {clip:g}")
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name_n)[0]
             ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], marker="*", s=160,
                        color=line.get_color(), zorder=3)
             drawn = True

@@ -59,7 +59,7 @@ def evaluate(t, stage: str, population: dict | None, group: dict | None, split: 
 def predictions(t, stage: str, population: dict | None, group: dict | None, split: str,
                 mean_mixture: torch.Tensor | None) -> dict[str, list[str]]:
     """ClientTrainer.predictions: every user's predictions for its `split` items at `stage`."""
-    chat = stage == BASE_CHAT or (stage == RAG and rag_chat(t.cfg))
+    chat = stage == BASE_CHAT or (stage == RAG and rag_chat(t.cfg, t.tokenizer))
     retrieved = retrieves(stage)
     stage = "base" if stage in (BASE_CHAT, RAG) else stage
     t.prepare(stage, population, group)

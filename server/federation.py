@@ -190,8 +190,8 @@ class Federation:
                  if not r.has_error() and r.metadata.reply_to_message_id in by_id]
         kept, dropped = screen(pairs, self.bounds)
         if self.update_norms is not None:
-            # an update is measured against what was sent: a round that sent no start (the group stage's
-            # first without DP: the clients draw it) has none, only the parameters themselves
+            # an update is measured against what was sent: a round that sent no start (plain FedAvg's
+            # first: the clients draw it) has none, only the parameters themselves
             kept_ids = {id(r) for r in kept}
             norms = [n for n in (update_norm(s, r) for s, r in pairs
                                  if id(r) in kept_ids and sent_start(s)) if n is not None]

@@ -151,6 +151,12 @@ def test_rag_in_the_training_format_with_retrieval_chat_false(tmp_path, prompts_
     assert not any("<|user|>" in p for c in prompts_seen for p in c)
     with pytest.raises(ConfigError, match="retrieval.chat"):
         load_config("tiny", ["retrieval.chat=true"])    # only rag asks through the template
+    from shared.method.plan import rag_chat
+    plain = load_backbone("tiny")[1]
+    plain.chat_template = None                          # a model without a chat template: null falls back
+    rag = load_config("tiny", ["method=rag"])
+    assert rag_chat(rag, plain) is False and rag_chat(rag, load_backbone("tiny")[1]) is True
+    assert rag_chat(load_config("tiny", ["method=rag", "retrieval.chat=false"]), load_backbone("tiny")[1]) is False
 
 
 def test_retrieval_k_in_proper_trains_and_evaluates_with_the_items(tmp_path, prompts_seen, monkeypatch):

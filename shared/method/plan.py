@@ -82,11 +82,14 @@ def retrieval_k(cfg) -> int:
     return int(k) if k is not None else (RAG_K if cfg.method == "rag" else 0)
 
 
-def rag_chat(cfg) -> bool:
-    """Whether stage rag asks through the chat template (retrieval.chat; null = yes: on the benchmark's
+def rag_chat(cfg, tokenizer=None) -> bool:
+    """Whether stage rag asks through the chat template (retrieval.chat; null = yes where the tokenizer
+    has one, the training format where it has none, e.g. a user's own base model: on the benchmark's
     dev side the training format left the bare 135M backbone at ROUGE-1 0.0 on the generation draws,
     the chat template 0.25, and above or level on four of the five label sets: docs/results/suite.md)."""
-    return cfg.retrieval.chat is not False
+    if cfg.retrieval.chat is None:
+        return tokenizer is None or bool(getattr(tokenizer, "chat_template", None))
+    return bool(cfg.retrieval.chat)
 
 
 def retrieves(stage: str) -> bool:

@@ -24,7 +24,9 @@ Each run is a cell `<side>-N<users>--<level>--s<seed>` in <out>/runs, its log in
 result (atomically, once it ends) in <out>/results/<cell>.json; a cell with a result is skipped,
 so a killed study resumes. Outputs: <out>/dp_scale.md (one table per side and N), dp_scale.csv,
 val_vs_epsilon.png (stage-3 val against the epsilon spent, one line per N; no DP at the right edge)
-and exposure_vs_epsilon.png (where audited).
+and exposure_vs_epsilon.png (where audited: per N the population LoRA, the user's own model and the
+bare backbone); the figures draw the report side where it has run, else dev; a level run with
+several seeds is one point (the mean) with min-max whiskers, and the table lists those bands.
 """
 from __future__ import annotations
 
@@ -192,8 +194,8 @@ def _f(v, fmt="{:.1f}") -> str:
 
 
 HEAD = ["level", "C", "seed", "z", "epsilon spent (delta)", "population val %", "group val %", "user val %",
-        "user val - no DP", "user test %", "group ARI", "exposure population", "exposure user",
-        "membership AUC population", "wall s"]
+        "user val - no DP", "user test %", "group ARI", "exposure base", "exposure population", "exposure user",
+        "membership AUC population", "membership AUC user", "wall s"]
 
 
 def rows(results: list[dict]) -> list[list[str]]:
@@ -210,12 +212,29 @@ def rows(results: list[dict]) -> list[list[str]]:
                     *(_f(_metric(r, s, "val")) for s in STAGES),
                     _f(None if user is None or ref is None else user - ref, "{:+.1f}"),
                     _f(_metric(r, "user", "test")), _f((r.get("groups") or {}).get("ari"), "{:.2f}"),
-                    _f(audit.get("population", {}).get("exposure"), "{:.2f}"),
-                    _f(audit.get("user", {}).get("exposure"), "{:.2f}"),
-                    _f(audit.get("population", {}).get("membership_auc"), "{:.3f}"),
+                    *(_f(audit.get(v, {}).get("exposure"), "{:.2f}") for v in ("base", "population", "user")),
+                    *(_f(audit.get(v, {}).get("membership_auc"), "{:.3f}") for v in ("population", "user")),
                     f"{r['wall_s']:.0f}" + (f" + {r['audit_s']:.0f} audit" if r.get("audit_s") else "")
                     + ("" if r["rc"] == 0 else f" (rc {r['rc']})")])
     return out
+
+
+def band_lines(group: list[dict]) -> list[str]:
+    """Where a level ran with several seeds: its stage-3 val as mean [min, max] over them (the band a
+    DP level is read against), one line per level and clip norm."""
+    levels: dict[tuple, list[float]] = {}
+    for r in group:
+        v = _metric(r, "user", "val")
+        if r["rc"] == 0 and v is not None:
+            levels.setdefault((r["level"], r.get("clip")), []).append((r["seed"], v))
+    out = []
+    for (level, clip), sv in sorted(levels.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1] or 0)):
+        if len(sv) > 1:
+            vs = [v for _, v in sv]
+            out.append(f"- stage-3 val over seeds {', '.join(str(s) for s, _ in sorted(sv))}: {level}"
+                       + (f" (C {clip:g})" if clip else "")
+                       + f" {sum(vs) / len(vs):.1f} [{min(vs):.1f}, {max(vs):.1f}]")
+    return out + [""] if out else []
 
 
 def _order(level: str) -> tuple[int, float]:
@@ -239,7 +258,7 @@ def write_outputs(out: Path, results: list[dict]) -> str:
             for row in rows(group):
                 md.append("| " + " | ".join(row) + " |")
                 w.writerow([key[0], key[1], g0["per_round"], g0["eval_users"], *row])
-            md.append("")
+            md += [""] + band_lines(group)
     os.replace(out / "dp_scale.csv.tmp", out / "dp_scale.csv")
     text = "\n".join(md) + "\n"
     atomic_write_text(out / "dp_scale.md", text)
@@ -252,32 +271,48 @@ def plot(out: Path, results: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     done = [r for r in results if r["rc"] == 0]
+    # the figures draw one side: the report draw where it has run (the claims), else the dev draw
+    side_drawn = "report" if any(r["side"] == "report" for r in done) else "dev"
+    done = [r for r in done if r["side"] == side_drawn]
     spent = [_spent(r) for r in done if _spent(r) is not None and math.isfinite(_spent(r))]
     edge = max(spent) * 4 if spent else 16.0   # where no DP (and clipping alone) is drawn
-    for name, value, label in (("val_vs_epsilon.png", lambda r: _metric(r, "user", "val"), "stage-3 val accuracy %"),
-                               ("exposure_vs_epsilon.png",
-                                lambda r: ((r.get("audit") or {}).get("population") or {}).get("exposure"),
-                                "canary exposure of the population LoRA (bits)")):
+    def exposure(view):
+        return lambda r: ((r.get("audit") or {}).get(view) or {}).get("exposure")
+
+    figures = (("val_vs_epsilon.png", [("", lambda r: _metric(r, "user", "val"))], "stage-3 val accuracy %"),
+               # one line per N and released model: the population LoRA (every party holds it) and
+               # the user's own stage-3 model (its client only); the backbone's is the reference
+               ("exposure_vs_epsilon.png", [(", population LoRA", exposure("population")),
+                                            (", user's own model", exposure("user")),
+                                            (", bare backbone", exposure("base"))],
+                "mean canary exposure (bits, rank estimate)"))
+    for name, series, label in figures:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         drawn = False
         # one line per N and clip norm; the no-DP run (no clip) is drawn on every line of its N
         clipped = {(r["side"], r["users"], r["clip"]) for r in done if r.get("clip")}
         alone = {(r["side"], r["users"], DEFAULT_CLIP) for r in done     # an N with no DP run: its own line
                  if not any(c[:2] == (r["side"], r["users"]) for c in clipped)}
-        for side, users, clip in sorted(clipped | alone):
-            pts = []
+        for (side, users, clip), (suffix, value) in ((k, v) for k in sorted(clipped | alone) for v in series):
+            by_level: dict[str, list] = {}      # a level's seeds: one point, its mean, whiskers min-max
             for r in done:
                 if (r["side"], r["users"]) != (side, users) or value(r) is None \
                         or (r.get("clip") or clip) != clip:
                     continue
-                eps = _spent(r)
-                pts.append((edge if eps is None or not math.isfinite(eps) else eps, value(r), eps is None))
-            if not pts:
+                by_level.setdefault(r["level"], []).append(r)
+            if not by_level:
                 continue
+            pts = []
+            for runs in by_level.values():
+                eps, ys = _spent(runs[0]), [value(r) for r in runs]
+                x = edge if eps is None or not math.isfinite(eps) else sum(map(_spent, runs)) / len(runs)
+                pts.append((x, sum(ys) / len(ys), min(ys), max(ys), eps is None))
             pts.sort()
-            name_n = f"{side}, N = {users}" + ("" if clip == DEFAULT_CLIP else f", C = {clip:g}")
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name_n)[0]
-            ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], marker="*", s=160,
+            name_n = f"{side}, N = {users}" + ("" if clip == DEFAULT_CLIP else f", C = {clip:g}") + suffix
+            line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                               yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker="o",
+                               capsize=3, label=name_n, linestyle="--" if "backbone" in suffix else "-")[0]
+            ax.scatter([p[0] for p in pts if p[4]], [p[1] for p in pts if p[4]], marker="*", s=160,
                        color=line.get_color(), zorder=3)
             drawn = True
         if not drawn:
@@ -286,6 +321,7 @@ def plot(out: Path, results: list[dict]):
         ax.set_xscale("log")
         ax.set_xlabel(f"epsilon spent (delta = 1/N); no DP (star) and clipping alone at the right edge ({edge:.3g})")
         ax.set_ylabel(label)
+        ax.set_title(f"{side_drawn} draw (seed {DRAW_SEEDS[side_drawn]}); whiskers: min-max over seeds", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)

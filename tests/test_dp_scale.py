@@ -72,3 +72,16 @@ def test_a_cell_with_another_clip_norm_is_another_cell():
     assert study.cell_name("dev", 1000, "8", 0) == "dev-N1000--8--s0"
     assert study.cell_name("dev", 1000, "8", 0, 6.0) == "dev-N1000--8-C6--s0"
     assert study.cell_name("dev", 1000, "none", 0, 6.0) == "dev-N1000--none--s0"   # no DP: no clip
+
+
+def test_a_level_run_with_several_seeds_is_read_as_a_band():
+    def result(level, seed, user_val, clip=None):
+        return {"level": level, "seed": seed, "rc": 0, "clip": clip,
+                "stages": {"user": {"val": {"accuracy": user_val}}}}
+    group = [result("none", s, v) for s, v in ((0, 0.18), (1, 0.22), (2, 0.20))]
+    group += [result("8", 0, 0.19, clip=4.0), result("3", 0, 0.10, clip=4.0), result("3", 1, 0.14, clip=4.0)]
+    group.append({**result("none", 3, 0.99), "rc": 1})          # a failed run is no part of a band
+    lines = study.band_lines(group)
+    assert lines[0] == "- stage-3 val over seeds 0, 1, 2: none 20.0 [18.0, 22.0]"
+    assert lines[1] == "- stage-3 val over seeds 0, 1: 3 (C 4) 12.0 [10.0, 14.0]"
+    assert len(lines) == 3 and lines[2] == ""                     # the one-seed level has no band line

@@ -11,6 +11,7 @@ states the epsilon it spent, which the table prints beside the target.
 
     python -m bench.dp_scale --out /work/dp_scale --side dev --users 100 --levels none,8
     python -m bench.dp_scale --out /work/dp_scale --side report --users 100,300,1000 --audit
+    python -m bench.dp_scale --out /work/dp_scale --side report --users 100 --audit-only --audit-candidates 63
     python -m bench.dp_scale --out /work/dp_scale --table-only
 
 Cost is held in check the way the issue allows: the in-process engine with virtual clients, m
@@ -160,18 +161,53 @@ def run_cell(args, side: str, users: int, level: str, seed: int, runner=None) ->
     t0 = time.time()
     rc = run([sys.executable, "-m", "sim.cli", "sim", "-c", BASE_CONFIG, *o], env, log_path)
     wall = time.time() - t0
-    audit_s = None
+    audit_rc = audit_s = None
     if rc == 0 and args.audit:
-        t1 = time.time()
-        rc = run([sys.executable, "-m", "sim.cli", "audit", str(run_dir)], env, log_path.with_suffix(".audit.log"))
-        audit_s = round(time.time() - t1, 1)
+        audit_rc, audit_s = audit_run(args, run_dir, env, log_path, run)
     res = {"name": name, "side": side, "users": users, "level": level, "seed": seed, "rc": rc,
            "per_round": per_round(users, args), "eval_users": min(users, args.eval_users),
-           "clip": None if level == "none" else args.clip, "wall_s": round(wall, 1), "audit_s": audit_s,
+           "clip": None if level == "none" else args.clip, "canaries": args.canaries, "wall_s": round(wall, 1),
+           "audit_rc": audit_rc, "audit_s": audit_s,
            "command": "proper sim -c " + BASE_CONFIG + " " + " ".join(o), **read_result(run_dir)}
     result_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_path, json.dumps(res, indent=1))
     print(f"{name}: rc {rc}, {res['wall_s']} s", flush=True)
+    return res
+
+
+def audit_run(args, run_dir: Path, env: dict, log_path: Path, run) -> tuple[int, float]:
+    """`proper audit` on a finished run (its own log beside the run's): (exit status, seconds)."""
+    cmd = [sys.executable, "-m", "sim.cli", "audit", str(run_dir)]
+    if args.audit_candidates:
+        cmd += ["--candidates", str(args.audit_candidates)]
+    t1 = time.time()
+    rc = run(cmd, env, log_path.with_suffix(".audit.log"))
+    return rc, round(time.time() - t1, 1)
+
+
+def audit_cell(args, side: str, users: int, level: str, seed: int, runner=None) -> dict | None:
+    """--audit-only: audit a cell whose run has finished (its result written, its run directory kept)
+    and put the audit into its result; a cell not run yet is left alone (None)."""
+    name = cell_name(side, users, level, seed, args.clip)
+    result_path = args.out / "results" / f"{name}.json"
+    run_dir = args.out / "runs" / name
+    if not result_path.is_file() or not run_dir.is_dir():
+        print(f"{name}: not run yet, not audited", flush=True)
+        return None
+    res = json.loads(result_path.read_text())
+    if "audit_rc" not in res and res["rc"] != 0 and res["stages"].get("user"):
+        # written before the result kept the audit's status apart: rc was the audit's, and the run
+        # itself finished (its table has the user stage)
+        res["audit_rc"], res["rc"] = res["rc"], 0
+    if res["rc"] != 0:
+        print(f"{name}: the run failed (rc {res['rc']}), not audited", flush=True)
+        return res
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    res["audit_rc"], res["audit_s"] = audit_run(args, run_dir, env, args.out / "logs" / f"{name}.log",
+                                                runner or run_logged)
+    res["audit"] = read_result(run_dir)["audit"] if res["audit_rc"] == 0 else None
+    atomic_write_text(result_path, json.dumps(res, indent=1))
+    print(f"{name}: audit rc {res['audit_rc']}, {res['audit_s']} s", flush=True)
     return res
 
 
@@ -215,7 +251,8 @@ def rows(results: list[dict]) -> list[list[str]]:
                     *(_f(audit.get(v, {}).get("exposure"), "{:.2f}") for v in ("base", "population", "user")),
                     *(_f(audit.get(v, {}).get("membership_auc"), "{:.3f}") for v in ("population", "user")),
                     f"{r['wall_s']:.0f}" + (f" + {r['audit_s']:.0f} audit" if r.get("audit_s") else "")
-                    + ("" if r["rc"] == 0 else f" (rc {r['rc']})")])
+                    + ("" if r["rc"] == 0 else f" (rc {r['rc']})")
+                    + ("" if not r.get("audit_rc") else f" (audit rc {r['audit_rc']})")])
     return out
 
 
@@ -344,6 +381,10 @@ def main(argv=None, runner=None) -> int:
     ap.add_argument("--max-profile", type=int, default=12)
     ap.add_argument("--canaries", type=int, default=0, help="users given a canary (privacy.canaries.users)")
     ap.add_argument("--audit", action="store_true", help="run `proper audit` on each finished run")
+    ap.add_argument("--audit-only", action="store_true",
+                    help="run no study: audit the selected cells' finished runs and put the audits in their results")
+    ap.add_argument("--audit-candidates", type=int, default=None,
+                    help="candidates per canary in the audit (default: the runs' privacy.canaries.candidates, 255)")
     ap.add_argument("--set", action="append", default=[], help="one more override for every run (key=value)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
@@ -355,8 +396,9 @@ def main(argv=None, runner=None) -> int:
                  for s in args.seeds.split(",")]
         for n in {c[1] for c in cells}:
             draw(args.out, args.side, n, args)
+        each = audit_cell if args.audit_only else run_cell
         with ThreadPoolExecutor(max(1, args.workers)) as pool:
-            list(pool.map(lambda c: run_cell(args, *c, runner=runner), cells))
+            list(pool.map(lambda c: each(args, *c, runner=runner), cells))
     results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))] \
         if (args.out / "results").is_dir() else []
     print(write_outputs(args.out, results))

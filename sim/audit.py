@@ -204,7 +204,9 @@ def audited_items(cfg, spec, users, canaries, candidates: dict[str, list[int]]):
     return canary_items, held
 
 
-def run_audit(run_path: str | Path) -> dict:
+def run_audit(run_path: str | Path, candidates: int | None = None) -> dict:
+    """`candidates`: per canary, how many of the other secrets it is ranked among (None: the run's
+    privacy.canaries.candidates). The canaries themselves are the run's, whatever the count."""
     t0 = time.time()
     place = locate(run_path)
     cfg = place.cfg
@@ -213,7 +215,9 @@ def run_audit(run_path: str | Path) -> dict:
     canaries = run_canaries(cfg, users)
     atomic_write_text(run / "canaries.json", json.dumps(as_records(canaries), indent=1) + "\n")
     views = Views(place)
-    m = int(cfg.privacy.canaries.candidates)
+    m = int(cfg.privacy.canaries.candidates if candidates is None else candidates)
+    if m < 1:
+        raise ValueError(f"proper audit {run}: --candidates must be at least 1, not {m}")
     cand = {c.user: _candidates(c, m) for c in canaries}
     canary_items, held = audited_items(cfg, spec, users, canaries, cand)
     if cfg.eval.clients is not None:

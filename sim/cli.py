@@ -6,7 +6,7 @@
   proper generate PLACE --user U [--prompt T]   generate with users' personalized models (sim/serve.py)
   proper enroll PLACE --data DIR [--user U]     personalize users who join after a run, no server round
   proper report RUN [RUN ...] --out DIR         compare runs: methods x metrics, bytes, wall time, figures
-  proper audit RUN                              leakage audits: canary exposure, membership inference (sim/audit.py)
+  proper audit RUN [--candidates M]             leakage audits: canary exposure, membership inference (sim/audit.py)
   proper certs | keygen | server | register | client | submit | split
                                                the deployed federation (docs/deployment.md)
 
@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("audit", help="leakage audits of a finished run: canary exposure, membership inference "
                                      "(sim/audit.py)")
     s.add_argument("run", help="a finished `proper local` or `proper sim` run directory")
+    s.add_argument("--candidates", type=int, default=None,
+                   help="candidates sampled per canary (default: the run's privacy.canaries.candidates); fewer "
+                        "audit faster at a coarser rank resolution, log2(candidates + 1) bits")
     s = sub.add_parser("synth", help="write synthetic users in LaMP's file format")
     s.add_argument("--out", required=True)
     s.add_argument("--users", type=int, default=20)
@@ -163,7 +166,7 @@ def _dispatch(args) -> int:
         _setup_logging(False)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sim.audit import run_audit
-        run_audit(args.run)
+        run_audit(args.run, candidates=args.candidates)
         return 0
     if args.cmd == "report":
         from sim.report import main as report_main

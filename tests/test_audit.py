@@ -169,6 +169,14 @@ def test_a_memorized_canary_is_less_exposed_under_strong_noise(tmp_path):
     assert exposed > 10 and exposed - dp["views"]["population"]["exposure"] > 5
     assert json.loads((tmp_path / "plain" / "canaries.json").read_text())[0]["repeats"] == 30
     assert (tmp_path / "dp" / "audit.md").read_text().startswith("| model |")
+    # fewer candidates on demand (`proper audit RUN --candidates 7`): the same canary ranked among 7
+    coarse = run_audit(tmp_path / "plain", candidates=7)
+    assert coarse["candidates"] == 7 and plain["candidates"] == 63
+    assert [c["candidates"] for c in coarse["views"]["population"]["canaries"]] == [7]
+    assert coarse["views"]["population"]["canaries"][0]["secret_nll"] == pytest.approx(
+        plain["views"]["population"]["canaries"][0]["secret_nll"], rel=1e-5)     # the same canary and model
+    with pytest.raises(ValueError, match="--candidates"):
+        run_audit(tmp_path / "plain", candidates=0)
     # the canary stays on its client: neither its prompt nor its secret is in what the server wrote
     canary = json.loads((tmp_path / "plain" / "canaries.json").read_text())[0]
     for name in ("rounds.jsonl", "table.md", "table.json"):

@@ -85,3 +85,29 @@ def test_a_level_run_with_several_seeds_is_read_as_a_band():
     assert lines[0] == "- stage-3 val over seeds 0, 1, 2: none 20.0 [18.0, 22.0]"
     assert lines[1] == "- stage-3 val over seeds 0, 1: 3 (C 4) 12.0 [10.0, 14.0]"
     assert len(lines) == 3 and lines[2] == ""                     # the one-seed level has no band line
+
+
+def test_finished_runs_are_audited_afterwards_into_their_results(finished):
+    """--audit-only: no run again; the audit (here with 3 candidates a canary) goes into the result.
+    A result written while rc still carried the audit's status (a stopped audit) gets the run's own
+    status back from its finished table."""
+    out, argv = finished
+    path = out / "results" / "dev-N6--none--s0.json"
+    old = json.loads(path.read_text())
+    legacy = {k: v for k, v in old.items() if k != "audit_rc"}
+    path.write_text(json.dumps({**legacy, "rc": -15, "audit": None}))
+    ran = []
+
+    def runner(cmd, env, log):
+        ran.append(cmd)
+        from bench.common import run_logged
+        return run_logged(cmd, env, log)
+    keep = [a for a in argv if a not in ("--audit",)]
+    keep[keep.index("--levels") + 1] = "none"
+    assert study.main([*keep, "--audit-only", "--audit-candidates", "3"], runner=runner) == 0
+    assert len(ran) == 1 and ran[0][-4:] == ["audit", str(out / "runs" / "dev-N6--none--s0"), "--candidates", "3"]
+    res = json.loads(path.read_text())
+    assert res["rc"] == 0 and res["audit_rc"] == 0 and res["audit_s"] > 0
+    assert res["audit"]["population"]["users"] == 2
+    assert json.loads((out / "runs" / "dev-N6--none--s0" / "audit.json").read_text())["candidates"] == 3
+    assert res["stages"] == old["stages"] and res["wall_s"] == old["wall_s"]   # the run's record kept

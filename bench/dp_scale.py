@@ -143,6 +143,12 @@ def read_result(run_dir: Path) -> dict:
     return out
 
 
+def child_env(args) -> dict:
+    """A run's or an audit's process: its torch threads, and no runtime installs (offline)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
 def run_cell(args, side: str, users: int, level: str, seed: int, runner=None) -> dict:
     name = cell_name(side, users, level, seed, args.clip)
     result_path = args.out / "results" / f"{name}.json"
@@ -153,8 +159,7 @@ def run_cell(args, side: str, users: int, level: str, seed: int, runner=None) ->
         shutil.rmtree(run_dir)
     data = draw(args.out, side, users, args)
     o = run_overrides(args, users, data, level, seed, name)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = child_env(args)
     log_path = args.out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = runner or run_logged
@@ -202,7 +207,7 @@ def audit_cell(args, side: str, users: int, level: str, seed: int, runner=None) 
     if res["rc"] != 0:
         print(f"{name}: the run failed (rc {res['rc']}), not audited", flush=True)
         return res
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = child_env(args)
     res["audit_rc"], res["audit_s"] = audit_run(args, run_dir, env, args.out / "logs" / f"{name}.log",
                                                 runner or run_logged)
     res["audit"] = read_result(run_dir)["audit"] if res["audit_rc"] == 0 else None

@@ -212,9 +212,14 @@ def test_the_bars_line_reads_the_default_against_the_best_baseline():
     rows = [row("proper-fed", "population", 0.2), row("proper-fed", "group", 0.3, ari=0.42),
             row("proper-fed", "user", 0.4), row("population", "population", 0.25), row("oppu", "user", 0.45),
             row("rag", "rag", 0.1)]
+    # stage 3 under OPPU by 5 points, their bands [35, 45] and [40, 50] meet
     assert bars(l2, rows) == ["x", "val accuracy", "3", "20.0", "30.0", "40.0", "yes", "0.42", "oppu 45.0",
-                              "no (-5.0)"]
-    rows[1] = row("proper-fed", "group", 0.5)           # group above user: not rising
+                              "within band (-5.0)"]
+    rows[4] = row("oppu", "user", 0.55)                 # [50, 60]: apart
+    assert bars(l2, rows)[-1] == "no (-15.0)"
+    rows[1] = row("proper-fed", "group", 0.45)          # group above user, bands [40, 50] and [35, 45] meet
+    assert bars(l2, rows)[6] == "within band"
+    rows[1] = row("proper-fed", "group", 0.6)           # group above user, bands apart: not rising
     assert bars(l2, rows)[6] == "no"
     assert bars(l2, rows[:3])[-2:] == ["-", "-"]          # no baseline has run
     assert bars(l2, rows[1:]) is None                     # the default's population stage has not
@@ -222,6 +227,13 @@ def test_the_bars_line_reads_the_default_against_the_best_baseline():
     l3 = Dataset("r", "heldout", seed=101, task="LaMP_3")
     mae = [row("proper-fed", s, v, metric="mae") for s, v in (("population", 0.9), ("group", 0.8), ("user", 0.7))]
     mae += [row("oppu", "user", 0.6, metric="mae"), row("rag", "rag", 1.1, metric="mae")]
-    assert bars(l3, mae)[3:] == ["0.900", "0.800", "0.700", "yes", "-", "oppu 0.600", "no (-0.100)"]
+    assert bars(l3, mae)[3:] == ["0.900", "0.800", "0.700", "yes", "-", "oppu 0.600", "within band (-0.100)"]
+    mae[3] = row("oppu", "user", 0.5, metric="mae")       # [0.45, 0.55] against stage 3's [0.65, 0.75]
+    assert bars(l3, mae)[-1] == "no (-0.200)"
+    mae[1] = row("proper-fed", "group", 0.95, metric="mae")   # group worse than population, bands meet
+    assert bars(l3, mae)[6] == "within band"
+    mae[1] = row("proper-fed", "group", 1.2, metric="mae")    # and apart
+    assert bars(l3, mae)[6] == "no"
+    mae[1] = row("proper-fed", "group", 0.8, metric="mae")
     mae[3] = row("oppu", "user", 0.75, metric="mae")
     assert bars(l3, mae)[-2:] == ["oppu 0.750", "yes (+0.050)"]

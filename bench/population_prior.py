@@ -68,11 +68,10 @@ def _band(xs: list[float]) -> str:
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's r (the standard library's); None where it is not defined (under 3 points, a constant)."""
     if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
         return None
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / len(xs)
-    return cov / (statistics.pstdev(xs) * statistics.pstdev(ys))
+    return statistics.correlation(xs, ys)
 
 
 def table(sources: list[tuple[str, Path]], method: str) -> str:
